@@ -1,0 +1,5 @@
+"""`python -m phasegate` runs the CLI."""
+
+from phasegate.cli import main
+
+main()

@@ -1,0 +1,458 @@
+"""The command line: parsing, confirmation, rendering text or JSON, exit codes.
+
+Exit codes (stable for pipelines): 0 done/pass · 1 refused · 2 usage or invalid plan ·
+3 database or runtime failure · 4 busy. With `--json`, stdout carries exactly one JSON
+document for every command, success or not; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import getpass
+import json
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import sqlalchemy as sa
+from psycopg import Error as PsycopgError
+from rich.console import Console
+
+from phasegate import __version__, db, ledger
+from phasegate.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_REFUSED,
+    PhasegateError,
+    UsageError,
+)
+from phasegate.orchestrator import START, Options, Orchestrator, Outcome
+from phasegate.plan import PHASES, Plan, PlanError, load_plan
+from phasegate.progress import BarProgress, LogProgress
+from phasegate.revisions import AlembicProject
+
+
+@dataclass
+class Context:
+    database_url: str | None
+    config_path: str
+    as_json: bool
+
+    def project(self) -> AlembicProject:
+        return AlembicProject(self.config_path)
+
+    def url(self, project: AlembicProject | None = None) -> str:
+        ini_url = project.ini_url if project else None
+        return db.resolve_url(self.database_url, ini_url)
+
+
+def emit(ctx: Context, document: dict[str, Any], text: str) -> None:
+    """Print the JSON document on stdout, or the human text."""
+    if ctx.as_json:
+        click.echo(json.dumps(document, indent=2, default=_json_default))
+    elif text:
+        click.echo(text)
+
+
+def log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
+    """Turn our exceptions (and database errors) into a message and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        ctx: Context = click.get_current_context().find_object(Context)  # type: ignore[assignment]
+        try:
+            code = fn(*args, **kwargs) or EXIT_OK
+        except PhasegateError as exc:
+            message = db.scrub(exc.message, ctx.database_url)
+            _report_error(ctx, exc.exit_code, {**exc.to_dict(), "message": message})
+            code = exc.exit_code
+        except (sa.exc.SQLAlchemyError, PsycopgError) as exc:
+            original = getattr(exc, "orig", None) or exc
+            message = db.scrub(str(original).strip(), ctx.database_url)
+            _report_error(ctx, EXIT_FAILURE, {"kind": "database", "message": message})
+            code = EXIT_FAILURE
+        except Exception as exc:  # a bug of ours: still exit 3, never a bare traceback
+            if os.environ.get("PHASEGATE_DEBUG"):
+                traceback.print_exc()
+            message = db.scrub(f"internal error: {type(exc).__name__}: {exc}", ctx.database_url)
+            _report_error(ctx, EXIT_FAILURE, {"kind": "internal", "message": message})
+            code = EXIT_FAILURE
+        sys.exit(code)
+
+    return wrapper
+
+
+def _report_error(ctx: Context, code: int, error: dict[str, Any]) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps({"ok": False, "exit_code": code, "error": error}, indent=2))
+    prefix = {1: "refused", 2: "error", 3: "failed", 4: "busy"}.get(code, "error")
+    log(f"phasegate: {prefix}: {error['message']}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="Target database. Default: $PHASEGATE_DATABASE_URL, then $DATABASE_URL, then "
+    "sqlalchemy.url in alembic.ini. postgresql:// URLs use psycopg 3.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default="alembic.ini",
+    show_default=True,
+    metavar="INI",
+    help="The Alembic config of the project whose revisions the plans tag.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.version_option(__version__, prog_name="phasegate")
+@click.pass_context
+def cli(click_ctx: click.Context, database_url: str | None, config_path: str, as_json: bool):
+    """phasegate: zero-downtime, multi-stage schema migrations for PostgreSQL apps on
+    SQLAlchemy and Alembic, gated on the app code versions that are running right now.
+
+    A plan (YAML) splits one schema change into expand → backfill → switch → contract.
+    Each phase runs only when every live app version works with the schema it leaves.
+
+    Exit codes: 0 done/pass, 1 refused (gate, drift), 2 usage or invalid plan,
+    3 database or runtime failure, 4 busy (another phasegate holds the lock).
+    """
+    click_ctx.obj = Context(database_url, config_path, as_json)
+
+
+def main() -> None:
+    cli(prog_name="phasegate")
+
+
+# -- validate -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("plans", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.pass_obj
+@handle_errors
+def validate(ctx: Context, plans: tuple[str, ...]) -> int:
+    """Check PLAN files and their revision tags. Needs no database.
+
+    Reports every problem with its file, line and key, and how to fix it.
+    """
+    project = ctx.project()
+    results, lines, ok = [], [], True
+    for path in plans:
+        try:
+            plan = load_plan(path)
+            resolved = project.resolve(plan)
+        except PlanError as exc:
+            ok = False
+            results.append({"source": path, "valid": False, "issues": exc.details["issues"]})
+            lines.append(f"invalid: {path}\n" + "\n".join(f"  {i}" for i in exc.issues))
+            continue
+        phases = {}
+        summary = []
+        for name in plan.phase_names():
+            if name == "backfill":
+                jobs = [j.name for j in plan.jobs()]
+                phases[name] = {"compatible": plan.phase(name).compatible, "jobs": jobs}
+                summary.append(f"backfill: {len(jobs)} job(s) ({', '.join(jobs)})")
+            else:
+                revs = resolved.of(name)
+                phases[name] = {"compatible": plan.phase(name).compatible, "revisions": revs}
+                summary.append(f"{name}: {len(revs)} revision(s) ({', '.join(revs) or 'none'})")
+        notes = [
+            f"{name} also applies {info.revision} of plan {info.plan!r} ({info.phase})"
+            for name, infos in resolved.foreign.items()
+            for info in infos
+        ]
+        results.append(
+            {"source": path, "valid": True, "plan": plan.name, "phases": phases, "notes": notes}
+        )
+        lines.append(
+            f"ok: {path} — plan {plan.name} (app {plan.app})\n"
+            + "\n".join(f"  {s}" for s in summary + [f"note: {n}" for n in notes])
+        )
+    emit(ctx, {"ok": ok, "valid": ok, "plans": results}, "\n".join(lines))
+    if not ok:
+        log("phasegate: error: invalid plan(s); fix the lines named above")
+    return EXIT_OK if ok else 2
+
+
+# -- status and gate ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("plans", nargs=-1, type=click.Path(dir_okay=False))
+@click.pass_obj
+@handle_errors
+def status(ctx: Context, plans: tuple[str, ...]) -> int:
+    """Show each plan's phase, next phase, state, job progress and drift.
+
+    With no PLAN, shows every plan in plans/ next to alembic.ini. With one PLAN, --json
+    prints that plan's object; otherwise {"plans": [...]}.
+    """
+    project = ctx.project()
+    paths = list(plans) or sorted(
+        str(p) for p in (Path(ctx.config_path).resolve().parent / "plans").glob("*.y*ml")
+    )
+    if not paths:
+        raise UsageError("no plans given and none found in plans/; pass PLAN files")
+    loaded = [load_plan(p) for p in paths]
+    url = ctx.url(project)
+    with db.session(url, "phasegate status") as conn:
+        statuses = [
+            Orchestrator(conn, project, plan, Options(actor=_actor())).status() for plan in loaded
+        ]
+        with conn.tx():
+            known = {s.plan for s in ledger.all_states(conn)}
+    others = sorted(known - {p.name for p in loaded}) if not plans else []
+    text = "\n\n".join(_status_text(s) for s in statuses)
+    if others:
+        text += f"\n\nother plans in the ledger: {', '.join(others)}"
+    document = statuses[0] if len(plans) == 1 else {"plans": statuses, "other_plans": others}
+    emit(ctx, document, text)
+    return EXIT_OK
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    lines = [
+        f"plan {s['plan']} ({s['source']}, app {s['app']})",
+        f"  phase: {s['phase'] or 'not started'}   next: {s['next'] or '-'}   state: {s['state']}",
+    ]
+    if s["active_phase"]:
+        lines.append(f"  {s['direction']} of {s['active_phase']} {s['state']}: {s['error'] or ''}")
+    lines.append(f"  alembic heads: {', '.join(s['heads']) or '(none)'}")
+    for phase in s["phases"]:
+        mark = "x" if phase["done"] else " "
+        revs = f" revisions {', '.join(phase['revisions'])}" if phase["revisions"] else ""
+        lines.append(f"  [{mark}] {phase['name']:<8} compatible {phase['compatible']!r}{revs}")
+    for job in s["jobs"]:
+        lines.append(
+            f"  job {job['name']}: {job['status']}, {job['rows_done']:,} rows, "
+            f"{job['batches']:,} batches, last key {job['last_key']}"
+        )
+    if s["plan_changed"]:
+        lines.append("  note: the plan file changed since the last phase ran")
+    for problem in s["drift_details"]:
+        lines.append(f"  DRIFT: {problem}")
+    return "\n".join(lines)
+
+
+def live_version_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--live-version",
+        "live_versions",
+        multiple=True,
+        metavar="V",
+        help="A version of the app that is running now (repeatable); added to the versions "
+        "seen in pg_stat_activity as application_name '<app>/<version>'.",
+    )(fn)
+
+
+@cli.command()
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--phase", type=click.Choice(PHASES), help="Phase to enter (default: the next).")
+@live_version_option
+@click.pass_obj
+@handle_errors
+def gate(ctx: Context, plan_path: str, phase: str | None, live_versions: tuple[str, ...]) -> int:
+    """Evaluate the gate for entering a phase; change nothing. Exit 0 pass, 1 refused."""
+    project, plan = ctx.project(), load_plan(plan_path)
+    with db.session(ctx.url(project), "phasegate gate") as conn:
+        orchestrator = Orchestrator(conn, project, plan, Options(_actor(), live_versions))
+        view, decision = orchestrator.gate(phase)
+    document = {**decision.to_dict(), "plan": plan.name, "phase": view.phase, "next": view.next}
+    note = "" if view.phase == view.next else f"\nnote: the next phase is {view.next or 'none'}"
+    emit(ctx, document, decision.message() + note)
+    return EXIT_OK if decision.passed else EXIT_REFUSED
+
+
+# -- mutating commands ----------------------------------------------------------------------
+
+
+def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--override-gate",
+            metavar="REASON",
+            help="Proceed even if the version gate refuses; the reason goes to the event log.",
+        ),
+        click.option(
+            "--lock-timeout",
+            default=db.DEFAULT_LOCK_TIMEOUT,
+            show_default=True,
+            help="lock_timeout for every statement phasegate runs (PostgreSQL interval).",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Rows per backfill batch."),
+        click.option("--actor", help="Who is acting, for the event log (default user@host)."),
+        click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
+        live_version_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@dataclass
+class GatedArgs:
+    live_versions: tuple[str, ...]
+    override_gate: str | None
+    lock_timeout: str
+    batch_size: int | None
+    actor: str | None
+    yes: bool
+
+
+@contextmanager
+def orchestrating(
+    ctx: Context, plan_path: str, what: str, args: GatedArgs, allow_data_loss: bool = False
+) -> Iterator[Orchestrator]:
+    """Load and resolve the plan, confirm, connect, take the lock, build the orchestrator."""
+    project, plan = ctx.project(), load_plan(plan_path)
+    project.resolve(plan)  # an invalid plan stops here, before any connection
+    url = ctx.url(project)
+    _confirm(args.yes, f"{what} plan {plan.name} on {db.mask_url(url)}")
+    options = Options(
+        actor=args.actor or _actor(),
+        live_versions=args.live_versions,
+        override_gate=args.override_gate,
+        batch_size=args.batch_size,
+        allow_data_loss=allow_data_loss,
+    )
+    progress = (
+        BarProgress(Console(stderr=True))
+        if sys.stderr.isatty() and not ctx.as_json
+        else LogProgress(sys.stderr)
+    )
+    with db.session(url, f"phasegate {what} {plan.name}") as conn:
+        db.acquire_orchestrator_lock(conn, f"phasegate {what} {plan_path}")
+        try:
+            conn.set_timeouts(args.lock_timeout)
+            yield Orchestrator(conn, project, plan, options, progress, notify=log)
+        finally:
+            db.release_orchestrator_lock(conn)
+
+
+def _confirm(yes: bool, action: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to {action} without confirmation: pass --yes")
+    if not click.confirm(f"{action[0].upper()}{action[1:]}?", default=False, err=True):
+        raise UsageError("cancelled")
+
+
+def _finish(ctx: Context, outcome: Outcome) -> int:
+    lines = [f"{s.phase} ({s.direction}): {s.result} — {s.message}" for s in outcome.steps]
+    status = outcome.status
+    lines.append(
+        f"plan {outcome.plan}: phase {status['phase'] or 'not started'}, "
+        f"next {status['next'] or '-'}, state {status['state']}"
+    )
+    emit(ctx, {"ok": not outcome.refused, **outcome.to_dict()}, "\n".join(lines))
+    return EXIT_REFUSED if outcome.refused else EXIT_OK
+
+
+@cli.command()
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(PHASES), help="Stop after this phase.")
+@gated_options
+@click.pass_obj
+@handle_errors
+def advance(ctx: Context, plan_path: str, to: str | None, **kw: Any) -> int:
+    """Run the next phase(s) of PLAN, each behind its gate, up to --to (default: all).
+
+    Stops at the first refused gate (exit 1), leaving the phases before it done.
+    Re-running is safe: finished phases are skipped, a failed one resumes.
+    """
+    with orchestrating(ctx, plan_path, "advance", GatedArgs(**kw)) as orchestrator:
+        return _finish(ctx, orchestrator.advance(to=to))
+
+
+def _phase_command(phase: str, summary: str) -> None:
+    @cli.command(name=phase, help=f"{summary}\n\nRuns exactly the {phase} phase of PLAN, which "
+                 "must be the next one; a no-op if it is already done.")  # fmt: skip
+    @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+    @gated_options
+    @click.pass_obj
+    @handle_errors
+    def command(ctx: Context, plan_path: str, **kw: Any) -> int:
+        with orchestrating(ctx, plan_path, phase, GatedArgs(**kw)) as orchestrator:
+            return _finish(ctx, orchestrator.advance(only=phase))
+
+
+_phase_command("expand", "Apply the expand revisions: additive schema only.")
+_phase_command("backfill", "Install the sync triggers and run the backfill jobs, verified.")
+_phase_command("switch", "Apply the switch revisions: validate and tighten constraints.")
+_phase_command("contract", "Drop the sync triggers and apply the contract revisions.")
+
+
+@cli.command()
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice([*PHASES, START]),
+    help="Roll back until this phase is the last one done ('start': undo every phase). "
+    "Default: undo only the newest phase.",
+)
+@click.option(
+    "--allow-data-loss",
+    is_flag=True,
+    help="Roll back contract even when no sync.down can rebuild what it dropped.",
+)
+@gated_options
+@click.pass_obj
+@handle_errors
+def rollback(ctx: Context, plan_path: str, to: str | None, allow_data_loss: bool, **kw: Any):
+    """Undo the newest phase of PLAN (or phases, newest first, down to --to).
+
+    Each step is gated on the compatible range of the state it returns to. Rolling back
+    contract downgrades its revisions, re-installs the sync triggers and refills the old
+    columns from the new ones with sync.down.
+    """
+    with orchestrating(ctx, plan_path, "rollback", GatedArgs(**kw), allow_data_loss) as orch:
+        return _finish(ctx, orch.rollback(to=to))
+
+
+@cli.command()
+@click.option("--rows", default=20000, show_default=True, help="Bugs to seed.")
+@click.option("--keep", is_flag=True, help="Keep the demo database (prints its URL).")
+@click.pass_obj
+@handle_errors
+def demo(ctx: Context, rows: int, keep: bool) -> int:
+    """Run the seed story end to end on a throwaway PostgreSQL.
+
+    Starts an embedded PostgreSQL unless a database URL is configured (then a fresh
+    database is created on that server), seeds the bug tracker, connects simulated v1
+    and v2 app instances, and walks the plan through all four phases with real gates.
+    """
+    from phasegate.demo import run_demo  # the demo pulls in the example app
+
+    return run_demo(ctx.database_url, rows=rows, keep=keep, as_json=ctx.as_json)
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, Plan):
+        return value.name
+    return str(value)

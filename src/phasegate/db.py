@@ -1,0 +1,210 @@
+"""Connections, transactions, timeouts, the orchestrator lock and URL masking.
+
+One SQLAlchemy connection serves a whole command: Alembic needs a SQLAlchemy
+`Connection`, and phasegate's own SQL runs on the same physical connection so ledger
+rows can share a transaction with the work they record. Our statements go through the
+raw psycopg cursor: identifiers are composed with `psycopg.sql`, and author expressions
+from plans pass through untouched (SQLAlchemy's driver-level execution would treat a
+`%` in them as a placeholder).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.pool import NullPool
+
+from phasegate.errors import Busy, RuntimeFailure, UsageError
+
+URL_ENV_VARS = ("PHASEGATE_DATABASE_URL", "DATABASE_URL")
+DEFAULT_LOCK_TIMEOUT = "2s"
+
+# Session advisory lock held by the one orchestrator allowed to run DDL in a database.
+# Two int4 keys: a namespace ("pgat") and the lock number.
+LOCK_NAMESPACE = 0x70676174
+LOCK_ORCHESTRATOR = 1
+
+Query = str | sql.Composable
+
+
+def resolve_url(explicit: str | None, ini_url: str | None = None) -> str:
+    """--database-url > PHASEGATE_DATABASE_URL > DATABASE_URL > sqlalchemy.url of alembic.ini."""
+    for candidate in (explicit, *(os.environ.get(v) for v in URL_ENV_VARS), ini_url):
+        if candidate:
+            return normalize_url(candidate)
+    raise UsageError(
+        "no database configured: pass --database-url, set PHASEGATE_DATABASE_URL, "
+        "or set sqlalchemy.url in alembic.ini"
+    )
+
+
+def normalize_url(url: str | URL) -> str:
+    """Map postgres:// and postgresql:// to the psycopg 3 driver SQLAlchemy should use."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            "the database URL does not parse; expected postgresql://user@host:port/dbname"
+        ) from None
+    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if not parsed.drivername.startswith("postgresql"):
+        raise UsageError(f"phasegate works with PostgreSQL only, not {parsed.drivername!r}")
+    return parsed.render_as_string(hide_password=False)
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL as it may appear in output and logs: never with its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparsable database URL>"
+
+
+def scrub(text: str, url: str | None) -> str:
+    """Remove the URL's password from a message that may have echoed it."""
+    if not url:
+        return text
+    try:
+        password = make_url(url).password
+    except sa.exc.ArgumentError:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def libpq_url(url: str) -> str:
+    """A libpq connection string for psycopg (drops SQLAlchemy's driver suffix)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Session:
+    """A SQLAlchemy connection plus helpers that run our SQL on its psycopg cursor."""
+
+    def __init__(self, connection: Connection, url: str) -> None:
+        self.connection = connection
+        self.url = url
+
+    @property
+    def raw(self) -> psycopg.Connection:
+        return self.connection.connection.driver_connection  # type: ignore[return-value]
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One transaction; commits on success, rolls back on any exception."""
+        self.ensure_idle()
+        with self.connection.begin():
+            yield self
+
+    def execute(self, query: Query, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
+        cursor = self.raw.cursor()
+        cursor.execute(query, params)
+        return cursor
+
+    def scalar(self, query: Query, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.execute(query, params).fetchone()
+        return row[0] if row else None
+
+    def all(self, query: Query, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.execute(query, params).fetchall()
+
+    def dicts(self, query: Query, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        cursor = self.execute(query, params)
+        names = [c.name for c in cursor.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def ensure_idle(self) -> None:
+        """Commit anything left open, so Alembic and `tx()` start from a clean slate."""
+        if self.connection.in_transaction():
+            self.connection.commit()
+        if self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self.raw.commit()
+
+    def set_timeouts(self, lock_timeout: str, statement_timeout: str | None = None) -> None:
+        """Session-level, committed: survives later rolled-back transactions."""
+        with self.tx():
+            self.execute("SELECT set_config('lock_timeout', %(v)s, false)", {"v": lock_timeout})
+            if statement_timeout is not None:
+                self.execute(
+                    "SELECT set_config('statement_timeout', %(v)s, false)",
+                    {"v": statement_timeout},
+                )
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@contextmanager
+def session(url: str, application_name: str = "phasegate") -> Iterator[Session]:
+    """Open one connection; raise RuntimeFailure (exit 3) with a masked URL if it fails."""
+    engine = sa.create_engine(
+        url, poolclass=NullPool, connect_args={"application_name": application_name[:63]}
+    )
+    try:
+        connection = engine.connect()
+    except sa.exc.OperationalError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[-1] if exc.orig else str(exc), url)
+        raise RuntimeFailure(
+            f"cannot connect to {mask_url(url)}: {reason}",
+            database=mask_url(url),
+        ) from None
+    try:
+        yield Session(connection, url)
+    finally:
+        connection.close()
+        engine.dispose()
+
+
+def acquire_orchestrator_lock(db: Session, what: str) -> None:
+    """Take the session advisory lock or raise Busy naming whoever holds it."""
+    with db.tx():
+        got = db.scalar(
+            "SELECT pg_try_advisory_lock(%(ns)s, %(key)s)",
+            {"ns": LOCK_NAMESPACE, "key": LOCK_ORCHESTRATOR},
+        )
+    if got:
+        return
+    with db.tx():
+        holders = db.dicts(
+            """
+            SELECT a.pid, a.application_name, a.usename, a.client_addr::text AS client,
+                   a.backend_start, now() - a.backend_start AS held_for
+            FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+            WHERE l.locktype = 'advisory' AND l.granted
+              AND l.classid = %(ns)s AND l.objid = %(key)s AND l.objsubid = 2
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            """,
+            {"ns": LOCK_NAMESPACE, "key": LOCK_ORCHESTRATOR},
+        )
+    holder = holders[0] if holders else {}
+    who = (
+        f"pid {holder['pid']} ({holder['application_name'] or 'no application_name'}, "
+        f"user {holder['usename']}, from {holder['client'] or 'local socket'}, "
+        f"connected {holder['backend_start']:%Y-%m-%d %H:%M:%S %Z})"
+        if holder
+        else "a session that has just released it"
+    )
+    raise Busy(
+        f"another phasegate is running in this database: {who}; wait for it to finish "
+        f"and run `{what}` again",
+        holder={k: str(v) for k, v in holder.items()},
+    )
+
+
+def release_orchestrator_lock(db: Session) -> None:
+    with db.tx():
+        db.execute(
+            "SELECT pg_advisory_unlock(%(ns)s, %(key)s)",
+            {"ns": LOCK_NAMESPACE, "key": LOCK_ORCHESTRATOR},
+        )
+
+
+def quote_table(name: str) -> sql.Composable:
+    """`bug` or `public.bug` as a quoted identifier; names are exact, as in the catalog."""
+    return sql.Identifier(*name.split(".", 1))

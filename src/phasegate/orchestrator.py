@@ -1,0 +1,560 @@
+"""The phase state machine: status, gate, advance, run one phase, rollback.
+
+ (not started) --expand--> expanded --backfill--> backfilled --switch--> switched
+                                                               --contract--> done
+
+Alembic's version table and the job checkpoints are the truth about where the database
+is; the ledger records which phase a plan reached. A phase that failed part-way is the
+plan's *active* phase: `advance` runs it again (everything it does is idempotent) and
+`rollback` undoes it. Every step is gated on the live app versions, and every decision
+lands in the event log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from alembic.runtime.migration import MigrationInfo
+
+from phasegate import backfill, gates, ledger, sync
+from phasegate.db import Session
+from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
+from phasegate.plan import Plan
+from phasegate.revisions import AlembicProject, PlanRevisions
+
+START = "start"  # `rollback --to start`: undo every phase
+
+
+@dataclass
+class Options:
+    actor: str
+    live_versions: tuple[str, ...] = ()
+    override_gate: str | None = None
+    batch_size: int | None = None
+    allow_data_loss: bool = False
+
+
+@dataclass
+class Step:
+    phase: str
+    direction: str  # "advance" | "rollback"
+    result: str  # "done" | "noop" | "refused"
+    message: str
+    gate: dict[str, Any] | None = None
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "direction": self.direction,
+            "result": self.result,
+            "message": self.message,
+            "gate": self.gate,
+            "jobs": self.jobs,
+        }
+
+
+@dataclass
+class Outcome:
+    """What a mutating command did, step by step; `refused` decides exit code 1."""
+
+    plan: str
+    steps: list[Step]
+    status: dict[str, Any]
+
+    @property
+    def refused(self) -> bool:
+        return any(s.result == "refused" for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "refused": self.refused,
+            "steps": [s.to_dict() for s in self.steps],
+            "status": self.status,
+        }
+
+
+Notify = Callable[[str], None]
+
+
+class Orchestrator:
+    """Drives one plan against one database through one connection."""
+
+    def __init__(
+        self,
+        db: Session,
+        project: AlembicProject,
+        plan: Plan,
+        options: Options,
+        progress: backfill.Progress | None = None,
+        notify: Notify | None = None,
+    ) -> None:
+        self.db = db
+        self.project = project
+        self.plan = plan
+        self.revisions: PlanRevisions = project.resolve(plan)
+        self.options = options
+        self.progress = progress or backfill.NoProgress()
+        self.notify = notify or (lambda message: None)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self.db.tx():
+            state = ledger.get_state(self.db, self.plan.name)
+            checkpoints = ledger.checkpoints(self.db, self.plan.name)
+        heads = self.project.current_heads(self.db)
+        drift = self.drift(state, heads)
+        phase_list = self.plan.phase_names()
+        return {
+            "plan": self.plan.name,
+            "app": self.plan.app,
+            "source": self.plan.source,
+            "phase": state.phase,
+            "next": self._next_phase(state),
+            "state": state.state,
+            "active_phase": state.active_phase if state.state in ("running", "failed") else None,
+            "direction": state.direction,
+            "error": state.error,
+            "actor": state.actor,
+            "updated_at": _iso(state.updated_at),
+            "plan_changed": bool(state.plan_digest) and state.plan_digest != self.plan.digest,
+            "heads": list(heads),
+            "drift": bool(drift),
+            "drift_details": drift,
+            "phases": [
+                {
+                    "name": name,
+                    "compatible": self.plan.phase(name).compatible,
+                    "revisions": self.revisions.of(name),
+                    "done": state.phase is not None
+                    and phase_list.index(name) <= phase_list.index(state.phase),
+                }
+                for name in phase_list
+            ],
+            "jobs": [
+                {
+                    "name": cp.job,
+                    "status": cp.status,
+                    "rows_done": cp.rows_done,
+                    "batches": cp.batches,
+                    "last_key": cp.last_key,
+                    "upper_key": cp.upper_key,
+                    "verified_at": _iso(cp.verified_at),
+                }
+                for cp in checkpoints
+            ],
+        }
+
+    def drift(self, state: ledger.PlanState, heads: tuple[str, ...]) -> list[str]:
+        """Where Alembic's version table disagrees with the phases the ledger recorded."""
+        applied = self.project.applied(heads)
+        names = self.plan.phase_names()
+        done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
+        active = state.active_phase if state.state in ("running", "failed") else None
+        problems = []
+        for phase, revisions in self.revisions.by_phase.items():
+            if phase == active:
+                continue
+            if phase in done:
+                missing = [r for r in revisions if r not in applied]
+                if missing:
+                    problems.append(
+                        f"phase {phase!r} is recorded as done but revision(s) "
+                        f"{', '.join(missing)} are not applied (was `alembic downgrade` run by "
+                        f"hand?); restore with `alembic upgrade {revisions[-1]}`"
+                    )
+            else:
+                present = [r for r in revisions if r in applied]
+                if present:
+                    problems.append(
+                        f"phase {phase!r} has not run but revision(s) {', '.join(present)} are "
+                        f"applied (was `alembic upgrade` run by hand?); undo with "
+                        f"`alembic downgrade {self._before(phase)}`"
+                    )
+        return problems
+
+    def gate(self, phase: str | None = None) -> tuple[GateView, gates.GateDecision]:
+        """Evaluate the gate for entering `phase` (default: the next one); changes nothing."""
+        with self.db.tx():
+            state = ledger.get_state(self.db, self.plan.name)
+        target = phase or self._next_phase(state)
+        if target is None:
+            raise UsageError(
+                f"plan {self.plan.name!r} is complete; name a phase with --phase to evaluate it"
+            )
+        self.plan.phase(target)
+        decision = self._decide(self.plan.phase(target).compatible, f"for entering {target}")
+        return GateView(target, self._next_phase(state)), decision
+
+    # -- moving forward ---------------------------------------------------------------------
+
+    def advance(self, to: str | None = None, only: str | None = None) -> Outcome:
+        """Run the next phase(s) up to `to` (default: all), or exactly `only` if it is next."""
+        names = self.plan.phase_names()
+        for wanted in (to, only):
+            if wanted is not None:
+                self.plan.phase(wanted)
+        state, heads = self._prepare()
+        steps: list[Step] = []
+        current = self._next_phase(state)
+        if only is not None and current != only:
+            done_already = state.phase is not None and names.index(only) <= names.index(state.phase)
+            if done_already and state.state not in ("running", "failed"):
+                steps.append(Step(only, "advance", "noop", f"{only} is already done"))
+                return Outcome(self.plan.name, steps, self.status())
+            raise UsageError(
+                f"{only} is not the next phase of {self.plan.name!r}: the next is "
+                f"{current or 'nothing (the plan is complete)'}; run `phasegate {current}` "
+                f"or `phasegate advance`"
+                if current
+                else f"plan {self.plan.name!r} is complete; nothing to run"
+            )
+        last = only or to or names[-1]
+        if current is None or names.index(current) > names.index(last):
+            steps.append(
+                Step(last, "advance", "noop", f"{self.plan.name} is already past {last}: no-op")
+            )
+            return Outcome(self.plan.name, steps, self.status())
+        while current is not None and names.index(current) <= names.index(last):
+            step = self._run_phase(current, state, heads)
+            steps.append(step)
+            if step.result == "refused":
+                break
+            with self.db.tx():
+                state = ledger.get_state(self.db, self.plan.name)
+            heads = self.project.current_heads(self.db)
+            current = self._next_phase(state)
+        return Outcome(self.plan.name, steps, self.status())
+
+    def _run_phase(self, phase: str, state: ledger.PlanState, heads: tuple[str, ...]) -> Step:
+        decision = self._decide(self.plan.phase(phase).compatible, f"for entering {phase}")
+        self._record_gate(phase, "advance", decision)
+        self.notify(decision.message())
+        if not decision.passed:
+            return Step(phase, "advance", "refused", decision.message(), decision.to_dict())
+        blocked = self._foreign_pending(phase, heads)
+        if blocked:
+            return Step(phase, "advance", "refused", blocked, decision.to_dict())
+        self._begin(phase, "advance", state)
+        try:
+            jobs = self._execute(phase)
+        except Exception as exc:
+            self._fail(phase, "advance", exc)
+            raise
+        self._finish(phase, "advance", completed=phase)
+        return Step(phase, "advance", "done", f"{phase} done", decision.to_dict(), jobs)
+
+    def _execute(self, phase: str) -> list[dict[str, Any]]:
+        if phase == "backfill":
+            return self._run_backfill()
+        if phase == "contract":
+            with self.db.tx():
+                for job in self._sync_jobs():
+                    sync.drop(self.db, self.plan.name, job)
+                    self.notify(f"dropped sync trigger of job {job.name!r} on {job.table}")
+        for revision in self.revisions.of(phase):
+            self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
+            self.project.upgrade(self.db, revision, self._on_step(phase))
+        return []
+
+    def _run_backfill(self) -> list[dict[str, Any]]:
+        backfill.check_columns(self.db, self.plan)
+        with self.db.tx():
+            for job in self._sync_jobs():
+                sync.install(self.db, self.plan.name, job)
+                self.notify(f"installed sync trigger of job {job.name!r} on {job.table}")
+        results = []
+        for job in self.plan.jobs():
+            if job.is_batched:
+                work = backfill.up_work(job, self.options.batch_size)
+                result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
+            else:
+                result = backfill.run_sql_job(self.db, self.plan.name, job, self.progress)
+            with self.db.tx():
+                ledger.record_event(
+                    self.db,
+                    self.plan.name,
+                    "job.finished",
+                    self.options.actor,
+                    "backfill",
+                    result.to_dict(),
+                )
+            results.append(result.to_dict())
+        return results
+
+    # -- moving back ------------------------------------------------------------------------
+
+    def rollback(self, to: str | None = None) -> Outcome:
+        """Undo the newest phase, or phases newest first until `to` is the last one done."""
+        names = self.plan.phase_names()
+        if to not in (None, START):
+            self.plan.phase(to or "")
+        state, heads = self._prepare()
+        steps: list[Step] = []
+        undo = self._phase_to_undo(state)
+        if undo is None:
+            steps.append(Step(to or START, "rollback", "noop", "nothing to roll back"))
+            return Outcome(self.plan.name, steps, self.status())
+        stop_after = names.index(to) if to not in (None, START) else -1
+        if to is not None and names.index(undo) <= stop_after:
+            steps.append(Step(to, "rollback", "noop", f"{self.plan.name} is already at {to}"))
+            return Outcome(self.plan.name, steps, self.status())
+        while undo is not None:
+            step = self._undo_phase(undo, state, heads)
+            steps.append(step)
+            if step.result == "refused" or to is None:
+                break
+            with self.db.tx():
+                state = ledger.get_state(self.db, self.plan.name)
+            heads = self.project.current_heads(self.db)
+            undo = self._phase_to_undo(state)
+            if undo is not None and names.index(undo) <= stop_after:
+                break
+        return Outcome(self.plan.name, steps, self.status())
+
+    def _undo_phase(self, phase: str, state: ledger.PlanState, heads: tuple[str, ...]) -> Step:
+        back_to = self.plan.previous_phase(phase)
+        label = f"for rolling back {phase} (back to {back_to or 'before the plan'})"
+        decision = self._decide(self.plan.compatible_after(back_to), label)
+        self._record_gate(phase, "rollback", decision)
+        self.notify(decision.message())
+        if not decision.passed:
+            return Step(phase, "rollback", "refused", decision.message(), decision.to_dict())
+        refusal = self._downgrade_refusal(phase, heads)
+        if refusal:
+            return Step(phase, "rollback", "refused", refusal, decision.to_dict())
+        self._begin(phase, "rollback", state)
+        try:
+            jobs = self._revert(phase, heads)
+        except Exception as exc:
+            self._fail(phase, "rollback", exc)
+            raise
+        self._finish(phase, "rollback", completed=back_to)
+        return Step(phase, "rollback", "done", f"{phase} rolled back", decision.to_dict(), jobs)
+
+    def _revert(self, phase: str, heads: tuple[str, ...]) -> list[dict[str, Any]]:
+        if phase == "backfill":
+            with self.db.tx():
+                for job in self._sync_jobs():
+                    sync.drop(self.db, self.plan.name, job)
+                cleared = ledger.clear_checkpoints(self.db, self.plan.name)
+            self.notify(f"dropped the sync triggers and {cleared} job checkpoint(s)")
+            return []
+        applied = self.project.applied(heads)
+        if any(r in applied for r in self.revisions.of(phase)):
+            target = self._before(phase)
+            self.notify(f"downgrading to {target}")
+            self.project.downgrade(self.db, target, self._on_step(phase))
+        if phase != "contract":
+            return []
+        with self.db.tx():
+            for job in self._sync_jobs():
+                sync.install(self.db, self.plan.name, job)
+                self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
+        results = []
+        for job in self.plan.jobs():
+            if job.is_batched and job.old_columns:
+                work = backfill.down_work(job, self.options.batch_size)
+                self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
+                result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
+                results.append(result.to_dict())
+        with self.db.tx():
+            for job in self.plan.jobs():
+                if job.is_batched and job.old_columns:
+                    ledger.save_checkpoint(
+                        self.db, ledger.Checkpoint(self.plan.name, f"{job.name}@down")
+                    )
+        return results
+
+    def _downgrade_refusal(self, phase: str, heads: tuple[str, ...]) -> str | None:
+        """Why this phase cannot be undone safely, or None."""
+        if phase == "contract" and not self.options.allow_data_loss:
+            lossy = [j.name for j in self.plan.jobs() if j.is_batched and not j.old_columns]
+            if lossy:
+                return (
+                    f"rollback of contract refused: job(s) {', '.join(lossy)} have no "
+                    f"`sync.down`, so the columns the contract dropped cannot be rebuilt from "
+                    f"the new ones. Add `sync.down` to the plan, or pass --allow-data-loss to "
+                    f"downgrade and leave those columns empty"
+                )
+        revisions = self.revisions.of(phase)
+        if phase == "backfill" or not revisions:
+            return None
+        applied = self.project.applied(heads)
+        if not any(r in applied for r in revisions):
+            return None
+        target = self._before(phase)
+        undone = self.project.downgrade_steps(heads, target)
+        foreign = [r for r in undone if r not in revisions]
+        if foreign:
+            names = ", ".join(self.project.revisions[r].describe() for r in foreign)
+            return (
+                f"rollback of {phase} refused: downgrading to {target} would also undo "
+                f"{names}, applied on top of this phase; roll those back first"
+            )
+        return None
+
+    # -- shared steps -----------------------------------------------------------------------
+
+    def _prepare(self) -> tuple[ledger.PlanState, tuple[str, ...]]:
+        """Ledger ready, state read, no drift: the common start of every mutating command."""
+        ledger.ensure_schema(self.db)
+        with self.db.tx():
+            state = ledger.get_state(self.db, self.plan.name)
+        heads = self.project.current_heads(self.db)
+        drift = self.drift(state, heads)
+        if drift:
+            raise Refused(
+                "the database has drifted from what phasegate recorded: "
+                + "; ".join(drift)
+                + ". Resolve it, then run the command again",
+                drift=drift,
+            )
+        return state, heads
+
+    def _decide(self, compatible: str, target: str) -> gates.GateDecision:
+        observations = gates.observe(self.db, self.plan.app, self.options.live_versions)
+        return gates.evaluate(
+            self.plan.app, compatible, observations, target, self.options.override_gate
+        )
+
+    def _record_gate(self, phase: str, direction: str, decision: gates.GateDecision) -> None:
+        ledger.ensure_schema(self.db)
+        kind = "gate.passed" if decision.versions_ok else (
+            "gate.overridden" if decision.passed else "gate.refused"
+        )  # fmt: skip
+        with self.db.tx():
+            ledger.record_event(
+                self.db,
+                self.plan.name,
+                kind,
+                self.options.actor,
+                phase,
+                {"direction": direction, **decision.to_dict()},
+            )
+
+    def _begin(self, phase: str, direction: str, state: ledger.PlanState) -> None:
+        with self.db.tx():
+            state.state, state.active_phase, state.direction = "running", phase, direction
+            state.actor, state.error = self.options.actor, None
+            state.plan_digest = self.plan.digest
+            state.started_at = self.db.scalar("SELECT now()")
+            ledger.save_state(self.db, state)
+            ledger.record_event(
+                self.db, self.plan.name, f"{direction}.started", self.options.actor, phase
+            )
+
+    def _finish(self, phase: str, direction: str, completed: str | None) -> None:
+        heads = self.project.current_heads(self.db)
+        with self.db.tx():
+            state = ledger.get_state(self.db, self.plan.name)
+            state.phase = completed
+            last = self.plan.phase_names()[-1]
+            state.state = "done" if completed == last else "pending"
+            state.active_phase, state.direction, state.error = None, direction, None
+            state.alembic_heads = list(heads)
+            ledger.save_state(self.db, state)
+            ledger.record_event(
+                self.db,
+                self.plan.name,
+                f"{direction}.completed",
+                self.options.actor,
+                phase,
+                {"heads": list(heads)},
+            )
+        self.notify(f"{phase}: {'done' if direction == 'advance' else 'rolled back'}")
+
+    def _fail(self, phase: str, direction: str, exc: Exception) -> None:
+        message = exc.message if isinstance(exc, PhasegateError) else f"{type(exc).__name__}: {exc}"
+        message = message.strip()
+        try:
+            self.db.connection.rollback()
+            self.db.ensure_idle()
+            with self.db.tx():
+                state = ledger.get_state(self.db, self.plan.name)
+                state.state, state.active_phase, state.direction = "failed", phase, direction
+                state.error = message[:2000]
+                ledger.save_state(self.db, state)
+                ledger.record_event(
+                    self.db,
+                    self.plan.name,
+                    f"{direction}.failed",
+                    self.options.actor,
+                    phase,
+                    {"error": message[:2000]},
+                )
+        except Exception:  # the connection itself may be gone; the original error matters
+            pass
+
+    def _on_step(self, phase: str) -> Callable[[MigrationInfo, tuple[str, ...]], None]:
+        """Record each Alembic step inside that step's own transaction."""
+
+        def record(step: MigrationInfo, heads: tuple[str, ...]) -> None:
+            revision = step.up_revision_id
+            kind = "revision.applied" if step.is_upgrade else "revision.reverted"
+            ledger.record_event(
+                self.db,
+                self.plan.name,
+                kind,
+                self.options.actor,
+                phase,
+                {"revision": revision, "heads": list(heads)},
+            )
+            self.db.execute(
+                "UPDATE phasegate.plan_state SET alembic_heads = %(h)s, updated_at = now() "
+                "WHERE plan = %(p)s",
+                {"h": list(heads), "p": self.plan.name},
+            )
+            self.notify(f"  {kind.split('.')[1]} {revision}")
+
+        return record
+
+    def _foreign_pending(self, phase: str, heads: tuple[str, ...]) -> str | None:
+        applied = self.project.applied(heads)
+        pending = [i for i in self.revisions.foreign.get(phase, []) if i.revision not in applied]
+        if not pending:
+            return None
+        first = pending[0]
+        return (
+            f"{phase} refused: upgrading to {self.revisions.of(phase)[-1]} would also apply "
+            f"{first.describe()} of plan {first.plan!r} (phase {first.phase!r}), whose gate has "
+            f"not been passed; advance plan {first.plan!r} through {first.phase} first"
+        )
+
+    def _sync_jobs(self) -> list[Any]:
+        return [j for j in self.plan.jobs() if j.is_batched and j.sync is not None]
+
+    def _next_phase(self, state: ledger.PlanState) -> str | None:
+        if state.state in ("running", "failed") and state.active_phase:
+            return state.active_phase
+        return self.plan.next_phase(state.phase)
+
+    def _phase_to_undo(self, state: ledger.PlanState) -> str | None:
+        if state.state in ("running", "failed") and state.active_phase:
+            return state.active_phase
+        return state.phase
+
+    def _before(self, phase: str) -> str:
+        """The Alembic target just below a phase's first revision."""
+        first = self.project.revisions[self.revisions.of(phase)[0]]
+        if len(first.parents) > 1:
+            raise RuntimeFailure(
+                f"{first.revision} merges several branches; phasegate cannot tell which one to "
+                f"downgrade to: undo it with `alembic downgrade` and a explicit target"
+            )
+        return first.parents[0] if first.parents else "base"
+
+
+@dataclass
+class GateView:
+    phase: str
+    next: str | None
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None

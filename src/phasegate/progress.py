@@ -1,0 +1,100 @@
+"""Showing backfill progress: a rich bar on a terminal, periodic log lines elsewhere.
+
+Everything goes to stderr so `--json` output on stdout stays one clean document.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from phasegate.backfill import JobResult
+
+
+class BarProgress:
+    """A rich progress bar per job: rows walked, rate, ETA from pg_class.reltuples."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bar: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+
+    def job_started(self, job: str, total: int | None, done: int) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>10} rows/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.bar.start()
+        self.tasks[job] = self.bar.add_task(job, total=total, rate="-")
+        self._started = time.monotonic()
+        self._scanned = 0
+
+    def batch_done(self, job: str, scanned: int, updated: int) -> None:
+        if self.bar is None:
+            return
+        self._scanned += scanned
+        rate = self._scanned / max(time.monotonic() - self._started, 1e-6)
+        self.bar.update(self.tasks[job], advance=scanned, rate=f"{rate:,.0f}")
+
+    def job_finished(self, result: JobResult) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        self.console.print(summary(result))
+
+
+class LogProgress:
+    """One line every `interval` seconds, for CI logs and pipes."""
+
+    def __init__(self, stream: TextIO | None = None, interval: float = 5.0) -> None:
+        self.stream = stream or sys.stderr
+        self.interval = interval
+
+    def job_started(self, job: str, total: int | None, done: int) -> None:
+        self._started = self._last = time.monotonic()
+        self._scanned, self._updated, self._total = 0, 0, total
+        estimate = f" (~{total:,} rows)" if total else ""
+        self._write(f"job {job}: started{estimate}")
+
+    def batch_done(self, job: str, scanned: int, updated: int) -> None:
+        self._scanned += scanned
+        self._updated += updated
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            rate = self._scanned / max(now - self._started, 1e-6)
+            self._write(
+                f"job {job}: {self._scanned:,} rows walked, {self._updated:,} updated, "
+                f"{rate:,.0f} rows/s"
+            )
+
+    def job_finished(self, result: JobResult) -> None:
+        self._write(summary(result))
+
+    def _write(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+def summary(result: JobResult) -> str:
+    if result.status == "skipped":
+        return f"job {result.name}: already done ({result.rows:,} rows), skipped"
+    return (
+        f"job {result.name}: {result.rows:,} rows in {result.batches:,} batch(es), "
+        f"{result.seconds:.2f}s ({result.rate:,.0f} rows/s), verified"
+    )

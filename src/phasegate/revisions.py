@@ -1,0 +1,353 @@
+"""The Alembic bridge: revision tags, phase → revisions, upgrade and downgrade.
+
+Tags are two module constants (`phasegate_plan`, `phasegate_phase`) read from
+`Script.module`; `branch_labels` would spread over a whole chain. Migrations run through
+the project's own env.py (so its version table and settings apply), but inside an
+`EnvironmentContext` subclass that forces `transaction_per_migration` and appends our
+`on_version_apply` hook, so even a plain cookbook env.py records each step in the ledger
+inside that step's own transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext, MigrationInfo
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
+
+from phasegate.db import Session
+from phasegate.errors import RuntimeFailure, UsageError
+from phasegate.plan import PHASES, REVISION_PHASES, Plan, PlanError, PlanIssue
+
+StepHook = Callable[[MigrationInfo, tuple[str, ...]], None]
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    revision: str
+    parents: tuple[str, ...]
+    plan: str | None
+    phase: str | None
+    path: str
+    doc: str
+
+    def describe(self) -> str:
+        return f"{self.revision} ({self.doc})" if self.doc else self.revision
+
+
+@dataclass
+class PlanRevisions:
+    """A plan's phases resolved to revision ids in graph order, plus foreign ancestors."""
+
+    by_phase: dict[str, list[str]]
+    foreign: dict[str, list[RevisionInfo]] = field(default_factory=dict)
+
+    def of(self, phase: str) -> list[str]:
+        return self.by_phase.get(phase, [])
+
+    def all(self) -> set[str]:
+        return {r for revs in self.by_phase.values() for r in revs}
+
+
+class AlembicProject:
+    """One Alembic project (alembic.ini + script directory), loaded without a database."""
+
+    def __init__(self, config_path: str | Path) -> None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise UsageError(
+                f"no Alembic config at {path}: pass --config path/to/alembic.ini "
+                "or run phasegate from the directory that holds alembic.ini"
+            )
+        self.config_path = path
+        self.config = Config(str(path))
+        try:
+            self.script = ScriptDirectory.from_config(self.config)
+            walked = list(self.script.walk_revisions())
+        except CommandError as exc:
+            raise UsageError(f"{path}: Alembic cannot read its revisions: {exc}") from None
+        walked.reverse()  # base → head
+        self.order: list[str] = [s.revision for s in walked]
+        self.position = {rev: i for i, rev in enumerate(self.order)}
+        self.revisions = {s.revision: _info(s) for s in walked}
+
+    @property
+    def ini_url(self) -> str | None:
+        return self.config.get_main_option("sqlalchemy.url") or None
+
+    @property
+    def location(self) -> str:
+        return str(self.script.dir)
+
+    def tagged(self, plan: str, phase: str | None = None) -> list[RevisionInfo]:
+        return [
+            info
+            for rev in self.order
+            if (info := self.revisions[rev]).plan == plan and (phase is None or info.phase == phase)
+        ]
+
+    def ancestors(self, revision: str) -> set[str]:
+        """`revision` and everything it depends on, through down_revision and depends_on."""
+        seen: set[str] = set()
+        stack = [revision]
+        while stack:
+            rev = stack.pop()
+            if rev in seen or rev not in self.revisions:
+                continue
+            seen.add(rev)
+            stack.extend(self.revisions[rev].parents)
+        return seen
+
+    def applied(self, heads: Iterable[str]) -> set[str]:
+        """Every revision applied in a database whose version table holds `heads`."""
+        result: set[str] = set()
+        for head in heads:
+            result |= self.ancestors(head)
+        return result
+
+    def sort(self, revisions: Iterable[str]) -> list[str]:
+        return sorted(revisions, key=lambda r: self.position.get(r, -1))
+
+    # -- resolution -------------------------------------------------------------------------
+
+    def resolve(self, plan: Plan) -> PlanRevisions:
+        """Map each of the plan's phases to its revisions; PlanError lists every problem."""
+        issues: list[PlanIssue] = []
+        by_phase: dict[str, list[str]] = {}
+        for phase in plan.phase_names():
+            if phase not in REVISION_PHASES:
+                continue
+            listed = plan.phase(phase).revisions  # type: ignore[union-attr]
+            if listed is None:
+                by_phase[phase] = [i.revision for i in self.tagged(plan.name, phase)]
+                continue
+            found = []
+            for index, rev in enumerate(listed):
+                info = self.revisions.get(rev) or self._by_prefix(rev)
+                loc = ("phases", phase, "revisions", index)
+                if info is None:
+                    issues.append(
+                        plan.issue(
+                            loc,
+                            f"revision {rev!r} does not exist in {self.location}",
+                            "check the id (`alembic history`) or remove it from the list",
+                        )
+                    )
+                elif info.plan is not None and (info.plan, info.phase) != (plan.name, phase):
+                    issues.append(
+                        plan.issue(
+                            loc,
+                            f"revision {info.revision} is tagged plan={info.plan!r}, "
+                            f"phase={info.phase!r} ({info.path})",
+                            f"list it under its own phase, or retag it phasegate_plan = "
+                            f"{plan.name!r}, phasegate_phase = {phase!r}",
+                        )
+                    )
+                else:
+                    found.append(info.revision)
+            for info in self.tagged(plan.name, phase):
+                if info.revision not in found:
+                    issues.append(
+                        self._file_issue(
+                            info,
+                            f"tagged for phase {phase!r} of plan {plan.name!r} but missing from "
+                            f"phases.{phase}.revisions in {plan.source}",
+                            "list it there, or drop `revisions:` to take every tagged revision",
+                        )
+                    )
+            by_phase[phase] = self.sort(found)
+        issues += self._stray_tags(plan)
+        issues += self._order_issues(plan, by_phase)
+        if issues:
+            raise PlanError(issues)
+        foreign = {
+            phase: self._foreign_ancestors(plan, revs) for phase, revs in by_phase.items() if revs
+        }
+        return PlanRevisions(by_phase, {k: v for k, v in foreign.items() if v})
+
+    def _by_prefix(self, prefix: str) -> RevisionInfo | None:
+        matches = [r for r in self.order if r.startswith(prefix)] if len(prefix) >= 4 else []
+        return self.revisions[matches[0]] if len(matches) == 1 else None
+
+    def _stray_tags(self, plan: Plan) -> list[PlanIssue]:
+        issues = []
+        for info in self.tagged(plan.name):
+            if info.phase == "backfill":
+                issues.append(
+                    self._file_issue(
+                        info,
+                        "revisions cannot be tagged 'backfill': that phase runs jobs",
+                        "tag schema changes 'expand' (additive) or 'switch' (constraints)",
+                    )
+                )
+            elif info.phase not in PHASES:
+                issues.append(
+                    self._file_issue(
+                        info,
+                        f"unknown phase tag {info.phase!r}",
+                        "phasegate_phase is one of 'expand', 'switch', 'contract'",
+                    )
+                )
+            elif info.phase not in plan.phase_names():
+                issues.append(
+                    self._file_issue(
+                        info,
+                        f"tagged for phase {info.phase!r}, which plan {plan.name!r} "
+                        f"({plan.source}) does not have",
+                        f"add a `{info.phase}:` phase to the plan or retag the revision",
+                    )
+                )
+        return issues
+
+    def _order_issues(self, plan: Plan, by_phase: dict[str, list[str]]) -> list[PlanIssue]:
+        issues = []
+        phases = [p for p in REVISION_PHASES if by_phase.get(p)]
+        for i, earlier in enumerate(phases):
+            for later in phases[i + 1 :]:
+                for late in by_phase[later]:
+                    for early in by_phase[earlier]:
+                        if late in self.ancestors(early):
+                            info = self.revisions[late]
+                            issues.append(
+                                self._file_issue(
+                                    info,
+                                    f"this {later} revision comes before {early} "
+                                    f"({earlier}) in the revision graph",
+                                    f"phases apply in order; make {late} descend from the "
+                                    f"{earlier} revisions (edit its down_revision)",
+                                )
+                            )
+        return issues
+
+    def _foreign_ancestors(self, plan: Plan, revisions: list[str]) -> list[RevisionInfo]:
+        """Revisions of other plans that upgrading to `revisions` would also apply."""
+        reach: set[str] = set()
+        for rev in revisions:
+            reach |= self.ancestors(rev)
+        return [
+            self.revisions[r]
+            for r in self.sort(reach)
+            if self.revisions[r].plan not in (None, plan.name)
+        ]
+
+    def _file_issue(self, info: RevisionInfo, message: str, hint: str) -> PlanIssue:
+        return PlanIssue(
+            info.path, _tag_line(info.path), f"revision {info.revision}", message, hint
+        )
+
+    # -- running migrations -----------------------------------------------------------------
+
+    def current_heads(self, db: Session) -> tuple[str, ...]:
+        """The heads in the database's version table, read through the project's env.py."""
+        found: list[str] = []
+
+        def capture(rev: Any, context: MigrationContext) -> list[Any]:
+            found.extend(context.get_current_heads())
+            return []
+
+        self._run_env(db, capture, destination=None, on_step=None)
+        return tuple(sorted(found))
+
+    def upgrade(self, db: Session, target: str, on_step: StepHook | None = None) -> None:
+        self._run_env(
+            db,
+            lambda rev, context: self.script._upgrade_revs(target, rev),
+            destination=target,
+            on_step=on_step,
+        )
+
+    def downgrade(self, db: Session, target: str, on_step: StepHook | None = None) -> None:
+        self._run_env(
+            db,
+            lambda rev, context: self.script._downgrade_revs(target, rev),
+            destination=target,
+            on_step=on_step,
+        )
+
+    def downgrade_steps(self, heads: tuple[str, ...], target: str) -> list[str]:
+        """The revisions `downgrade(target)` would undo from `heads`, newest first."""
+        applied = self.applied(heads)
+        keep = self.applied([target]) if target != "base" else set()
+        return list(reversed(self.sort(applied - keep)))
+
+    def _run_env(
+        self,
+        db: Session,
+        fn: Callable[[Any, MigrationContext], list[Any]],
+        destination: str | None,
+        on_step: StepHook | None,
+    ) -> None:
+        db.ensure_idle()  # Alembic never commits a transaction it did not begin
+        self.config.attributes["connection"] = db.connection
+        environment = EnvironmentContext(
+            self.config, self.script, fn=fn, destination_rev=destination
+        )
+        _force_phasegate_settings(environment, db.connection, on_step)
+        try:
+            with environment:
+                self.script.run_env()
+        except CommandError as exc:
+            raise RuntimeFailure(f"Alembic refused: {exc}") from None
+        finally:
+            self.config.attributes.pop("connection", None)
+            db.ensure_idle()
+
+
+def _force_phasegate_settings(
+    environment: EnvironmentContext, connection: Any, on_step: StepHook | None
+) -> None:
+    """Whatever env.py passes to `context.configure`, add our per-step transaction and hook.
+
+    Alembic's `context` module proxies to the active EnvironmentContext instance, so an
+    instance-level `configure` reaches even a user's own env.py unchanged.
+    """
+    original = environment.configure
+
+    def record_step(
+        *, ctx: MigrationContext, step: MigrationInfo, heads: set[str], run_args: dict[str, Any]
+    ) -> None:
+        if ctx.connection is not connection:
+            raise RuntimeFailure(
+                "env.py opened its own database connection instead of using "
+                "config.attributes['connection']; follow Alembic's cookbook recipe "
+                "'Sharing a Connection across one or more programmatic migration commands'"
+            )
+        if on_step is not None:
+            on_step(step, tuple(sorted(heads)))
+
+    def configure(*args: Any, **kw: Any) -> None:
+        kw["transaction_per_migration"] = True
+        kw["on_version_apply"] = [*(kw.get("on_version_apply") or ()), record_step]
+        original(*args, **kw)
+
+    environment.configure = configure  # type: ignore[method-assign]
+
+
+def _info(script: Script) -> RevisionInfo:
+    module = script.module
+    # down revisions plus resolved depends_on: everything that must be applied first
+    parents = tuple(script._all_down_revisions)
+    return RevisionInfo(
+        revision=script.revision,
+        parents=parents,
+        plan=getattr(module, "phasegate_plan", None),
+        phase=getattr(module, "phasegate_phase", None),
+        path=str(script.path),
+        doc=(script.doc or "").strip(),
+    )
+
+
+def _tag_line(path: str) -> int | None:
+    try:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.startswith("phasegate_phase") or line.startswith("phasegate_plan"):
+                return number
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,129 @@
+"""Sync triggers: keep old and new columns equal while both code versions write.
+
+One definition serves the backfill and the dual-write: the trigger evaluates the job's
+`set` (up) and `sync.down` expressions, written against the row alias `new`, exactly as
+the batched UPDATE does. The direction comes from what the writer changed. A session
+that marks itself with `phasegate.backfill = on` (the backfill's batches) is left alone:
+its batch already computed the new columns, and running `down` on it could rewrite the
+old columns lossily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from psycopg import sql
+
+from phasegate.db import Session, quote_table
+from phasegate.plan import Job
+
+BACKFILL_SETTING = "phasegate.backfill"
+_MAX_IDENT = 63
+
+
+def object_name(plan: str, job: str) -> str:
+    """A stable name for the trigger and its function, within PostgreSQL's 63 bytes."""
+    name = f"sync_{plan}_{job}".replace("-", "_")
+    if len(name) > _MAX_IDENT:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: _MAX_IDENT - 9]}_{digest}"
+    return name
+
+
+def function_sql(plan: str, job: Job) -> sql.Composed:
+    """CREATE OR REPLACE FUNCTION for the job's trigger (author expressions pass through)."""
+    new_cols = job.new_columns
+    old_cols = job.old_columns
+    up = _assign(job.set_ or {})
+    body = [
+        sql.SQL("IF current_setting({}, true) = 'on' THEN RETURN NEW; END IF;").format(
+            sql.Literal(BACKFILL_SETTING)
+        ),
+        sql.SQL("IF TG_OP = 'INSERT' THEN"),
+        sql.SQL("  IF {} THEN {}").format(_all_null(new_cols), up),
+    ]
+    if old_cols:
+        down = _assign(job.sync.down if job.sync else {})
+        body += [
+            sql.SQL("  ELSIF {} THEN {}").format(_all_null(old_cols), down),
+            sql.SQL("  END IF;"),
+            sql.SQL("ELSIF {} AND NOT {} THEN {}").format(
+                _changed(old_cols), _changed(new_cols), up
+            ),
+            sql.SQL("ELSIF {} AND NOT {} THEN {}").format(
+                _changed(new_cols), _changed(old_cols), down
+            ),
+        ]
+    else:
+        # No `down`: old columns are unknown, so recompute whenever the writer left the
+        # new columns alone (an old-code write).
+        body += [
+            sql.SQL("  END IF;"),
+            sql.SQL("ELSIF NOT {} THEN {}").format(_changed(new_cols), up),
+        ]
+    body += [sql.SQL("END IF;"), sql.SQL("RETURN NEW;")]
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {schema}.{name}() RETURNS trigger LANGUAGE plpgsql\n"
+        "SET search_path FROM CURRENT AS $phasegate$\nBEGIN\n{body}\nEND\n$phasegate$"
+    ).format(
+        schema=sql.Identifier("phasegate"),
+        name=sql.Identifier(object_name(plan, job.name)),
+        body=sql.SQL("\n").join(body),
+    )
+
+
+def install(db: Session, plan: str, job: Job) -> None:
+    """Create (or replace) the function and the trigger; run inside the caller's tx."""
+    name = sql.Identifier(object_name(plan, job.name))
+    table = quote_table(job.table or "")
+    db.execute(function_sql(plan, job))
+    db.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
+    db.execute(
+        sql.SQL(
+            "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION {schema}.{name}()"
+        ).format(name=name, table=table, schema=sql.Identifier("phasegate"))
+    )
+
+
+def drop(db: Session, plan: str, job: Job) -> None:
+    """Drop the trigger and its function; a no-op when they are already gone."""
+    name = sql.Identifier(object_name(plan, job.name))
+    table = quote_table(job.table or "")
+    if db.scalar("SELECT to_regclass(%(t)s) IS NOT NULL", {"t": table.as_string(db.raw)}):
+        db.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
+    db.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier("phasegate"), name))
+
+
+def installed(db: Session, plan: str, job: Job) -> bool:
+    return bool(
+        db.scalar(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM pg_trigger
+                WHERE tgname = %(name)s AND tgrelid = to_regclass(%(table)s) AND NOT tgisinternal)
+            """,
+            {
+                "name": object_name(plan, job.name),
+                "table": quote_table(job.table or "").as_string(db.raw),
+            },
+        )
+    )
+
+
+def _assign(columns: dict[str, str]) -> sql.Composed:
+    """One SELECT ... INTO so every expression sees the row as written, like UPDATE SET."""
+    return sql.SQL("SELECT {} INTO {};").format(
+        sql.SQL(", ").join(sql.SQL("({})").format(sql.SQL(e)) for e in columns.values()),
+        sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in columns),
+    )
+
+
+def _all_null(columns: list[str]) -> sql.Composed:
+    terms = (sql.SQL("NEW.{} IS NULL").format(sql.Identifier(c)) for c in columns)
+    return sql.SQL("({})").format(sql.SQL(" AND ").join(terms))
+
+
+def _changed(columns: list[str]) -> sql.Composed:
+    terms = (sql.SQL("NEW.{0} IS DISTINCT FROM OLD.{0}").format(sql.Identifier(c)) for c in columns)
+    return sql.SQL("({})").format(sql.SQL(" OR ").join(terms))
