@@ -334,13 +334,8 @@ def orchestrating(
         if sys.stderr.isatty() and not ctx.as_json
         else LogProgress(sys.stderr)
     )
-    with db.session(url, f"phasegate {what} {plan.name}") as conn:
-        db.acquire_orchestrator_lock(conn, f"phasegate {what} {plan_path}")
-        try:
-            conn.set_timeouts(args.lock_timeout)
-            yield Orchestrator(conn, project, plan, options, progress, notify=log)
-        finally:
-            db.release_orchestrator_lock(conn)
+    with db.locked_session(url, f"{what} {plan_path}", args.lock_timeout) as conn:
+        yield Orchestrator(conn, project, plan, options, progress, notify=log)
 
 
 def _confirm(yes: bool, action: str) -> None:

@@ -208,3 +208,17 @@ def release_orchestrator_lock(db: Session) -> None:
 def quote_table(name: str) -> sql.Composable:
     """`bug` or `public.bug` as a quoted identifier; names are exact, as in the catalog."""
     return sql.Identifier(*name.split(".", 1))
+
+
+@contextmanager
+def locked_session(
+    url: str, what: str, lock_timeout: str = DEFAULT_LOCK_TIMEOUT
+) -> Iterator[Session]:
+    """A session that holds the orchestrator lock, with phasegate's lock_timeout set."""
+    with session(url, f"phasegate {what}") as db:
+        acquire_orchestrator_lock(db, f"phasegate {what}")
+        try:
+            db.set_timeouts(lock_timeout)
+            yield db
+        finally:
+            release_orchestrator_lock(db)

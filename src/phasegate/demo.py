@@ -1,0 +1,234 @@
+"""`phasegate demo`: the seed story, end to end, on a throwaway PostgreSQL.
+
+It seeds the bug tracker, starts simulated v1 app instances (connected as
+`bugtracker/1.4.2`, so the gates see them in pg_stat_activity), walks the plan through
+expand and backfill, brings up v2 next to v1, runs switch, shows contract refused while
+v1 is still connected, drains v1, runs contract, and checks row by row that no app write
+was lost or garbled. Every gate decision is real; nothing is passed on the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.pool import NullPool
+
+from phasegate import db, provision
+from phasegate.errors import RuntimeFailure, UsageError
+from phasegate.orchestrator import Options, Orchestrator, Outcome
+from phasegate.plan import load_plan
+from phasegate.progress import BarProgress, LogProgress
+from phasegate.revisions import AlembicProject
+
+PLAN_FILE = Path("plans") / "bug_root_cause.yaml"
+V1, V2 = "1.4.2", "2.0.0"
+
+
+@dataclass
+class DemoReport:
+    database: str
+    rows: int
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    app_ops: int = 0
+    app_failures: int = 0
+    lost_or_wrong: int = 0
+    worst_latency_ms: float = 0.0
+    final_columns: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.app_failures == 0 and self.lost_or_wrong == 0,
+            "database": self.database,
+            "rows": self.rows,
+            "steps": self.steps,
+            "app_ops": self.app_ops,
+            "app_failures": self.app_failures,
+            "lost_or_wrong_writes": self.lost_or_wrong,
+            "worst_write_latency_ms": round(self.worst_latency_ms, 1),
+            "final_bug_columns": self.final_columns,
+        }
+
+
+def find_example_root() -> Path:
+    """The checkout that holds alembic.ini, plans/ and examples/bugtracker/."""
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for root in candidates:
+        if (root / PLAN_FILE).is_file() and (root / "examples" / "bugtracker").is_dir():
+            return root
+    raise UsageError(
+        "the demo needs the bundled bug tracker example (alembic.ini, plans/, examples/); "
+        "run `phasegate demo` from a checkout of the phasegate repository"
+    )
+
+
+def load_example(root: Path, name: str) -> ModuleType:
+    module_name = f"bugtracker_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(
+        module_name, root / "examples" / "bugtracker" / f"{name}.py"
+    )
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot load examples/bugtracker/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_demo(database_url: str | None, rows: int, keep: bool, as_json: bool) -> int:
+    console = Console(stderr=as_json, highlight=False)
+    root = find_example_root()
+    explicit = database_url or next(
+        (os.environ[v] for v in db.URL_ENV_VARS if os.environ.get(v)), None
+    )
+    console.rule("[bold]phasegate demo: bug.root_cause → root_cause table")
+    console.print("starting PostgreSQL …")
+    server = provision.start(explicit)
+    url = server.create_database("phasegate_demo")
+    console.print(f"  {server.description}; demo database {db.mask_url(url)}")
+    report = DemoReport(database=db.mask_url(url), rows=rows)
+    try:
+        _story(console, root, url, rows, report)
+    finally:
+        if keep:
+            console.print(f"kept the demo database: {db.mask_url(url)}")
+        else:
+            server.drop_database(url)
+            server.close()
+    if as_json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport) -> None:
+    seed, app = load_example(root, "seed"), load_example(root, "app")
+    project = AlembicProject(root / "alembic.ini")
+    plan = load_plan(root / PLAN_FILE)
+
+    console.rule("seed: v1 schema and data")
+    engine = sa.create_engine(url, poolclass=NullPool)
+    with engine.connect() as connection:
+        revision = seed.upgrade_to_before_plan(
+            connection, str(root / "alembic.ini"), str(root / PLAN_FILE)
+        )
+        inserted = seed.seed_bugs(connection, rows)
+        connection.commit()
+    console.print(f"  {inserted:,} bugs written by v1 code, schema at revision {revision}")
+
+    v1 = [app.AppInstance(url, V1, ops_per_second=15, seed=s) for s in (1, 2)]
+    for instance in v1:
+        instance.start()
+    console.print(f"  two v1 instances running as bugtracker/{V1}, writing bugs continuously")
+    v2: list[Any] = []
+
+    progress = BarProgress(console) if console.is_terminal else LogProgress(console.file, 1.0)
+    options = Options(actor="phasegate-demo")
+
+    def run(step: str, action: Any) -> Outcome:
+        console.rule(step)
+        with db.locked_session(url, f"demo {step}") as session:
+            orchestrator = Orchestrator(
+                session, project, plan, options, progress, notify=lambda m: console.print(f"  {m}")
+            )
+            outcome: Outcome = action(orchestrator)
+        for done in outcome.steps:
+            report.steps.append(done.to_dict())
+        return outcome
+
+    try:
+        _expect(run("expand", lambda o: o.advance(only="expand")), refused=False)
+        _expect(run("backfill", lambda o: o.advance(only="backfill")), refused=False)
+
+        console.rule("deploy v2 next to v1")
+        v2 = [app.AppInstance(url, V2, ops_per_second=15, seed=3)]
+        v2[0].start()
+        console.print(f"  one v2 instance running as bugtracker/{V2} (backfilled: both work)")
+        time.sleep(1)
+
+        _expect(run("switch", lambda o: o.advance(only="switch")), refused=False)
+        refused = run("contract while v1 is still connected", lambda o: o.advance(only="contract"))
+        _expect(refused, refused=True)
+        console.print("  [bold]→ contract refused, as it must be: v1 still reads bug.root_cause")
+
+        console.rule("drain v1")
+        for instance in v1:
+            instance.stop()
+        console.print(f"  v1 instances stopped; only bugtracker/{V2} is connected")
+        _expect(run("contract", lambda o: o.advance(only="contract")), refused=False)
+        time.sleep(1)
+    finally:
+        for instance in [*v1, *v2]:
+            instance.stop()
+
+    console.rule("verify")
+    stats = [i.stats() for i in [*v1, *v2]]
+    report.app_ops = sum(s.ok + s.failed for s in stats)
+    report.app_failures = sum(s.failed for s in stats)
+    report.worst_latency_ms = 1000 * max((s.max_latency for s in stats), default=0.0)
+    expectations: dict[str, str] = {}
+    for instance in [*v1, *v2]:
+        expectations.update(instance.expectations)
+    problems = app.check_writes(url, expectations, "v2")
+    report.lost_or_wrong = len(problems)
+    console.print(
+        f"  app writes during the migration: {report.app_ops:,} "
+        f"({report.app_failures} failed), worst latency {report.worst_latency_ms:.0f} ms"
+    )
+    console.print(f"  checked {len(expectations):,} written rows: {len(problems)} lost or wrong")
+    for line in problems[:5]:
+        console.print(f"    {line}")
+    with engine.connect() as connection:
+        columns = connection.execute(
+            sa.text(
+                "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+                "WHERE table_name = 'bug' ORDER BY ordinal_position"
+            )
+        ).all()
+        counts = connection.execute(
+            sa.text(
+                "SELECT (SELECT count(*) FROM bug), (SELECT count(*) FROM bug "
+                "WHERE root_cause_id IS NOT NULL), (SELECT count(*) FROM root_cause), "
+                "(SELECT count(*) FROM phasegate.event)"
+            )
+        ).one()
+    engine.dispose()
+    report.final_columns = [c[0] for c in columns]
+    table = Table(title="bug, after contract")
+    for name in ("column", "type", "nullable"):
+        table.add_column(name)
+    for column in columns:
+        table.add_row(*column)
+    console.print(table)
+    console.print(
+        f"  {counts[0]:,} bugs, {counts[1]:,} with root_cause_id; {counts[2]} curated root "
+        f"causes; {counts[3]} events in phasegate.event"
+    )
+    if problems or report.app_failures:
+        errors = [e for s in stats for e in s.errors][:3]
+        raise RuntimeFailure(
+            f"the demo saw {report.app_failures} failed app writes and {len(problems)} lost "
+            f"or wrong rows: {'; '.join(errors)}"
+        )
+    console.rule("[bold green]done: four phases, zero failed or lost writes")
+
+
+def _expect(outcome: Outcome, refused: bool) -> None:
+    if outcome.refused != refused:
+        step = outcome.steps[-1] if outcome.steps else None
+        raise RuntimeFailure(
+            f"the demo expected the step to be {'refused' if refused else 'done'}, but: "
+            f"{step.message if step else 'nothing ran'}"
+        )

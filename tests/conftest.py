@@ -1,0 +1,107 @@
+"""Shared fixtures: one PostgreSQL server per test session, a fresh database per test.
+
+The server comes from `phasegate.provision` (PHASEGATE_TEST_DATABASE_URL, else
+testcontainers, else the embedded pgserver), the same module `phasegate demo` uses.
+Tests that need the seeded bug tracker clone a template database seeded once per session
+(CREATE DATABASE ... TEMPLATE), so each test starts from identical, independent data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+from sqlalchemy.pool import NullPool
+
+from phasegate import provision
+from phasegate.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ALEMBIC_INI = ROOT / "alembic.ini"
+PLAN = ROOT / "plans" / "bug_root_cause.yaml"
+SEED_ROWS = 3000
+
+
+def load_example(name: str) -> ModuleType:
+    """Import a file of examples/bugtracker by path (it is an example, not a package)."""
+    path = ROOT / "examples" / "bugtracker" / f"{name}.py"
+    module_name = f"bugtracker_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[provision.Server]:
+    server = provision.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def database_url(pg_server: provision.Server) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    url = pg_server.create_database("pgtest")
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def seeded_template(pg_server: provision.Server) -> Iterator[str]:
+    """A database at the revision before the plan with SEED_ROWS v1 bugs, used as template."""
+    seed = load_example("seed")
+    url = pg_server.create_database("pgtemplate")
+    engine = sa.create_engine(url, poolclass=NullPool)
+    with engine.connect() as connection:
+        seed.upgrade_to_before_plan(connection, str(ALEMBIC_INI), str(PLAN))
+        seed.seed_bugs(connection, SEED_ROWS)
+        connection.commit()
+    engine.dispose()
+    yield sa.engine.make_url(url).database
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def seeded_url(pg_server: provision.Server, seeded_template: str) -> Iterator[str]:
+    """A fresh copy of the seeded bug tracker for one test."""
+    url = pg_server.create_database("pgtest", template=seeded_template)
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def engine(seeded_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(seeded_url, poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+class Phasegate:
+    """Runs the real CLI in-process (click's CliRunner) against one database."""
+
+    def __init__(self, url: str, config: Path = ALEMBIC_INI) -> None:
+        self.url = url
+        self.config = config
+
+    def __call__(self, *args: str, json_output: bool = False) -> Result:
+        base = ["--database-url", self.url, "--config", str(self.config)]
+        if json_output:
+            base.append("--json")
+        unset = {"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None}
+        return CliRunner().invoke(cli, [*base, *args], env=unset, catch_exceptions=False)
+
+
+@pytest.fixture
+def phasegate(seeded_url: str) -> Phasegate:
+    return Phasegate(seeded_url)
