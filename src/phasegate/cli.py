@@ -375,8 +375,12 @@ def advance(ctx: Context, plan_path: str, to: str | None, **kw: Any) -> int:
 
 
 def _phase_command(phase: str, summary: str) -> None:
-    @cli.command(name=phase, help=f"{summary}\n\nRuns exactly the {phase} phase of PLAN, which "
-                 "must be the next one; a no-op if it is already done.")  # fmt: skip
+    details = (
+        f"Runs exactly the {phase} phase of PLAN, which must be the next one; "
+        "a no-op if it is already done."
+    )
+
+    @cli.command(name=phase, help=f"{summary}\n\n{details}")
     @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
     @gated_options
     @click.pass_obj

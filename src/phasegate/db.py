@@ -36,9 +36,17 @@ Query = str | sql.Composable
 
 def resolve_url(explicit: str | None, ini_url: str | None = None) -> str:
     """--database-url > PHASEGATE_DATABASE_URL > DATABASE_URL > sqlalchemy.url of alembic.ini."""
-    for candidate in (explicit, *(os.environ.get(v) for v in URL_ENV_VARS), ini_url):
+    candidates = [
+        ("--database-url", explicit),
+        *((f"${name}", os.environ.get(name)) for name in URL_ENV_VARS),
+        ("sqlalchemy.url in alembic.ini", ini_url),
+    ]
+    for source, candidate in candidates:
         if candidate:
-            return normalize_url(candidate)
+            try:
+                return normalize_url(candidate)
+            except UsageError as exc:
+                raise UsageError(f"the database URL from {source}: {exc.message}") from None
     raise UsageError(
         "no database configured: pass --database-url, set PHASEGATE_DATABASE_URL, "
         "or set sqlalchemy.url in alembic.ini"
@@ -50,13 +58,14 @@ def normalize_url(url: str | URL) -> str:
     try:
         parsed = make_url(url)
     except sa.exc.ArgumentError:
-        raise UsageError(
-            "the database URL does not parse; expected postgresql://user@host:port/dbname"
-        ) from None
+        raise UsageError("it does not parse; expected postgresql://user@host:port/dbname") from None
     if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if not parsed.drivername.startswith("postgresql"):
-        raise UsageError(f"phasegate works with PostgreSQL only, not {parsed.drivername!r}")
+        raise UsageError(
+            f"phasegate works with PostgreSQL only, not {parsed.drivername!r}; "
+            "use postgresql://user@host:port/dbname"
+        )
     return parsed.render_as_string(hide_password=False)
 
 

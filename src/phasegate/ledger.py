@@ -250,6 +250,13 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
     )
 
 
+def delete_checkpoint(db: Session, plan: str, job: str) -> None:
+    db.execute(
+        "DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s AND job = %(j)s",
+        {"p": plan, "j": job},
+    )
+
+
 def clear_checkpoints(db: Session, plan: str) -> int:
     cursor = db.execute("DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s", {"p": plan})
     return cursor.rowcount

@@ -363,12 +363,9 @@ class Orchestrator:
                 self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
                 result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
                 results.append(result.to_dict())
-        with self.db.tx():
-            for job in self.plan.jobs():
-                if job.is_batched and job.old_columns:
-                    ledger.save_checkpoint(
-                        self.db, ledger.Checkpoint(self.plan.name, f"{job.name}@down")
-                    )
+        with self.db.tx():  # the refill is finished; a later rollback starts a new one
+            for result in results:
+                ledger.delete_checkpoint(self.db, self.plan.name, result["name"])
         return results
 
     def _downgrade_refusal(self, phase: str, heads: tuple[str, ...]) -> str | None:
@@ -425,9 +422,10 @@ class Orchestrator:
 
     def _record_gate(self, phase: str, direction: str, decision: gates.GateDecision) -> None:
         ledger.ensure_schema(self.db)
-        kind = "gate.passed" if decision.versions_ok else (
-            "gate.overridden" if decision.passed else "gate.refused"
-        )  # fmt: skip
+        if decision.versions_ok:
+            kind = "gate.passed"
+        else:
+            kind = "gate.overridden" if decision.passed else "gate.refused"
         with self.db.tx():
             ledger.record_event(
                 self.db,

@@ -309,14 +309,8 @@ def load_plan(path: str | Path) -> Plan:
 def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) -> Plan:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = exc.problem or str(exc)
-        hint = "check the indentation and quoting there"
-        if ">" in text.splitlines()[mark.line] if mark else False:
-            hint = 'quote version specifiers: compatible: ">=2"'
-        raise PlanError([PlanIssue(source, line, "", f"not valid YAML: {problem}", hint)]) from None
+    except yaml.YAMLError as exc:
+        raise PlanError([_yaml_issue(exc, text, source)]) from None
     if node is None or not isinstance(node, yaml.MappingNode):
         line = node.start_mark.line + 1 if node is not None else None
         raise PlanError(
@@ -337,6 +331,24 @@ def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) ->
     plan._digest = hashlib.sha256(raw if raw is not None else text.encode()).hexdigest()
     plan._lines = lines
     return plan
+
+
+def _yaml_issue(exc: yaml.YAMLError, text: str, source: str) -> PlanIssue:
+    """Locate a YAML syntax error; suggest quoting when a specifier started the value."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = exc.problem or str(exc)
+    elif isinstance(exc, yaml.reader.ReaderError):
+        line = text[: exc.position].count("\n") + 1
+        problem = f"character {exc.character!r} is not allowed in YAML"
+    else:
+        line, problem = None, str(exc)
+    hint = "check the indentation and quoting there"
+    lines = text.splitlines()
+    if line and line <= len(lines) and re.search(r":\s*[<>=!~]", lines[line - 1]):
+        hint = 'quote version specifiers: compatible: ">=2"'
+    return PlanIssue(source, line, "", f"not valid YAML: {problem}", hint)
 
 
 def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], source: str) -> Iterator[PlanIssue]:

@@ -1,0 +1,109 @@
+"""The CLI contract: exit codes, --json documents, masking, confirmation, the gate, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+from click.testing import CliRunner
+
+from phasegate.cli import cli
+from phasegate.db import libpq_url
+
+from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+
+P = str(PLAN)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["--config", str(ALEMBIC_INI), *args])
+
+
+def test_validate_ok_needs_no_database() -> None:
+    result = invoke("--database-url", "postgresql://nobody@127.0.0.1:1/none", "validate", P)
+    assert result.exit_code == 0, result.output
+    assert "expand: 2 revision(s) (6c55e0560fd4, 8f3a2d1c9b7e)" in result.stdout
+
+
+def test_validate_invalid_plan_exits_2_with_file_and_line(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(PLAN.read_text().replace("  switch:\n", "  swtich:\n"))
+    result = invoke("validate", P, str(bad))
+    assert result.exit_code == 2
+    assert f"{bad}:" in result.stdout and "unknown key 'swtich'" in result.stdout
+    document = json.loads(invoke("--json", "validate", str(bad)).stdout)
+    assert document["ok"] is False
+    [issue] = document["plans"][0]["issues"]
+    assert issue["key"] == "phases.swtich" and issue["line"] > 1
+
+
+def test_unreachable_database_exits_3_without_the_password() -> None:
+    url = "postgresql://postgres:s3cret-pw@127.0.0.1:1/nothing"
+    result = invoke("--json", "--database-url", url, "status", P)
+    assert result.exit_code == 3
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 3
+    assert "cannot connect to postgresql+psycopg://postgres:***@127.0.0.1:1" in result.stderr
+    assert "s3cret-pw" not in result.output
+
+
+def test_mutating_commands_need_yes_when_not_interactive(seeded_url) -> None:
+    result = Phasegate(seeded_url)("expand", P, "--live-version", "1")
+    assert result.exit_code == 2
+    assert "pass --yes" in result.stderr
+
+
+def test_gate_names_a_live_connection_outside_the_range(seeded_url) -> None:
+    app = psycopg.connect(libpq_url(seeded_url), application_name="bugtracker/1.4.2")
+    try:
+        result = Phasegate(seeded_url)("gate", P, "--phase", "contract", "--live-version", "2.0")
+    finally:
+        app.close()
+    assert result.exit_code == 1
+    assert "1.4.2 (pg_stat_activity: 1 connection as bugtracker/1.4.2" in result.stdout
+    result = Phasegate(seeded_url)("gate", P, "--phase", "contract", "--live-version", "2.0")
+    assert result.exit_code == 0, result.output
+
+
+def test_gate_with_nothing_observed_fails_closed(seeded_url) -> None:
+    result = Phasegate(seeded_url)("gate", P, "--phase", "contract", json_output=True)
+    assert result.exit_code == 1
+    document = json.loads(result.stdout)
+    assert document["passed"] is False and document["observed"] == []
+    assert "fails closed" in document["message"]
+
+
+def test_python_dash_m_and_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "phasegate", "rollback", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "--allow-data-loss" in result.stdout and "--live-version" in result.stdout
+
+
+def test_demo_runs_the_whole_story(pg_server) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phasegate",
+            "--database-url",
+            pg_server.url,
+            "demo",
+            "--rows",
+            "3000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "contract refused, as it must be" in result.stdout
+    assert "0 lost or wrong" in result.stdout and "(0 failed)" in result.stdout

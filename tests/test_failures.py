@@ -1,0 +1,137 @@
+"""Failure paths: a revision that fails, a backfill cut short, drift, a second orchestrator."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from phasegate.db import LOCK_NAMESPACE, LOCK_ORCHESTRATOR, libpq_url
+
+from .conftest import ALEMBIC_INI, PLAN
+from .test_seed_story import scalar
+
+P = str(PLAN)
+
+
+def hold(url: str, statement: str, application_name: str = "blocker") -> psycopg.Connection:
+    """Another session that holds a lock until closed."""
+    conn = psycopg.connect(libpq_url(url), application_name=application_name)
+    conn.execute(statement)
+    return conn
+
+
+def test_failed_revision_is_recorded_and_the_phase_resumes(phasegate, engine, seeded_url) -> None:
+    assert (
+        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
+    )
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    try:
+        result = phasegate("switch", P, "--live-version", "1", "--lock-timeout", "200ms", "--yes")
+    finally:
+        blocker.close()
+    assert result.exit_code == 3, result.output
+    assert "lock timeout" in result.stderr
+    status = json.loads(phasegate("status", P, json_output=True).stdout)
+    assert (status["state"], status["active_phase"], status["next"]) == (
+        "failed",
+        "switch",
+        "switch",
+    )
+    # the failed revision rolled back as a whole: nothing of it is applied
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "8f3a2d1c9b7e"
+
+    result = phasegate("advance", P, "--to", "switch", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "d7e2b9f4a613"
+    kinds = scalar(
+        engine,
+        "SELECT string_agg(kind, ',' ORDER BY id) FROM phasegate.event WHERE phase = 'switch'",
+    )
+    assert "advance.failed" in kinds and kinds.endswith("advance.completed")
+
+
+def test_backfill_resumes_from_its_checkpoint(phasegate, engine, seeded_url) -> None:
+    assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
+    blocker = hold(seeded_url, "BEGIN; SELECT * FROM bug WHERE id = 2000 FOR UPDATE")
+    try:
+        flags = ["--batch-size", "500", "--lock-timeout", "300ms", "--yes"]
+        result = phasegate("backfill", P, "--live-version", "1", *flags)
+    finally:
+        blocker.close()
+    assert result.exit_code == 3, result.output
+    with engine.connect() as c:
+        cp = c.execute(
+            sa.text(
+                "SELECT status, last_key, rows_done, batches FROM phasegate.job_checkpoint "
+                "WHERE job = 'bug-root-cause-id'"
+            )
+        ).one()
+        done = c.execute(
+            sa.text("SELECT count(*) FROM bug WHERE root_cause_id IS NOT NULL")
+        ).scalar()
+    assert tuple(cp) == ("running", "1500", 1500, 3)
+    assert done == 1500  # each committed batch is exactly what the checkpoint says
+
+    result = phasegate("backfill", P, "--live-version", "1", "--batch-size", "500", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "already done" in result.stderr  # the sql job is not run twice
+    with engine.connect() as c:
+        cp = c.execute(
+            sa.text(
+                "SELECT status, rows_done, batches, verified_at IS NOT NULL "
+                "FROM phasegate.job_checkpoint WHERE job = 'bug-root-cause-id'"
+            )
+        ).one()
+    assert tuple(cp) == ("done", 3000, 6, True)  # 3 + 3 batches: resumed, not restarted
+
+
+def alembic(url: str, verb: str, target: str) -> None:
+    config = Config(str(ALEMBIC_INI))
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        getattr(command, verb)(config, target)
+        connection.commit()
+    engine.dispose()
+
+
+def test_manual_downgrade_is_drift_and_blocks_advance(phasegate, seeded_url) -> None:
+    assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
+    alembic(seeded_url, "downgrade", "bc25b5f8939f")
+    status = json.loads(phasegate("status", P, json_output=True).stdout)
+    assert status["drift"] is True
+    assert (
+        "recorded as done but revision(s) 6c55e0560fd4, 8f3a2d1c9b7e" in status["drift_details"][0]
+    )
+    result = phasegate("advance", P, "--live-version", "1", "--yes")
+    assert result.exit_code == 1, result.output
+    assert "drifted" in result.stderr and "alembic upgrade 8f3a2d1c9b7e" in result.stderr
+
+
+def test_manual_upgrade_past_the_plan_is_drift(phasegate, seeded_url) -> None:
+    alembic(seeded_url, "upgrade", "8f3a2d1c9b7e")
+    result = phasegate("expand", P, "--live-version", "1", "--yes")
+    assert result.exit_code == 1
+    assert "phase 'expand' has not run but revision(s)" in result.stderr
+    assert "alembic downgrade bc25b5f8939f" in result.stderr
+
+
+def test_second_orchestrator_is_busy_and_names_the_holder(phasegate, engine, seeded_url) -> None:
+    holder = hold(
+        seeded_url,
+        f"SELECT pg_advisory_lock({LOCK_NAMESPACE}, {LOCK_ORCHESTRATOR})",
+        application_name="phasegate advance other-plan",
+    )
+    try:
+        pid = holder.info.backend_pid
+        result = phasegate("advance", P, "--live-version", "1", "--yes")
+    finally:
+        holder.close()
+    assert result.exit_code == 4, result.output
+    assert f"pid {pid}" in result.stderr and "phasegate advance other-plan" in result.stderr
+    assert scalar(engine, "SELECT to_regclass('root_cause')") is None
+    assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0

@@ -1,0 +1,173 @@
+"""Plan loading: valid plans, and errors that name file, line, key and fix. No database."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from phasegate.plan import PlanError, load_plan, parse_plan
+
+from .conftest import PLAN
+
+VALID = """\
+plan: demo-plan
+app: shop
+baseline_compatible: "<2"
+phases:
+  expand:
+    compatible: "<2"
+  backfill:
+    compatible: ">=1,<3"
+    jobs:
+      - name: copy
+        table: customer
+        set:
+          email_normalized: lower(new.email)
+        where: new.email_normalized IS NULL
+        sync:
+          down:
+            email: new.email_normalized
+  contract:
+    compatible: ">=2"
+"""
+
+
+def issues_of(text: str) -> list:
+    with pytest.raises(PlanError) as caught:
+        parse_plan(textwrap.dedent(text), "plans/x.yaml")
+    return caught.value.issues
+
+
+def test_bundled_plan_loads() -> None:
+    plan = load_plan(PLAN)
+    assert plan.name == "bug-root-cause"
+    assert plan.phase_names() == ["expand", "backfill", "switch", "contract"]
+    job = plan.jobs()[1]
+    assert job.is_batched and job.new_columns == ["root_cause_id"]
+    assert job.old_columns == ["root_cause"]
+    assert len(plan.digest) == 64
+
+
+def test_phase_navigation_and_ranges() -> None:
+    plan = parse_plan(VALID)
+    assert plan.next_phase(None) == "expand"
+    assert plan.next_phase("backfill") == "contract"
+    assert plan.next_phase("contract") is None
+    assert plan.previous_phase("contract") == "backfill"
+    assert plan.compatible_after(None) == "<2"
+    assert plan.compatible_after("contract") == ">=2"
+
+
+def test_unknown_key_names_line_key_and_allowed_keys() -> None:
+    [issue] = issues_of(VALID.replace("        where:", "        wher:"))
+    assert issue.line == 14
+    assert issue.key == "phases.backfill.jobs[0].wher"
+    assert "unknown key 'wher'" in issue.message
+    assert "where" in issue.hint and "set" in issue.hint
+    assert str(issue).startswith("plans/x.yaml:14: phases.backfill.jobs[0].wher:")
+
+
+def test_every_issue_is_reported_at_once() -> None:
+    text = VALID.replace('compatible: "<2"\n  backfill', 'compatible: "2"\n  backfill').replace(
+        "app: shop", "app: shop\ncolour: blue"
+    )
+    issues = issues_of(text)
+    keys = {i.key for i in issues}
+    assert keys == {"colour", "phases.expand.compatible"}
+    spec = next(i for i in issues if i.key == "phases.expand.compatible")
+    assert "not a PEP 440 version specifier" in spec.message and spec.line == 7
+
+
+def test_missing_required_key_points_at_parent() -> None:
+    [issue] = issues_of(VALID.replace('    compatible: ">=2"\n', "    revisions: [abc]\n"))
+    assert issue.key == "phases.contract.compatible"
+    assert "missing required key 'compatible'" in issue.message
+    assert issue.line == 18
+
+
+def test_phases_out_of_order() -> None:
+    text = """\
+    plan: p
+    app: a
+    baseline_compatible: "<2"
+    phases:
+      contract:
+        compatible: ">=2"
+      expand:
+        compatible: "<2"
+    """
+    [issue] = issues_of(text)
+    assert issue.key == "phases.expand" and issue.line == 7
+    assert "expand → backfill → switch → contract" in issue.hint
+
+
+def test_unquoted_specifier_is_a_yaml_error_with_a_hint() -> None:
+    [issue] = issues_of(VALID.replace('compatible: ">=2"', "compatible: >=2"))
+    assert issue.line == 19
+    assert "quote version specifiers" in issue.hint
+
+
+def test_number_instead_of_specifier_asks_for_quotes() -> None:
+    [issue] = issues_of(VALID.replace('compatible: ">=2"', "compatible: 2"))
+    assert issue.key == "phases.contract.compatible" and "quote it" in issue.hint
+
+
+def test_duplicate_keys_are_errors() -> None:
+    issues = issues_of(VALID.replace("app: shop", "app: shop\napp: other"))
+    assert [(i.key, i.line) for i in issues] == [("app", 3)]
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "message"),
+    [
+        ("        table: customer", "        sql: SELECT 1\n        table: customer", "not both"),
+        ("        where: new.email_normalized IS NULL\n", "", "missing: where"),
+        ("            email: new.email_normalized", "            email_normalized: x", "both"),
+        ("      - name: copy", "      - name: Copy Job", "is not allowed"),
+        ("    jobs:\n", "    revisions: [abc]\n    jobs:\n", "backfill runs jobs only"),
+    ],
+)
+def test_job_rules(replace: str, by: str, message: str) -> None:
+    issues = issues_of(VALID.replace(replace, by))
+    assert any(message in f"{i.message} {i.hint}" for i in issues), issues
+
+
+def test_duplicate_job_names() -> None:
+    text = VALID.replace("  contract:", "      - name: copy\n        sql: SELECT 1\n  contract:")
+    [issue] = issues_of(text)
+    assert "two jobs are named 'copy'" in issue.message
+
+
+def test_not_a_mapping_and_empty_phases() -> None:
+    assert "a plan is a YAML mapping" in issues_of("- a\n- b\n")[0].message
+    text = 'plan: p\napp: a\nbaseline_compatible: "<2"\nphases: {}\n'
+    assert "at least one phase" in issues_of(text)[0].message
+
+
+def test_unreadable_file(tmp_path) -> None:
+    with pytest.raises(PlanError, match="cannot read the plan"):
+        load_plan(tmp_path / "missing.yaml")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_either_loads_or_raises_plan_error(text: str) -> None:
+    """Bad input never escapes as a crash: it is a PlanError with located issues."""
+    try:
+        parse_plan(text, "fuzz.yaml")
+    except PlanError as exc:
+        assert exc.issues and all(i.file == "fuzz.yaml" for i in exc.issues)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=0, max_value=VALID.count("\n") - 1), st.sampled_from(["x", ":", "-"]))
+def test_corrupted_lines_of_a_valid_plan_are_located(line: int, junk: str) -> None:
+    lines = VALID.splitlines()
+    lines[line] = lines[line] + junk
+    try:
+        parse_plan("\n".join(lines) + "\n", "fuzz.yaml")
+    except PlanError as exc:
+        assert all(i.line is None or 1 <= i.line <= len(lines) + 1 for i in exc.issues)

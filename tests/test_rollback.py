@@ -1,0 +1,129 @@
+"""Rollback of every phase, gated on the earlier state's range, with the schema checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .test_seed_story import columns, fetch, scalar
+
+P = str(PLAN)
+
+
+def run_to_done(phasegate: Phasegate) -> None:
+    result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("contract", P, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 0, result.output
+
+
+def sync_triggers(engine: sa.Engine) -> int:
+    return scalar(
+        engine,
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'bug'::regclass AND tgname LIKE 'sync_%'",
+    )
+
+
+def nullable(engine: sa.Engine, column: str) -> bool:
+    return (
+        scalar(
+            engine,
+            "SELECT is_nullable FROM information_schema.columns "
+            "WHERE table_name = 'bug' AND column_name = :c",
+            c=column,
+        )
+        == "YES"
+    )
+
+
+def test_each_phase_rolls_back_newest_first_then_the_plan_runs_again(phasegate, engine) -> None:
+    original = dict(fetch(engine, "SELECT id, root_cause FROM bug"))
+    run_to_done(phasegate)
+    assert sync_triggers(engine) == 0
+
+    def rollback() -> None:
+        result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
+        assert result.exit_code == 0, result.output
+
+    rollback()  # contract: old column back, refilled, trigger back
+    assert "root_cause" in columns(engine) and sync_triggers(engine) == 1
+    assert dict(fetch(engine, "SELECT id, root_cause FROM bug")) == original
+
+    rollback()  # switch: constraints loosened again
+    assert nullable(engine, "root_cause_id") and not nullable(engine, "root_cause")
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "8f3a2d1c9b7e"
+
+    rollback()  # backfill: triggers and checkpoints gone, copied data kept
+    assert sync_triggers(engine) == 0
+    assert scalar(engine, "SELECT count(*) FROM phasegate.job_checkpoint") == 0
+
+    rollback()  # expand: back to the baseline schema
+    assert "root_cause_id" not in columns(engine)
+    assert scalar(engine, "SELECT to_regclass('root_cause')") is None
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "bc25b5f8939f"
+    status = json.loads(phasegate("status", P, json_output=True).stdout)
+    assert (status["phase"], status["next"], status["drift"]) == (None, "expand", False)
+
+    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0 and "nothing to roll back" in result.stdout
+
+    run_to_done(phasegate)
+    assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NULL") == 0
+
+
+def test_rollback_is_gated_on_the_earlier_state(phasegate, engine) -> None:
+    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    # going back to "expanded" needs every live version < 2: a live 2.0 must refuse
+    result = phasegate("rollback", P, "--live-version", "1.0", "--live-version", "2.0", "--yes")
+    assert result.exit_code == 1, result.output
+    assert "2.0 (--live-version)" in result.stdout and "'<2'" in result.stdout
+    assert sync_triggers(engine) == 1
+    refused = scalar(engine, "SELECT count(*) FROM phasegate.event WHERE kind = 'gate.refused'")
+    assert refused == 1
+
+
+def test_rollback_to_start_undoes_every_phase(phasegate, engine) -> None:
+    result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("rollback", P, "--to", "start", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert [line.split(" ")[0] for line in result.stdout.splitlines()[:3]] == [
+        "switch",
+        "backfill",
+        "expand",
+    ]
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "bc25b5f8939f"
+
+
+def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seeded_url) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "migrations", project / "migrations")
+    shutil.copy(ALEMBIC_INI, project / "alembic.ini")
+    (project / "migrations" / "versions" / "f00000000001_unrelated.py").write_text(
+        '"""someone else\'s change."""\nfrom alembic import op\n\n'
+        'revision = "f00000000001"\ndown_revision = "e59b1f0c3d82"\n'
+        "branch_labels = None\ndepends_on = None\n\n\n"
+        "def upgrade():\n    op.execute('CREATE TABLE unrelated (id int)')\n\n\n"
+        "def downgrade():\n    op.execute('DROP TABLE unrelated')\n"
+    )
+    phasegate = Phasegate(seeded_url, project / "alembic.ini")
+    run_to_done(phasegate)
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(project / "alembic.ini"))
+    engine = sa.create_engine(seeded_url)
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        connection.commit()
+    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
+    engine.dispose()
+    assert result.exit_code == 1, result.output
+    assert "would also undo f00000000001" in result.stdout
+    assert scalar(sa.create_engine(seeded_url), "SELECT to_regclass('unrelated')") is not None
