@@ -135,3 +135,30 @@ def test_second_orchestrator_is_busy_and_names_the_holder(phasegate, engine, see
     assert f"pid {pid}" in result.stderr and "phasegate advance other-plan" in result.stderr
     assert scalar(engine, "SELECT to_regclass('root_cause')") is None
     assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
+
+
+def test_a_set_column_that_does_not_exist_is_a_plan_error(phasegate, engine, tmp_path) -> None:
+    plan = tmp_path / "typo.yaml"
+    plan.write_text(
+        PLAN.read_text().replace("          root_cause_id:", "          root_cause_id2:")
+    )
+    assert phasegate("expand", str(plan), "--live-version", "1", "--yes").exit_code == 0
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    line = next(
+        n for n, text in enumerate(plan.read_text().splitlines(), 1) if "root_cause_id2" in text
+    )
+    assert f"{plan}:{line}: phases.backfill.jobs[1].set.root_cause_id2:" in result.stderr
+    assert "column 'root_cause_id2' does not exist in table 'bug'" in result.stderr
+    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+
+
+def test_override_gate_proceeds_and_is_recorded(phasegate, engine) -> None:
+    result = phasegate("expand", P, "--override-gate", "no app deployed yet", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "OVERRIDDEN (no app deployed yet)" in result.stderr
+    reason = scalar(
+        engine,
+        "SELECT detail->>'override_reason' FROM phasegate.event WHERE kind = 'gate.overridden'",
+    )
+    assert reason == "no app deployed yet"

@@ -108,14 +108,15 @@ def check_columns(db: Session, plan: Plan) -> None:
                 )
             )
             continue
-        named = [(c, "set") for c in job.new_columns] + [(c, "sync") for c in job.old_columns]
+        named = [(c, (*loc, "set", c)) for c in job.new_columns]
+        named += [(c, (*loc, "sync", "down", c)) for c in job.old_columns]
         if job.key:
-            named.append((job.key, "key"))
-        for column, key in named:
+            named.append((job.key, (*loc, "key")))
+        for column, where in named:
             if column not in columns:
                 issues.append(
                     plan.issue(
-                        (*loc, key),
+                        where,
                         f"column {column!r} does not exist in table {job.table!r}",
                         f"columns there: {', '.join(sorted(columns))}",
                     )
