@@ -107,3 +107,38 @@ def test_demo_runs_the_whole_story(pg_server) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "contract refused, as it must be" in result.stdout
     assert "0 lost or wrong" in result.stdout and "(0 failed)" in result.stdout
+
+
+def test_click_usage_errors_honour_json() -> None:
+    for args in (
+        ["advance", P, "--to", "bogus"],
+        ["frobnicate"],
+        ["advance", P, "--lock-timeout", "x"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "phasegate", "--json", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 2, args
+        document = json.loads(result.stdout)
+        assert document["ok"] is False and document["error"]["kind"] == "usage"
+
+
+def test_a_password_in_the_query_string_is_masked_too() -> None:
+    url = "postgresql://postgres@127.0.0.1:1/nothing?password=hunter2"
+    result = invoke("--json", "--database-url", url, "status", P)
+    assert result.exit_code == 3
+    assert "hunter2" not in result.output and "password=***" in result.stderr
+
+
+def test_status_on_an_empty_database_creates_nothing(database_url) -> None:
+    result = Phasegate(database_url)("status", P, json_output=True)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["phase"] is None
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        made = conn.execute(
+            "SELECT to_regclass('alembic_version'), to_regnamespace('phasegate')"
+        ).fetchone()
+    assert made == (None, None)

@@ -10,6 +10,7 @@ customer.email (as typed) → customer.email_normalized = lower(btrim(email)).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,3 +266,30 @@ def test_full_cycle_on_foreign_project(shop_url: str, shop_engine: sa.Engine) ->
             **after,
             back.id: "Back.Again@Example.COM",
         }
+
+
+def test_env_py_with_its_own_single_on_version_apply_callable(
+    tmp_path: Path, shop_url: str, shop_engine: sa.Engine
+) -> None:
+    """Alembic accepts one callable for on_version_apply; phasegate keeps it and adds its own."""
+    project = tmp_path / "shop"
+    shutil.copytree(PROJECT, project)
+    env = project / "migrations" / "env.py"
+    env.write_text(
+        env.read_text().replace(
+            "context.configure(connection=connectable, target_metadata=target_metadata)",
+            "context.configure(connection=connectable, target_metadata=target_metadata, "
+            "on_version_apply=lambda **kw: kw['ctx'].connection.exec_driver_sql("
+            "'CREATE TABLE IF NOT EXISTS own_hook_ran (id int)'))",
+        )
+    )
+    phasegate = Phasegate(shop_url, project / "alembic.ini")
+    plan = str(project / "plans" / "customer_email.yaml")
+    result = phasegate("expand", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    with shop_engine.connect() as c:
+        assert c.execute(sa.text("SELECT to_regclass('own_hook_ran')")).scalar() is not None
+        applied = c.execute(
+            sa.text("SELECT count(*) FROM phasegate.event WHERE kind = 'revision.applied'")
+        ).scalar()
+    assert applied == len(EXPAND)

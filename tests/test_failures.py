@@ -162,3 +162,43 @@ def test_override_gate_proceeds_and_is_recorded(phasegate, engine) -> None:
         "SELECT detail->>'override_reason' FROM phasegate.event WHERE kind = 'gate.overridden'",
     )
     assert reason == "no app deployed yet"
+
+
+def test_failed_verification_then_new_rows_then_a_fixed_plan_completes(
+    phasegate, engine, tmp_path
+) -> None:
+    """A re-run after failed verification sweeps every row there now, new ones included."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        PLAN.read_text().replace(
+            "root_cause_id: root_cause_id_for(new.root_cause)",
+            "root_cause_id: CASE WHEN new.root_cause = 'race condition' THEN NULL "
+            "ELSE root_cause_id_for(new.root_cause) END",
+        )
+    )
+    assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
+    result = phasegate("backfill", str(broken), "--live-version", "1", "--yes")
+    assert result.exit_code == 3 and "verification failed" in result.stderr, result.output
+    with engine.begin() as c:  # a v1 write above the first walk's bound, through the bad trigger
+        c.execute(
+            sa.text(
+                "INSERT INTO bug (bug_tracker_url, root_cause) VALUES ('late', 'race condition')"
+            )
+        )
+    result = phasegate("backfill", P, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NULL") == 0
+
+
+def test_plan_errors_found_with_the_database_do_not_touch_the_ledger(
+    phasegate, engine, tmp_path
+) -> None:
+    plan = tmp_path / "typo.yaml"
+    plan.write_text(PLAN.read_text().replace("        key: id\n", "        key: ident\n"))
+    assert phasegate("expand", str(plan), "--live-version", "1", "--yes").exit_code == 0
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 2 and "column 'ident' does not exist" in result.stderr
+    state = scalar(engine, "SELECT state || '/' || phase FROM phasegate.plan_state")
+    assert state == "pending/expand"
+    started = "SELECT count(*) FROM phasegate.event WHERE kind = 'advance.started'"
+    assert scalar(engine, started + " AND phase = 'backfill'") == 0

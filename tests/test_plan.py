@@ -128,6 +128,11 @@ def test_duplicate_keys_are_errors() -> None:
         ("            email: new.email_normalized", "            email_normalized: x", "both"),
         ("      - name: copy", "      - name: Copy Job", "is not allowed"),
         ("    jobs:\n", "    revisions: [abc]\n    jobs:\n", "backfill runs jobs only"),
+        (
+            "          down:\n            email: new.email_normalized\n",
+            "          down: {}\n",
+            "sync.down",
+        ),
     ],
 )
 def test_job_rules(replace: str, by: str, message: str) -> None:
@@ -171,3 +176,12 @@ def test_corrupted_lines_of_a_valid_plan_are_located(line: int, junk: str) -> No
         parse_plan("\n".join(lines) + "\n", "fuzz.yaml")
     except PlanError as exc:
         assert all(i.line is None or 1 <= i.line <= len(lines) + 1 for i in exc.issues)
+
+
+def test_sync_object_names_are_one_to_one_and_fit() -> None:
+    from phasegate.sync import object_name
+
+    assert object_name("p", "x-y") != object_name("p", "x_y")
+    assert object_name("bug-root", "cause-id") != object_name("bug", "root-cause-id")
+    long = object_name("a" * 40, "b" * 40)
+    assert len(long) <= 63 and long == object_name("a" * 40, "b" * 40)

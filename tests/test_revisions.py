@@ -142,3 +142,19 @@ def test_missing_config_names_the_flag(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="pass --config"):
         AlembicProject(tmp_path / "nope.ini")
+
+
+def test_depends_on_is_a_parent_but_not_a_down_revision(tmp_path: Path) -> None:
+    make_project(
+        tmp_path,
+        [
+            ("b000000000b1", None, None, None),
+            ("o000000000o1", "b000000000b1", None, None),
+            ("e000000000e1", "b000000000b1", "p", "expand"),
+        ],
+    )
+    path = tmp_path / "migrations" / "versions" / "e000000000e1.py"
+    path.write_text(path.read_text().replace("depends_on = None", "depends_on = 'o000000000o1'"))
+    info = AlembicProject(tmp_path / "alembic.ini").revisions["e000000000e1"]
+    assert info.down_revisions == ("b000000000b1",)
+    assert set(info.parents) == {"b000000000b1", "o000000000o1"}

@@ -54,7 +54,6 @@ class JobResult:
     rows: int = 0
     batches: int = 0
     seconds: float = 0.0
-    remaining: int = 0
 
     @property
     def rate(self) -> float:
@@ -69,7 +68,6 @@ class JobResult:
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rate),
-            "remaining": self.remaining,
         }
 
 
@@ -169,6 +167,11 @@ def up_work(job: Job, batch_size: int | None) -> BatchedWork:
     )
 
 
+def down_name(job: Job) -> str:
+    """The checkpoint of a job's refill (rollback of contract)."""
+    return f"{job.name}@down"
+
+
 def down_work(job: Job, batch_size: int | None) -> BatchedWork:
     """Refill the old columns from the new ones (rollback of contract)."""
     old_null = sql.SQL(" AND ").join(
@@ -178,7 +181,7 @@ def down_work(job: Job, batch_size: int | None) -> BatchedWork:
         sql.SQL("new.{} IS NOT NULL").format(sql.Identifier(c)) for c in job.new_columns
     )
     return BatchedWork(
-        checkpoint=f"{job.name}@down",
+        checkpoint=down_name(job),
         table=job.table or "",
         key=job.key,
         assignments=job.sync.down if job.sync else {},
@@ -197,7 +200,8 @@ def run_batched(db: Session, plan: str, work: BatchedWork, progress: Progress) -
     key = resolve_key(db, work.table, work.key)
     table = quote_table(work.table)
     with db.tx():
-        if cp.status == "pending" or cp.upper_key is None:
+        if cp.status in ("pending", "failed") or cp.upper_key is None:
+            # a new walk (or a sweep after failed verification) covers every row there now
             cp.upper_key = db.scalar(
                 sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(key.name), table)
             )
@@ -241,7 +245,7 @@ def run_batched(db: Session, plan: str, work: BatchedWork, progress: Progress) -
             f"{work.table} still match `where` after the walk (does an expression in `set` "
             f"return NULL for them?). Inspect them with: SELECT * FROM {work.table} AS new "
             f"WHERE {work.where.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
-            f"run the backfill again (it sweeps the table once more)",
+            f"run the same command again: the job sweeps the whole table once more",
             job=work.checkpoint,
             remaining=remaining,
         )

@@ -12,6 +12,7 @@ import functools
 import getpass
 import json
 import os
+import re
 import socket
 import sys
 import traceback
@@ -31,6 +32,7 @@ from phasegate.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_USAGE,
     PhasegateError,
     UsageError,
 )
@@ -45,13 +47,18 @@ class Context:
     database_url: str | None
     config_path: str
     as_json: bool
+    resolved_url: str | None = None  # whichever URL was used, so errors can scrub it
 
     def project(self) -> AlembicProject:
         return AlembicProject(self.config_path)
 
     def url(self, project: AlembicProject | None = None) -> str:
         ini_url = project.ini_url if project else None
-        return db.resolve_url(self.database_url, ini_url)
+        self.resolved_url = db.resolve_url(self.database_url, ini_url)
+        return self.resolved_url
+
+    def scrub(self, text: str) -> str:
+        return db.scrub(db.scrub(text, self.resolved_url), self.database_url)
 
 
 def emit(ctx: Context, document: dict[str, Any], text: str) -> None:
@@ -75,18 +82,19 @@ def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
         try:
             code = fn(*args, **kwargs) or EXIT_OK
         except PhasegateError as exc:
-            message = db.scrub(exc.message, ctx.database_url)
-            _report_error(ctx, exc.exit_code, {**exc.to_dict(), "message": message})
+            message = ctx.scrub(exc.message)
+            details = json.loads(ctx.scrub(json.dumps(exc.to_dict(), default=str)))
+            _report_error(ctx, exc.exit_code, {**details, "message": message})
             code = exc.exit_code
         except (sa.exc.SQLAlchemyError, PsycopgError) as exc:
             original = getattr(exc, "orig", None) or exc
-            message = db.scrub(str(original).strip(), ctx.database_url)
+            message = ctx.scrub(str(original).strip())
             _report_error(ctx, EXIT_FAILURE, {"kind": "database", "message": message})
             code = EXIT_FAILURE
         except Exception as exc:  # a bug of ours: still exit 3, never a bare traceback
             if os.environ.get("PHASEGATE_DEBUG"):
                 traceback.print_exc()
-            message = db.scrub(f"internal error: {type(exc).__name__}: {exc}", ctx.database_url)
+            message = ctx.scrub(f"internal error: {type(exc).__name__}: {exc}")
             _report_error(ctx, EXIT_FAILURE, {"kind": "internal", "message": message})
             code = EXIT_FAILURE
         sys.exit(code)
@@ -133,7 +141,19 @@ def cli(click_ctx: click.Context, database_url: str | None, config_path: str, as
 
 
 def main() -> None:
-    cli(prog_name="phasegate")
+    """Entry point; click's own usage errors also honour --json and exit 2."""
+    try:
+        code = cli.main(prog_name="phasegate", standalone_mode=False)
+    except click.ClickException as exc:
+        if "--json" in sys.argv[1:]:
+            error = {"kind": "usage", "message": exc.format_message()}
+            click.echo(json.dumps({"ok": False, "exit_code": exc.exit_code, "error": error}))
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        log("phasegate: aborted")
+        sys.exit(EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 # -- validate -------------------------------------------------------------------------------
@@ -291,7 +311,8 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--lock-timeout",
             default=db.DEFAULT_LOCK_TIMEOUT,
             show_default=True,
-            help="lock_timeout for every statement phasegate runs (PostgreSQL interval).",
+            callback=_check_duration,
+            help="lock_timeout for every statement phasegate runs, e.g. 500ms, 2s, 1min.",
         ),
         click.option("--batch-size", type=click.IntRange(min=1), help="Rows per backfill batch."),
         click.option("--actor", help="Who is acting, for the event log (default user@host)."),
@@ -301,6 +322,13 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A PostgreSQL duration, checked before anything connects."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*", value):
+        raise click.BadParameter(f"{value!r} is not a duration; write e.g. 500ms, 2s or 1min")
+    return value.strip()
 
 
 @dataclass

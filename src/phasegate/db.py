@@ -72,20 +72,27 @@ def normalize_url(url: str | URL) -> str:
 def mask_url(url: str | URL) -> str:
     """The URL as it may appear in output and logs: never with its password."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except sa.exc.ArgumentError:
         return "<unparsable database URL>"
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def scrub(text: str, url: str | None) -> str:
-    """Remove the URL's password from a message that may have echoed it."""
+    """Remove the URL's password (user info or ?password=) from a message that echoed it."""
     if not url:
         return text
     try:
-        password = make_url(url).password
+        parsed = make_url(url)
     except sa.exc.ArgumentError:
         return text
-    return text.replace(str(password), "***") if password else text
+    secrets = [parsed.password, parsed.query.get("password")]
+    for secret in secrets:
+        if isinstance(secret, str) and secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def libpq_url(url: str) -> str:
@@ -145,9 +152,6 @@ class Session:
                     {"v": statement_timeout},
                 )
 
-    def close(self) -> None:
-        self.connection.close()
-
 
 @contextmanager
 def session(url: str, application_name: str = "phasegate") -> Iterator[Session]:
@@ -158,7 +162,8 @@ def session(url: str, application_name: str = "phasegate") -> Iterator[Session]:
     try:
         connection = engine.connect()
     except sa.exc.OperationalError as exc:
-        reason = scrub(str(exc.orig).strip().splitlines()[-1] if exc.orig else str(exc), url)
+        lines = (str(exc.orig) if exc.orig else str(exc)).strip().splitlines()
+        reason = scrub(" ".join(line.strip() for line in lines if line.strip()), url)
         raise RuntimeFailure(
             f"cannot connect to {mask_url(url)}: {reason}",
             database=mask_url(url),

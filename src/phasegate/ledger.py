@@ -184,21 +184,6 @@ def record_event(
     )
 
 
-def events(db: Session, plan: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    if not exists(db):
-        return []
-    return db.dicts(
-        """
-        SELECT * FROM (
-            SELECT id, at, plan, phase, kind, actor, detail FROM phasegate.event
-            WHERE %(plan)s::text IS NULL OR plan = %(plan)s
-            ORDER BY id DESC LIMIT %(limit)s
-        ) newest ORDER BY id
-        """,
-        {"plan": plan, "limit": limit},
-    )
-
-
 def get_checkpoint(db: Session, plan: str, job: str) -> Checkpoint:
     if not exists(db):
         return Checkpoint(plan, job)

@@ -240,6 +240,8 @@ class Orchestrator:
         blocked = self._foreign_pending(phase, heads)
         if blocked:
             return Step(phase, "advance", "refused", blocked, decision.to_dict())
+        if phase == "backfill":
+            backfill.check_columns(self.db, self.plan)  # a plan error touches nothing
         self._begin(phase, "advance", state)
         try:
             jobs = self._execute(phase)
@@ -256,6 +258,8 @@ class Orchestrator:
             with self.db.tx():
                 for job in self._sync_jobs():
                     sync.drop(self.db, self.plan.name, job)
+                    # a later rollback must refill everything written from now on
+                    ledger.delete_checkpoint(self.db, self.plan.name, backfill.down_name(job))
                     self.notify(f"dropped sync trigger of job {job.name!r} on {job.table}")
         for revision in self.revisions.of(phase):
             self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
@@ -263,7 +267,6 @@ class Orchestrator:
         return []
 
     def _run_backfill(self) -> list[dict[str, Any]]:
-        backfill.check_columns(self.db, self.plan)
         with self.db.tx():
             for job in self._sync_jobs():
                 sync.install(self.db, self.plan.name, job)
@@ -357,12 +360,11 @@ class Orchestrator:
                 sync.install(self.db, self.plan.name, job)
                 self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
         results = []
-        for job in self.plan.jobs():
-            if job.is_batched and job.old_columns:
-                work = backfill.down_work(job, self.options.batch_size)
-                self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
-                result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
-                results.append(result.to_dict())
+        for job in self._sync_jobs():
+            work = backfill.down_work(job, self.options.batch_size)
+            self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
+            result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
+            results.append(result.to_dict())
         with self.db.tx():  # the refill is finished; a later rollback starts a new one
             for result in results:
                 ledger.delete_checkpoint(self.db, self.plan.name, result["name"])
@@ -371,13 +373,13 @@ class Orchestrator:
     def _downgrade_refusal(self, phase: str, heads: tuple[str, ...]) -> str | None:
         """Why this phase cannot be undone safely, or None."""
         if phase == "contract" and not self.options.allow_data_loss:
-            lossy = [j.name for j in self.plan.jobs() if j.is_batched and not j.old_columns]
+            lossy = [j.name for j in self.plan.jobs() if j.is_batched and j.sync is None]
             if lossy:
                 return (
                     f"rollback of contract refused: job(s) {', '.join(lossy)} have no "
-                    f"`sync.down`, so the columns the contract dropped cannot be rebuilt from "
-                    f"the new ones. Add `sync.down` to the plan, or pass --allow-data-loss to "
-                    f"downgrade and leave those columns empty"
+                    "`sync` with `down`, so the columns the contract dropped cannot be rebuilt "
+                    "from the new ones. Add `sync.down` to the plan, or pass --allow-data-loss "
+                    "to downgrade and leave those columns empty"
                 )
         revisions = self.revisions.of(phase)
         if phase == "backfill" or not revisions:
@@ -540,12 +542,12 @@ class Orchestrator:
     def _before(self, phase: str) -> str:
         """The Alembic target just below a phase's first revision."""
         first = self.project.revisions[self.revisions.of(phase)[0]]
-        if len(first.parents) > 1:
+        if len(first.down_revisions) > 1:
             raise RuntimeFailure(
                 f"{first.revision} merges several branches; phasegate cannot tell which one to "
-                f"downgrade to: undo it with `alembic downgrade` and a explicit target"
+                f"downgrade to: undo it with `alembic downgrade` and an explicit target"
             )
-        return first.parents[0] if first.parents else "base"
+        return first.down_revisions[0] if first.down_revisions else "base"
 
 
 @dataclass

@@ -101,11 +101,17 @@ class _Strict(BaseModel):
 class Sync(_Strict):
     """Dual-write while both code versions run: `set` goes up, `down` goes back."""
 
-    down: dict[str, str] = Field(default_factory=dict)
+    down: dict[str, str]
 
     @field_validator("down")
     @classmethod
     def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError(
+                "`sync.down` needs at least one old column computed from the new ones; "
+                "without it the trigger cannot tell old-code writes from new-code writes "
+                "(omit `sync` for a copy with no dual-write)"
+            )
         return _check_columns(value)
 
 

@@ -2,10 +2,10 @@
 
 Tags are two module constants (`phasegate_plan`, `phasegate_phase`) read from
 `Script.module`; `branch_labels` would spread over a whole chain. Migrations run through
-the project's own env.py (so its version table and settings apply), but inside an
-`EnvironmentContext` subclass that forces `transaction_per_migration` and appends our
-`on_version_apply` hook, so even a plain cookbook env.py records each step in the ledger
-inside that step's own transaction.
+the project's own env.py (so its version table and settings apply), with `configure`
+wrapped on the active `EnvironmentContext` to force `transaction_per_migration` and append
+our `on_version_apply` hook, so even a plain cookbook env.py records each step in the
+ledger inside that step's own transaction.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import Script, ScriptDirectory
-from alembic.util import CommandError
+from alembic.util import CommandError, to_tuple
 
 from phasegate.db import Session
 from phasegate.errors import RuntimeFailure, UsageError
@@ -31,7 +31,8 @@ StepHook = Callable[[MigrationInfo, tuple[str, ...]], None]
 @dataclass(frozen=True)
 class RevisionInfo:
     revision: str
-    parents: tuple[str, ...]
+    parents: tuple[str, ...]  # down revisions and depends_on: all must be applied first
+    down_revisions: tuple[str, ...]  # the graph edges alone: what a downgrade returns to
     plan: str | None
     phase: str | None
     path: str
@@ -50,9 +51,6 @@ class PlanRevisions:
 
     def of(self, phase: str) -> list[str]:
         return self.by_phase.get(phase, [])
-
-    def all(self) -> set[str]:
-        return {r for revs in self.by_phase.values() for r in revs}
 
 
 class AlembicProject:
@@ -251,7 +249,7 @@ class AlembicProject:
             found.extend(context.get_current_heads())
             return []
 
-        self._run_env(db, capture, destination=None, on_step=None)
+        self._run_env(db, capture, destination=None, on_step=None, read_only=True)
         return tuple(sorted(found))
 
     def upgrade(self, db: Session, target: str, on_step: StepHook | None = None) -> None:
@@ -282,11 +280,16 @@ class AlembicProject:
         fn: Callable[[Any, MigrationContext], list[Any]],
         destination: str | None,
         on_step: StepHook | None,
+        read_only: bool = False,
     ) -> None:
         db.ensure_idle()  # Alembic never commits a transaction it did not begin
         self.config.attributes["connection"] = db.connection
         environment = EnvironmentContext(
-            self.config, self.script, fn=fn, destination_rev=destination
+            self.config,
+            self.script,
+            fn=fn,
+            destination_rev=destination,
+            dont_mutate=read_only,  # reading the heads must not create alembic_version
         )
         _force_phasegate_settings(environment, db.connection, on_step)
         try:
@@ -323,7 +326,7 @@ def _force_phasegate_settings(
 
     def configure(*args: Any, **kw: Any) -> None:
         kw["transaction_per_migration"] = True
-        kw["on_version_apply"] = [*(kw.get("on_version_apply") or ()), record_step]
+        kw["on_version_apply"] = [*to_tuple(kw.get("on_version_apply"), default=()), record_step]
         original(*args, **kw)
 
     environment.configure = configure  # type: ignore[method-assign]
@@ -331,11 +334,10 @@ def _force_phasegate_settings(
 
 def _info(script: Script) -> RevisionInfo:
     module = script.module
-    # down revisions plus resolved depends_on: everything that must be applied first
-    parents = tuple(script._all_down_revisions)
     return RevisionInfo(
         revision=script.revision,
-        parents=parents,
+        parents=tuple(script._all_down_revisions),
+        down_revisions=tuple(script._versioned_down_revisions),
         plan=getattr(module, "phasegate_plan", None),
         phase=getattr(module, "phasegate_phase", None),
         path=str(script.path),

@@ -22,12 +22,14 @@ _MAX_IDENT = 63
 
 
 def object_name(plan: str, job: str) -> str:
-    """A stable name for the trigger and its function, within PostgreSQL's 63 bytes."""
-    name = f"sync_{plan}_{job}".replace("-", "_")
-    if len(name) > _MAX_IDENT:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[: _MAX_IDENT - 9]}_{digest}"
-    return name
+    """A name for the trigger and its function, unique per (plan, job), within 63 bytes.
+
+    The readable part maps `-` to `_`, which alone could make two jobs collide (`x-y` and
+    `x_y`); the hash of the exact pair keeps the mapping one-to-one.
+    """
+    digest = hashlib.sha1(f"{plan}\0{job}".encode()).hexdigest()[:8]
+    readable = f"sync_{plan}_{job}".replace("-", "_")[: _MAX_IDENT - len(digest) - 1]
+    return f"{readable}_{digest}"
 
 
 def function_sql(plan: str, job: Job) -> sql.Composed:
@@ -35,32 +37,18 @@ def function_sql(plan: str, job: Job) -> sql.Composed:
     new_cols = job.new_columns
     old_cols = job.old_columns
     up = _assign(job.set_ or {})
+    down = _assign(job.sync.down if job.sync else {})
     body = [
         sql.SQL("IF current_setting({}, true) = 'on' THEN RETURN NEW; END IF;").format(
             sql.Literal(BACKFILL_SETTING)
         ),
         sql.SQL("IF TG_OP = 'INSERT' THEN"),
         sql.SQL("  IF {} THEN {}").format(_all_null(new_cols), up),
+        sql.SQL("  ELSIF {} THEN {}").format(_all_null(old_cols), down),
+        sql.SQL("  END IF;"),
+        sql.SQL("ELSIF {} AND NOT {} THEN {}").format(_changed(old_cols), _changed(new_cols), up),
+        sql.SQL("ELSIF {} AND NOT {} THEN {}").format(_changed(new_cols), _changed(old_cols), down),
     ]
-    if old_cols:
-        down = _assign(job.sync.down if job.sync else {})
-        body += [
-            sql.SQL("  ELSIF {} THEN {}").format(_all_null(old_cols), down),
-            sql.SQL("  END IF;"),
-            sql.SQL("ELSIF {} AND NOT {} THEN {}").format(
-                _changed(old_cols), _changed(new_cols), up
-            ),
-            sql.SQL("ELSIF {} AND NOT {} THEN {}").format(
-                _changed(new_cols), _changed(old_cols), down
-            ),
-        ]
-    else:
-        # No `down`: old columns are unknown, so recompute whenever the writer left the
-        # new columns alone (an old-code write).
-        body += [
-            sql.SQL("  END IF;"),
-            sql.SQL("ELSIF NOT {} THEN {}").format(_changed(new_cols), up),
-        ]
     body += [sql.SQL("END IF;"), sql.SQL("RETURN NEW;")]
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {schema}.{name}() RETURNS trigger LANGUAGE plpgsql\n"
@@ -93,22 +81,6 @@ def drop(db: Session, plan: str, job: Job) -> None:
     if db.scalar("SELECT to_regclass(%(t)s) IS NOT NULL", {"t": table.as_string(db.raw)}):
         db.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
     db.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier("phasegate"), name))
-
-
-def installed(db: Session, plan: str, job: Job) -> bool:
-    return bool(
-        db.scalar(
-            """
-            SELECT EXISTS (
-                SELECT 1 FROM pg_trigger
-                WHERE tgname = %(name)s AND tgrelid = to_regclass(%(table)s) AND NOT tgisinternal)
-            """,
-            {
-                "name": object_name(plan, job.name),
-                "table": quote_table(job.table or "").as_string(db.raw),
-            },
-        )
-    )
 
 
 def _assign(columns: dict[str, str]) -> sql.Composed:
