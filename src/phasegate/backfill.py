@@ -1,30 +1,39 @@
 """Backfill jobs: one-shot `sql` jobs and batched keyset `update` jobs.
 
-A batched job walks the key in ascending order, one short transaction per batch; the
-checkpoint (last key, rows, batches) is written in the same transaction as the batch, so
-a crash loses nothing and a restart resumes exactly where the database is. The walk ends
-at the largest key present when the job started: rows inserted later go through the sync
-trigger. No row ever travels to Python; only the batch's last key does. A job is done
-only when its `where` predicate matches no row (verification).
+A batched job fixes its upper bound (the largest key present when it starts: rows
+inserted later go through the sync trigger, so the walk finishes under any insert rate),
+cuts the key range into slices, and lets workers claim slices from the ledger. A worker
+walks its slice in ascending keyset batches, one short transaction per batch, each under
+its own statement_timeout and lock_timeout and retried smaller on a timeout; the slice's
+checkpoint is written in the batch's transaction, so a crash loses nothing and a restart
+resumes exactly where the database is. No row ever travels to Python, only the batch's
+last key. A job is done only when its `where` matches no row (verification).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from psycopg import sql
 
-from phasegate import ledger
+from phasegate import db as dbmod
+from phasegate import keys, ledger
 from phasegate.db import Session, quote_table
 from phasegate.errors import RuntimeFailure
+from phasegate.keys import Key, KeyValue
+from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
 from phasegate.plan import Job, Plan, PlanError
 from phasegate.sync import BACKFILL_SETTING
 
-DEFAULT_BATCH_SIZE = 2000
 VERIFY_SAMPLE = 1000
+SAMPLE_ROWS = 20_000  # rows sampled to cut a job into slices
+
+Notify = Callable[[str], None]
 
 
 class Progress(Protocol):
@@ -46,6 +55,12 @@ class NoProgress:
         pass
 
 
+class Interrupted(RuntimeFailure):
+    """A stop was asked for (SIGINT/SIGTERM): the last batch is committed, resume later."""
+
+    kind = "interrupted"
+
+
 @dataclass
 class JobResult:
     name: str
@@ -54,10 +69,13 @@ class JobResult:
     rows: int = 0
     batches: int = 0
     seconds: float = 0.0
+    walked: int = 0
+    workers: int = 1
+    batch_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
-        return self.rows / self.seconds if self.seconds > 0 else 0.0
+        return (self.walked or self.rows) / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,15 +84,12 @@ class JobResult:
             "status": self.status,
             "rows": self.rows,
             "batches": self.batches,
+            "walked": self.walked,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rate),
+            "workers": self.workers,
+            "batch_ms": self.batch_ms,
         }
-
-
-@dataclass(frozen=True)
-class KeyColumn:
-    name: str
-    type: str  # format_type() output, already quoted by PostgreSQL where needed
 
 
 @dataclass(frozen=True)
@@ -83,10 +98,44 @@ class BatchedWork:
 
     checkpoint: str  # name in the ledger
     table: str
-    key: str | None
+    key: list[str] | None
     assignments: Mapping[str, str]
     where: sql.Composable
-    batch_size: int
+    batch_size: int | None  # the job's fixed size, if any
+
+
+def up_work(job: Job) -> BatchedWork:
+    return BatchedWork(
+        checkpoint=job.name,
+        table=job.table or "",
+        key=job.key_columns,
+        assignments=job.set_ or {},
+        where=sql.SQL(job.where or "FALSE"),
+        batch_size=job.batch_size,
+    )
+
+
+def down_name(job: Job) -> str:
+    """The checkpoint of a job's refill (rollback of contract)."""
+    return f"{job.name}@down"
+
+
+def down_work(job: Job) -> BatchedWork:
+    """Refill the old columns from the new ones (rollback of contract)."""
+    old_null = sql.SQL(" AND ").join(
+        sql.SQL("new.{} IS NULL").format(sql.Identifier(c)) for c in job.old_columns
+    )
+    new_set = sql.SQL(" OR ").join(
+        sql.SQL("new.{} IS NOT NULL").format(sql.Identifier(c)) for c in job.new_columns
+    )
+    return BatchedWork(
+        checkpoint=down_name(job),
+        table=job.table or "",
+        key=job.key_columns,
+        assignments=job.sync.down if job.sync else {},
+        where=sql.SQL("({}) AND ({})").format(old_null, new_set),
+        batch_size=job.batch_size,
+    )
 
 
 def check_columns(db: Session, plan: Plan) -> None:
@@ -108,8 +157,7 @@ def check_columns(db: Session, plan: Plan) -> None:
             continue
         named = [(c, (*loc, "set", c)) for c in job.new_columns]
         named += [(c, (*loc, "sync", "down", c)) for c in job.old_columns]
-        if job.key:
-            named.append((job.key, (*loc, "key")))
+        named += [(c, (*loc, "key")) for c in job.key_columns or []]
         for column, where in named:
             if column not in columns:
                 issues.append(
@@ -149,116 +197,112 @@ def run_sql_job(db: Session, plan: str, job: Job, progress: Progress) -> JobResu
         _mark_backfill_session(db)
         rows = max(db.execute(job.sql or "").rowcount, 0)
         cp.status, cp.rows_done, cp.batches = "done", rows, 1
-        cp.verified_at = None
         ledger.save_checkpoint(db, cp)
     result = JobResult(job.name, "sql", "done", rows, 1, time.monotonic() - started)
     progress.job_finished(result)
     return result
 
 
-def up_work(job: Job, batch_size: int | None) -> BatchedWork:
-    return BatchedWork(
-        checkpoint=job.name,
-        table=job.table or "",
-        key=job.key,
-        assignments=job.set_ or {},
-        where=sql.SQL(job.where or "FALSE"),
-        batch_size=batch_size or job.batch_size or DEFAULT_BATCH_SIZE,
-    )
-
-
-def down_name(job: Job) -> str:
-    """The checkpoint of a job's refill (rollback of contract)."""
-    return f"{job.name}@down"
-
-
-def down_work(job: Job, batch_size: int | None) -> BatchedWork:
-    """Refill the old columns from the new ones (rollback of contract)."""
-    old_null = sql.SQL(" AND ").join(
-        sql.SQL("new.{} IS NULL").format(sql.Identifier(c)) for c in job.old_columns
-    )
-    new_set = sql.SQL(" OR ").join(
-        sql.SQL("new.{} IS NOT NULL").format(sql.Identifier(c)) for c in job.new_columns
-    )
-    return BatchedWork(
-        checkpoint=down_name(job),
-        table=job.table or "",
-        key=job.key,
-        assignments=job.sync.down if job.sync else {},
-        where=sql.SQL("({}) AND ({})").format(old_null, new_set),
-        batch_size=batch_size or job.batch_size or DEFAULT_BATCH_SIZE,
-    )
-
-
-def run_batched(db: Session, plan: str, work: BatchedWork, progress: Progress) -> JobResult:
-    """Walk the key in batches from the checkpoint to the bound fixed at the start."""
-    cp = ledger.get_checkpoint(db, plan, work.checkpoint)
+def run_batched(
+    db: Session,
+    plan: str,
+    work: BatchedWork,
+    settings: BackfillSettings,
+    progress: Progress,
+    notify: Notify | None = None,
+) -> JobResult:
+    """Walk the job's key range with `settings.workers` workers, then verify."""
+    notify = notify or (lambda message: None)
+    with db.tx():
+        cp = ledger.get_checkpoint(db, plan, work.checkpoint)
     if cp.status == "done":
         result = JobResult(work.checkpoint, "update", "skipped", cp.rows_done, cp.batches)
         progress.job_finished(result)
         return result
-    key = resolve_key(db, work.table, work.key)
-    table = quote_table(work.table)
-    with db.tx():
-        if cp.status in ("pending", "failed") or cp.upper_key is None:
-            # a new walk (or a sweep after failed verification) covers every row there now
-            cp.upper_key = db.scalar(
-                sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(key.name), table)
-            )
-            cp.last_key = None
-        cp.status = "running"
-        ledger.save_checkpoint(db, cp)
-        total = db.scalar(
-            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%(t)s)",
-            {"t": table.as_string(db.raw)},
-        )
-    progress.job_started(work.checkpoint, total or None, cp.rows_done)
+    key = keys.resolve(db, work.table, work.key)
+    cp = _prepare(db, plan, work, key, settings, cp, notify)
+    progress.job_started(work.checkpoint, cp.total, cp.walked)
+    walk = _Walk(plan, work, key, settings, _Locked(progress), notify)
     started = time.monotonic()
-    rows_before, batches_before = cp.rows_done, cp.batches
-    finished = cp.upper_key is None  # empty table: nothing to walk
-    while not finished:
-        statement = _batch_statement(work, key, cp.last_key, cp.upper_key or "")
+    walk.run(db)
+    seconds = time.monotonic() - started
+    if walk.error is not None:
+        raise walk.error
+    if settings.stop.is_set():
         with db.tx():
-            _mark_backfill_session(db)
-            last, updated, scanned = db.execute(statement).fetchone() or (None, 0, 0)
-            if scanned:
-                cp.last_key = last
-                cp.rows_done += updated
-                cp.batches += 1
-            finished = not scanned or last == cp.upper_key
-            ledger.save_checkpoint(db, cp)
-        if scanned:
-            progress.batch_done(work.checkpoint, scanned, updated)
-    remaining = count_remaining(db, work.table, work.where)
-    with db.tx():
-        if remaining:
-            cp.status, cp.last_key, cp.remaining = "failed", None, remaining
-            ledger.save_checkpoint(db, cp)
-        else:
-            cp.status, cp.remaining = "done", 0
-            cp.verified_at = db.scalar("SELECT now()")
-            ledger.save_checkpoint(db, cp)
-    if remaining:
-        more = "at least " if remaining >= VERIFY_SAMPLE else ""
-        raise RuntimeFailure(
-            f"job {work.checkpoint!r}: verification failed, {more}{remaining} row(s) of "
-            f"{work.table} still match `where` after the walk (does an expression in `set` "
-            f"return NULL for them?). Inspect them with: SELECT * FROM {work.table} AS new "
-            f"WHERE {work.where.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
-            f"run the same command again: the job sweeps the whole table once more",
-            job=work.checkpoint,
-            remaining=remaining,
-        )
+            left = ledger.unfinished_slices(db, plan, work.checkpoint)
+        if left:
+            raise Interrupted(
+                f"job {work.checkpoint!r} stopped on request after {walk.batches:,} batch(es) "
+                f"this run; every batch up to there is committed and checkpointed "
+                f"({left} slice(s) left). Resume with the same command",
+                job=work.checkpoint,
+            )
+    _verify(db, plan, work, cp)
     result = JobResult(
         work.checkpoint,
         "update",
         "done",
-        cp.rows_done - rows_before,
-        cp.batches - batches_before,
-        time.monotonic() - started,
+        walk.rows,
+        walk.batches,
+        seconds,
+        walk.walked,
+        settings.workers,
+        walk.percentiles(),
     )
     progress.job_finished(result)
     return result
+
+
+def assist(
+    db: Session,
+    plan: Plan,
+    settings: BackfillSettings,
+    progress: Progress,
+    notify: Notify,
+    wait: float,
+) -> list[JobResult]:
+    """Join running batched jobs of `plan` as an extra worker (another process or machine).
+
+    Claims slices until none is left, then returns; the orchestrator that started the
+    job verifies it. Waits up to `wait` seconds for a job to be running.
+    """
+    works = [up_work(j) for j in plan.jobs() if j.is_batched]
+    works += [down_work(j) for j in plan.jobs() if j.is_batched and j.sync is not None]
+    deadline = time.monotonic() + wait
+    results: list[JobResult] = []
+    while not settings.stop.is_set():
+        with db.tx():
+            running = [
+                w
+                for w in works
+                if ledger.get_checkpoint(db, plan.name, w.checkpoint).status == "running"
+                and ledger.unfinished_slices(db, plan.name, w.checkpoint)
+            ]
+        for work in running:
+            key = keys.resolve(db, work.table, work.key)
+            walk = _Walk(plan.name, work, key, settings, _Locked(progress), notify, assisting=True)
+            started = time.monotonic()
+            walk.run(db)
+            if walk.error is not None:
+                raise walk.error
+            results.append(
+                JobResult(
+                    work.checkpoint,
+                    "update",
+                    "assisted",
+                    walk.rows,
+                    walk.batches,
+                    time.monotonic() - started,
+                    walk.walked,
+                    settings.workers,
+                    walk.percentiles(),
+                )
+            )
+        if running or time.monotonic() >= deadline:
+            return results
+        settings.stop.wait(0.5)
+    return results
 
 
 def count_remaining(db: Session, table: str, where: sql.Composable) -> int:
@@ -273,76 +317,359 @@ def count_remaining(db: Session, table: str, where: sql.Composable) -> int:
         )
 
 
-def resolve_key(db: Session, table: str, key: str | None) -> KeyColumn:
-    """The job's `key`, or the table's single-column primary key."""
+# -- preparing a walk -------------------------------------------------------------------------
+
+
+def _prepare(
+    db: Session,
+    plan: str,
+    work: BatchedWork,
+    key: Key,
+    settings: BackfillSettings,
+    cp: ledger.Checkpoint,
+    notify: Notify,
+) -> ledger.Checkpoint:
+    """Fix the bound and cut the slices for a new walk; on a resume, keep both."""
+    table = quote_table(work.table)
     with db.tx():
-        rel = db.scalar("SELECT to_regclass(%(t)s)::oid", {"t": _regclass_text(db, table)})
-        if rel is None:
-            raise RuntimeFailure(f"table {table!r} does not exist")
-        if key:
-            rows = db.all(
-                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-                "WHERE attrelid = %(r)s AND attname = %(k)s AND NOT attisdropped",
-                {"r": rel, "k": key},
+        existing = ledger.slices(db, plan, work.checkpoint)
+        fresh = cp.status in ("pending", "failed") or cp.upper_key is None or not existing
+        if fresh:
+            row = db.execute(
+                sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+                    key.as_text_array(), table, key.order(descending=True)
+                )
+            ).fetchone()
+            upper = tuple(row[0]) if row else None
+            cp.upper_key, cp.last_key = keys.encode(upper), None
+            cp.rows_done = cp.batches = cp.walked = 0
+            cp.total = _estimate(db, work.table)
+            bounds = _slice_bounds(db, work.table, key, upper, settings.slice_count())
+            ledger.replace_slices(db, plan, work.checkpoint, bounds)
+            cp.remaining = cp.verified_at = None
+            notify(
+                f"job {work.checkpoint}: walking {key.describe()} up to "
+                f"{cp.upper_key or '(empty table)'} in {max(len(bounds), 1)} slice(s)"
             )
-        else:
-            rows = db.all(
-                """
-                SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-                FROM pg_index i
-                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                WHERE i.indrelid = %(r)s AND i.indisprimary
-                """,
-                {"r": rel},
-            )
-    if not rows:
-        raise RuntimeFailure(
-            f"table {table!r} has no column {key!r}"
-            if key
-            else f"table {table!r} has no primary key; set `key:` in the job to a unique, "
-            "NOT NULL column so the backfill can walk it in order"
-        )
-    if len(rows) > 1:
-        names = ", ".join(r[0] for r in rows)
-        raise RuntimeFailure(
-            f"table {table!r} has a composite primary key ({names}); this version walks "
-            "single-column keys: set `key:` in the job to a unique, NOT NULL column"
-        )
-    return KeyColumn(rows[0][0], rows[0][1])
+        cp.status = "running"
+        cp.run_started_at = db.scalar("SELECT now()")
+        cp.run_walked = cp.walked
+        ledger.save_checkpoint(db, cp)
+    return cp
 
 
-def _batch_statement(
-    work: BatchedWork, key: KeyColumn, last: str | None, upper: str
-) -> sql.Composed:
-    """One keyset batch: pick the next keys, update the rows among them that need it."""
-    k = sql.Identifier(key.name)
-    bounds = [sql.SQL("{} <= {}::{}").format(k, sql.Literal(upper), sql.SQL(key.type))]
+def _estimate(db: Session, table: str) -> int | None:
+    estimate = db.scalar(
+        "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%(t)s)",
+        {"t": _regclass_text(db, table)},
+    )
+    return int(estimate) if estimate is not None and estimate >= 0 else None
+
+
+def _slice_bounds(
+    db: Session, table: str, key: Key, upper: KeyValue | None, count: int
+) -> list[tuple[str | None, str]]:
+    """Key ranges of roughly equal size from a sample: (exclusive lower, inclusive upper)."""
+    if upper is None:
+        return []
+    cuts: list[KeyValue] = []
+    if count > 1:
+        estimate = _estimate(db, table) or SAMPLE_ROWS
+        percent = min(100.0, 100.0 * SAMPLE_ROWS / max(estimate, 1))
+        rows = db.all(
+            sql.SQL(
+                "SELECT DISTINCT ON (tile) {arr} FROM ("
+                " SELECT {cols}, ntile({n}) OVER (ORDER BY {order}) AS tile"
+                " FROM {table} TABLESAMPLE BERNOULLI ({pct}) WHERE {k} <= {upper}"
+                ") AS s ORDER BY tile, {desc}"
+            ).format(
+                arr=key.as_text_array(),
+                cols=sql.SQL(", ").join(sql.Identifier(c) for c in key.columns),
+                n=sql.Literal(count),
+                order=key.order(),
+                table=quote_table(table),
+                pct=sql.Literal(percent),
+                k=key.tuple(),
+                upper=key.literal(upper),
+                desc=key.order(descending=True),
+            )
+        )
+        cuts = [tuple(r[0]) for r in rows[:-1]]
+        cuts = [c for i, c in enumerate(cuts) if c != upper and (i == 0 or c != cuts[i - 1])]
+    edges: list[KeyValue | None] = [None, *cuts, upper]
+    return [(keys.encode(edges[i]), keys.encode(edges[i + 1]) or "") for i in range(len(edges) - 1)]
+
+
+# -- walking ----------------------------------------------------------------------------------
+
+
+class _Locked:
+    """Serialises progress calls from several worker threads."""
+
+    def __init__(self, inner: Progress) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+
+    def batch_done(self, job: str, scanned: int, updated: int) -> None:
+        with self.lock:
+            self.inner.batch_done(job, scanned, updated)
+
+
+class _Walk:
+    """The workers of one job in this process: worker 0 on the caller's session."""
+
+    def __init__(
+        self,
+        plan: str,
+        work: BatchedWork,
+        key: Key,
+        settings: BackfillSettings,
+        progress: _Locked,
+        notify: Notify,
+        assisting: bool = False,
+    ) -> None:
+        self.plan, self.work, self.key, self.settings = plan, work, key, settings
+        self.progress, self.notify, self.assisting = progress, notify, assisting
+        self.lock = threading.Lock()
+        self.abort = threading.Event()
+        self.error: BaseException | None = None
+        self.rows = self.batches = self.walked = 0
+        self.durations: list[float] = []
+        self.single_slice = settings.slice_count() == 1
+
+    def run(self, db: Session) -> None:
+        self._url = db.url
+        threads = [
+            threading.Thread(target=self._own_session, args=(n,), daemon=True)
+            for n in range(1, max(self.settings.workers, 1))
+        ]
+        for thread in threads:
+            thread.start()
+        self._worker(db, 0)
+        for thread in threads:
+            thread.join()
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.durations:
+            return {}
+        ordered = sorted(self.durations)
+
+        def pick(q: float) -> float:
+            return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+        return {"p50": pick(0.5), "p99": pick(0.99), "max": round(1000 * ordered[-1], 1)}
+
+    def _halted(self) -> bool:
+        return self.settings.stop.is_set() or self.abort.is_set()
+
+    def _own_session(self, number: int) -> None:
+        try:
+            with dbmod.session(self._url, f"phasegate backfill worker {number}") as session:
+                self._worker(session, number)
+        except BaseException as exc:  # surfaced by run_batched
+            self._fail(exc)
+
+    def _worker(self, db: Session, number: int) -> None:
+        owner = f"{'assist' if self.assisting else 'worker'} {number}"
+        sizer = BatchSizer(self.settings, self.work.batch_size)
+        throttle = Throttle(self.settings)
+        try:
+            while not self._halted():
+                piece = ledger.claim_slice(db, self.plan, self.work.checkpoint, owner)
+                if piece is None:
+                    with db.tx():
+                        left = ledger.unfinished_slices(db, self.plan, self.work.checkpoint)
+                    if not left or self.assisting:
+                        return
+                    self.settings.stop.wait(0.5)  # others hold the rest; a crash frees it
+                    continue
+                self._walk_slice(db, piece, sizer, throttle)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+        self.abort.set()
+
+    def _walk_slice(
+        self, db: Session, piece: ledger.Slice, sizer: BatchSizer, throttle: Throttle
+    ) -> None:
+        upper = keys.decode(piece.upper_key, self.key)
+        last = keys.decode(piece.last_key or piece.lower_key, self.key)
+        while not self._halted():
+            elapsed, scanned, updated, last, done = self._batch(db, piece, sizer, last, upper)
+            sizer.observe(scanned, elapsed)
+            with self.lock:
+                self.rows += updated
+                self.batches += 1 if scanned else 0
+                self.walked += scanned
+                self.durations.append(elapsed)
+            if scanned:
+                self.progress.batch_done(self.work.checkpoint, scanned, updated)
+            if done:
+                return
+            throttle.after_batch(db, elapsed, self.notify)
+
+    def _batch(
+        self,
+        db: Session,
+        piece: ledger.Slice,
+        sizer: BatchSizer,
+        last: KeyValue | None,
+        upper: KeyValue | None,
+    ) -> tuple[float, int, int, KeyValue | None, bool]:
+        """One batch in one transaction, retried smaller on timeouts, deadlocks and the like."""
+        attempt = 0
+        while True:
+            try:
+                with db.tx():
+                    _batch_settings(db, self.settings)
+                    started = time.perf_counter()
+                    reached, scanned = _next_bound(db, self.work, self.key, last, upper, sizer.size)
+                    updated = 0
+                    if scanned:
+                        updated = db.execute(
+                            _update_range(self.work, self.key, last, reached)
+                        ).rowcount
+                    elapsed = time.perf_counter() - started
+                    done = not scanned or reached == upper
+                    # staged on a copy: the slice changes only once the batch has committed
+                    staged = dataclasses.replace(
+                        piece,
+                        last_key=keys.encode(reached),
+                        rows_done=piece.rows_done + updated,
+                        batches=piece.batches + (1 if scanned else 0),
+                        status="done" if done else "running",
+                    )
+                    ledger.save_slice(db, staged)
+                    if scanned:
+                        ledger.add_progress(
+                            db,
+                            self.plan,
+                            self.work.checkpoint,
+                            updated,
+                            scanned,
+                            staged.last_key if self.single_slice else None,
+                        )
+                piece.__dict__.update(staged.__dict__)
+                last = reached
+                return elapsed, scanned, updated, last, done
+            except Exception as exc:
+                reason = retry_reason(exc)
+                if reason is None or attempt >= self.settings.retries or self._halted():
+                    if reason is not None:
+                        raise RuntimeFailure(
+                            f"job {self.work.checkpoint!r}: a batch hit {reason} "
+                            f"{attempt + 1} times in a row (last at key {keys.encode(last)}); "
+                            "something holds locks on its rows for long. Everything before "
+                            "is committed: run the same command again once it is released",
+                            job=self.work.checkpoint,
+                        ) from exc
+                    raise
+                sizer.shrink()
+                pause = backoff(attempt)
+                self.notify(
+                    f"job {self.work.checkpoint}: batch hit {reason}; retrying with "
+                    f"{sizer.size} rows in {pause:.2f}s"
+                )
+                attempt += 1
+                self.settings.stop.wait(pause)
+
+
+def _bounds(key: Key, last: KeyValue | None, upper: KeyValue) -> sql.Composable:
+    bounds = [sql.SQL("{} <= {}").format(key.tuple(), key.literal(upper))]
     if last is not None:
-        bounds.insert(0, sql.SQL("{} > {}::{}").format(k, sql.Literal(last), sql.SQL(key.type)))
+        bounds.insert(0, sql.SQL("{} > {}").format(key.tuple(), key.literal(last)))
+    return sql.SQL(" AND ").join(bounds)
+
+
+def _next_bound(
+    db: Session,
+    work: BatchedWork,
+    key: Key,
+    last: KeyValue | None,
+    upper: KeyValue | None,
+    size: int,
+) -> tuple[KeyValue | None, int]:
+    """Where the next batch ends and how many keys it spans.
+
+    The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
+    sort); when fewer keys are left, the batch runs to the slice's end and counts them.
+    """
+    if upper is None:
+        return last, 0
+    table = quote_table(work.table)
+    bounds = _bounds(key, last, upper)
+    row = db.execute(
+        sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET {} LIMIT 1").format(
+            key.as_text_array(), table, bounds, key.order(), sql.Literal(size - 1)
+        )
+    ).fetchone()
+    if row is not None:
+        return tuple(row[0]), size
+    left = db.scalar(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds))
+    return (upper, int(left)) if left else (last, 0)
+
+
+def _update_range(
+    work: BatchedWork, key: Key, last: KeyValue | None, batch_last: KeyValue
+) -> sql.Composed:
+    """Update the rows of one key range that still need it.
+
+    A plain range predicate lets PostgreSQL walk the key's index straight into the update,
+    as fast per row as one set-based UPDATE; joining the batch's keys back cost twice that.
+    A row inserted into the range in between is updated too, which is harmless.
+    """
     assignments = sql.SQL(", ").join(
         sql.SQL("{} = ({})").format(sql.Identifier(column), sql.SQL(expression))
         for column, expression in work.assignments.items()
     )
-    return sql.SQL(
-        """
-        WITH phasegate_batch AS (
-            SELECT {k} AS k FROM {table} WHERE {bounds} ORDER BY {k} LIMIT {limit}
-        ), phasegate_done AS (
-            UPDATE {table} AS new SET {assignments}
-            FROM phasegate_batch WHERE new.{k} = phasegate_batch.k AND ({where})
-            RETURNING 1
-        )
-        SELECT (SELECT max(k)::text FROM phasegate_batch),
-               (SELECT count(*) FROM phasegate_done),
-               (SELECT count(*) FROM phasegate_batch)
-        """
-    ).format(
-        k=k,
+    return sql.SQL("UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})").format(
         table=quote_table(work.table),
-        bounds=sql.SQL(" AND ").join(bounds),
-        limit=sql.Literal(work.batch_size),
         assignments=assignments,
+        bounds=_bounds(key.qualified("new"), last, batch_last),
         where=work.where,
+    )
+
+
+def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) -> None:
+    remaining = count_remaining(db, work.table, work.where)
+    with db.tx():
+        current = ledger.get_checkpoint(db, plan, work.checkpoint)
+        current.remaining = remaining
+        if remaining:
+            current.status = "failed"
+        else:
+            current.status = "done"
+            current.verified_at = db.scalar("SELECT now()")
+        ledger.save_checkpoint(db, current)
+    if remaining:
+        more = "at least " if remaining >= VERIFY_SAMPLE else ""
+        raise RuntimeFailure(
+            f"job {work.checkpoint!r}: verification failed, {more}{remaining} row(s) of "
+            f"{work.table} still match `where` after the walk (does an expression in `set` "
+            f"return NULL for them?). Inspect them with: SELECT * FROM {work.table} AS new "
+            f"WHERE {work.where.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
+            f"run the same command again: the job sweeps the whole table once more",
+            job=work.checkpoint,
+            remaining=remaining,
+        )
+
+
+def _batch_settings(db: Session, settings: BackfillSettings) -> None:
+    """Per-batch limits, the trigger's step-aside mark, and no wait for the WAL flush.
+
+    synchronous_commit off is safe here: the checkpoint commits in the same transaction
+    as the batch, so a crash loses both together and the resume simply redoes that batch.
+    """
+    db.execute(
+        "SELECT set_config('statement_timeout', %(s)s, true), "
+        "set_config('lock_timeout', %(l)s, true), "
+        "set_config('synchronous_commit', 'off', true), "
+        "set_config(%(mark)s, 'on', true)",
+        {"s": settings.statement_timeout, "l": settings.lock_timeout, "mark": BACKFILL_SETTING},
     )
 
 

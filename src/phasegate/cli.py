@@ -13,12 +13,14 @@ import getpass
 import json
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import sqlalchemy as sa
 from psycopg import Error as PsycopgError
 from rich.console import Console
 
-from phasegate import __version__, db, ledger
+from phasegate import __version__, backfill, db, ledger
 from phasegate.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -37,6 +39,7 @@ from phasegate.errors import (
     UsageError,
 )
 from phasegate.orchestrator import START, Options, Orchestrator, Outcome
+from phasegate.pacing import BackfillSettings
 from phasegate.plan import PHASES, Plan, PlanError, load_plan
 from phasegate.progress import BarProgress, LogProgress
 from phasegate.revisions import AlembicProject
@@ -257,10 +260,15 @@ def _status_text(s: dict[str, Any]) -> str:
         revs = f" revisions {', '.join(phase['revisions'])}" if phase["revisions"] else ""
         lines.append(f"  [{mark}] {phase['name']:<8} compatible {phase['compatible']!r}{revs}")
     for job in s["jobs"]:
-        lines.append(
-            f"  job {job['name']}: {job['status']}, {job['rows_done']:,} rows, "
-            f"{job['batches']:,} batches, last key {job['last_key']}"
+        line = (
+            f"  job {job['name']}: {job['status']}, {job['rows_done']:,} rows updated, "
+            f"{job['walked']:,} walked, {job['batches']:,} batches"
         )
+        if job["rows_per_second"]:
+            line += f", {job['rows_per_second']:,} rows/s"
+        if job["eta_seconds"] is not None:
+            line += f", ETA {dt.timedelta(seconds=job['eta_seconds'])}"
+        lines.append(line)
     if s["plan_changed"]:
         lines.append("  note: the plan file changed since the last phase ran")
     for problem in s["drift_details"]:
@@ -314,7 +322,6 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             callback=_check_duration,
             help="lock_timeout for every statement phasegate runs, e.g. 500ms, 2s, 1min.",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Rows per backfill batch."),
         click.option("--actor", help="Who is acting, for the event log (default user@host)."),
         click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
         live_version_option,
@@ -331,14 +338,129 @@ def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str) ->
     return value.strip()
 
 
+def backfill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How batched jobs walk (the backfill, and the refill of a contract rollback)."""
+    defaults = BackfillSettings()
+    options = [
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help="Fixed rows per batch; turns the adaptive sizing off.",
+        ),
+        click.option(
+            "--target-batch-ms",
+            type=click.FloatRange(min=1),
+            default=defaults.target_ms,
+            show_default=True,
+            help="Adaptive sizing aims each batch statement at this duration.",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Parallel workers (connections) walking slices of each job.",
+        ),
+        click.option(
+            "--slices",
+            type=click.IntRange(min=1),
+            help="Key ranges per job (default: 1 for one worker, 4 per worker otherwise); "
+            "more slices let `phasegate worker` processes elsewhere help.",
+        ),
+        click.option(
+            "--pause",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Seconds to sleep between batches.",
+        ),
+        click.option(
+            "--pause-ratio",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Sleep this multiple of the last batch's time between batches.",
+        ),
+        click.option(
+            "--max-replica-lag",
+            type=click.FloatRange(min=0),
+            default=defaults.max_replica_lag,
+            show_default=True,
+            help="Back off while a replica's replay lag exceeds this many seconds (0: off).",
+        ),
+        click.option(
+            "--batch-lock-timeout",
+            default=defaults.lock_timeout,
+            show_default=True,
+            callback=_check_duration,
+            help="lock_timeout of each batch; a batch that waits longer is retried smaller.",
+        ),
+        click.option(
+            "--batch-statement-timeout",
+            default=defaults.statement_timeout,
+            show_default=True,
+            callback=_check_duration,
+            help="statement_timeout of each batch.",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(min=0),
+            default=defaults.retries,
+            show_default=True,
+            help="Retries of one batch after a lock/statement timeout or deadlock.",
+        ),
+    ]
+    # decorators apply bottom-up to a function, but append in order to a built Command
+    for option in options if isinstance(fn, click.Command) else reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(kw: dict[str, Any]) -> BackfillSettings:
+    """Pop the backfill options out of a command's keyword arguments."""
+    lag = kw.pop("max_replica_lag")
+    return BackfillSettings(
+        batch_size=kw.pop("batch_size"),
+        target_ms=kw.pop("target_batch_ms"),
+        workers=kw.pop("workers"),
+        slices=kw.pop("slices"),
+        pause=kw.pop("pause"),
+        pause_ratio=kw.pop("pause_ratio"),
+        max_replica_lag=lag or None,
+        lock_timeout=kw.pop("batch_lock_timeout"),
+        statement_timeout=kw.pop("batch_statement_timeout"),
+        retries=kw.pop("retries"),
+    )
+
+
+@contextmanager
+def stop_on_signals(settings: BackfillSettings) -> Iterator[None]:
+    """SIGINT/SIGTERM: finish the current batch, checkpoint, and stop; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if settings.stop.is_set():
+            raise KeyboardInterrupt(f"second {name}")
+        log(f"phasegate: {name}: finishing the current batch, then stopping (again to abort)")
+        settings.stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @dataclass
 class GatedArgs:
     live_versions: tuple[str, ...]
     override_gate: str | None
     lock_timeout: str
-    batch_size: int | None
     actor: str | None
     yes: bool
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
 
 
 @contextmanager
@@ -354,15 +476,18 @@ def orchestrating(
         actor=args.actor or _actor(),
         live_versions=args.live_versions,
         override_gate=args.override_gate,
-        batch_size=args.batch_size,
         allow_data_loss=allow_data_loss,
+        backfill=args.backfill,
     )
     progress = (
         BarProgress(Console(stderr=True))
         if sys.stderr.isatty() and not ctx.as_json
         else LogProgress(sys.stderr)
     )
-    with db.locked_session(url, f"{what} {plan_path}", args.lock_timeout) as conn:
+    with (
+        db.locked_session(url, f"{what} {plan_path}", args.lock_timeout) as conn,
+        stop_on_signals(args.backfill),
+    ):
         yield Orchestrator(conn, project, plan, options, progress, notify=log)
 
 
@@ -390,6 +515,7 @@ def _finish(ctx: Context, outcome: Outcome) -> int:
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(PHASES), help="Stop after this phase.")
 @gated_options
+@backfill_options
 @click.pass_obj
 @handle_errors
 def advance(ctx: Context, plan_path: str, to: str | None, **kw: Any) -> int:
@@ -398,8 +524,9 @@ def advance(ctx: Context, plan_path: str, to: str | None, **kw: Any) -> int:
     Stops at the first refused gate (exit 1), leaving the phases before it done.
     Re-running is safe: finished phases are skipped, a failed one resumes.
     """
-    with orchestrating(ctx, plan_path, "advance", GatedArgs(**kw)) as orchestrator:
-        return _finish(ctx, orchestrator.advance(to=to))
+    settings = _settings(kw)
+    with orchestrating(ctx, plan_path, "advance", GatedArgs(**kw, backfill=settings)) as orch:
+        return _finish(ctx, orch.advance(to=to))
 
 
 def _phase_command(phase: str, summary: str) -> None:
@@ -414,8 +541,13 @@ def _phase_command(phase: str, summary: str) -> None:
     @click.pass_obj
     @handle_errors
     def command(ctx: Context, plan_path: str, **kw: Any) -> int:
-        with orchestrating(ctx, plan_path, phase, GatedArgs(**kw)) as orchestrator:
+        settings = _settings(kw) if phase == "backfill" else BackfillSettings()
+        args = GatedArgs(**kw, backfill=settings)
+        with orchestrating(ctx, plan_path, phase, args) as orchestrator:
             return _finish(ctx, orchestrator.advance(only=phase))
+
+    if phase == "backfill":
+        backfill_options(command)
 
 
 _phase_command("expand", "Apply the expand revisions: additive schema only.")
@@ -439,6 +571,7 @@ _phase_command("contract", "Drop the sync triggers and apply the contract revisi
     help="Roll back contract even when no sync.down can rebuild what it dropped.",
 )
 @gated_options
+@backfill_options
 @click.pass_obj
 @handle_errors
 def rollback(ctx: Context, plan_path: str, to: str | None, allow_data_loss: bool, **kw: Any):
@@ -448,8 +581,46 @@ def rollback(ctx: Context, plan_path: str, to: str | None, allow_data_loss: bool
     contract downgrades its revisions, re-installs the sync triggers and refills the old
     columns from the new ones with sync.down.
     """
-    with orchestrating(ctx, plan_path, "rollback", GatedArgs(**kw), allow_data_loss) as orch:
+    settings = _settings(kw)  # pops its options before the rest become GatedArgs
+    args = GatedArgs(**kw, backfill=settings)
+    with orchestrating(ctx, plan_path, "rollback", args, allow_data_loss) as orch:
         return _finish(ctx, orch.rollback(to=to))
+
+
+@cli.command()
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for a job of PLAN to be running before giving up.",
+)
+@backfill_options
+@click.pass_obj
+@handle_errors
+def worker(ctx: Context, plan_path: str, wait: float, **kw: Any) -> int:
+    """Help a running backfill of PLAN from another process or machine.
+
+    Claims unfinished slices of PLAN's running batched jobs (FOR UPDATE SKIP LOCKED) and
+    walks them until none is left. Takes no orchestrator lock and runs no gate: the
+    `phasegate backfill` (or `advance`) that started the job owns it and verifies it.
+    Start that one with --slices (or --workers) above 1 so there is work to share.
+    """
+    settings = _settings(kw)
+    project, plan = ctx.project(), load_plan(plan_path)
+    project.resolve(plan)
+    progress = LogProgress(sys.stderr)
+    with db.session(ctx.url(project), f"phasegate worker {plan.name}") as conn:
+        ledger.ensure_schema(conn)
+        with stop_on_signals(settings):
+            results = backfill.assist(conn, plan, settings, progress, log, wait)
+    lines = [
+        f"job {r.name}: helped with {r.walked:,} rows in {r.batches:,} batches" for r in results
+    ] or [f"no running job of {plan.name} needed help within {wait:g}s"]
+    document = {"ok": True, "plan": plan.name, "jobs": [r.to_dict() for r in results]}
+    emit(ctx, document, "\n".join(lines))
+    return EXIT_OK
 
 
 @cli.command()

@@ -12,12 +12,13 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from phasegate.db import Session
 
 SCHEMA = "phasegate"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS phasegate;
@@ -74,8 +75,32 @@ $$;
 DROP TRIGGER IF EXISTS event_is_append_only ON phasegate.event;
 CREATE TRIGGER event_is_append_only BEFORE UPDATE OR DELETE ON phasegate.event
     FOR EACH ROW EXECUTE FUNCTION phasegate.event_is_append_only();
-INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '1')
-    ON CONFLICT (key) DO NOTHING;
+-- version 2: slices for parallel workers, and what status needs for rate and ETA
+ALTER TABLE phasegate.job_checkpoint
+    ADD COLUMN IF NOT EXISTS walked bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS total bigint,
+    ADD COLUMN IF NOT EXISTS run_started_at timestamptz,
+    ADD COLUMN IF NOT EXISTS run_walked bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS phasegate.job_slice (
+    plan text NOT NULL,
+    job text NOT NULL,
+    slice integer NOT NULL,
+    lower_key text,
+    upper_key text NOT NULL,
+    last_key text,
+    status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'running', 'done')),
+    rows_done bigint NOT NULL DEFAULT 0,
+    batches bigint NOT NULL DEFAULT 0,
+    owner text,
+    owner_pid integer,
+    owner_started timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (plan, job, slice)
+);
+COMMENT ON COLUMN phasegate.job_slice.lower_key IS 'exclusive; NULL: from the first key';
+COMMENT ON COLUMN phasegate.job_slice.upper_key IS 'inclusive';
+INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '2')
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
 
@@ -107,6 +132,29 @@ class Checkpoint:
     started_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
     verified_at: dt.datetime | None = None
+    walked: int = 0
+    total: int | None = None
+    run_started_at: dt.datetime | None = None
+    run_walked: int = 0
+
+
+@dataclass
+class Slice:
+    """One key range of a job, claimed by one worker at a time."""
+
+    plan: str
+    job: str
+    slice: int
+    upper_key: str
+    lower_key: str | None = None
+    last_key: str | None = None
+    status: str = "pending"
+    rows_done: int = 0
+    batches: int = 0
+    owner: str | None = None
+    owner_pid: int | None = None
+    owner_started: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
 
 
 def exists(db: Session) -> bool:
@@ -209,16 +257,18 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
         """
         INSERT INTO phasegate.job_checkpoint AS c
             (plan, job, status, last_key, upper_key, rows_done, batches, remaining,
-             started_at, updated_at, verified_at)
+             started_at, updated_at, verified_at, walked, total, run_started_at, run_walked)
         VALUES (%(plan)s, %(job)s, %(status)s, %(last_key)s, %(upper_key)s, %(rows_done)s,
                 %(batches)s, %(remaining)s, coalesce(%(started_at)s, now()), now(),
-                %(verified_at)s)
+                %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s)
         ON CONFLICT (plan, job) DO UPDATE SET
             status = excluded.status, last_key = excluded.last_key,
             upper_key = excluded.upper_key, rows_done = excluded.rows_done,
             batches = excluded.batches, remaining = excluded.remaining,
             started_at = excluded.started_at, updated_at = now(),
-            verified_at = excluded.verified_at
+            verified_at = excluded.verified_at, walked = excluded.walked,
+            total = excluded.total, run_started_at = excluded.run_started_at,
+            run_walked = excluded.run_walked
         """,
         {
             "plan": cp.plan,
@@ -231,17 +281,129 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             "remaining": cp.remaining,
             "started_at": cp.started_at,
             "verified_at": cp.verified_at,
+            "walked": cp.walked,
+            "total": cp.total,
+            "run_started_at": cp.run_started_at,
+            "run_walked": cp.run_walked,
         },
     )
 
 
-def delete_checkpoint(db: Session, plan: str, job: str) -> None:
+def add_progress(
+    db: Session, plan: str, job: str, rows: int, walked: int, last_key: str | None
+) -> None:
+    """Count one batch into the job's totals (inside the batch's transaction)."""
     db.execute(
-        "DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s AND job = %(j)s",
-        {"p": plan, "j": job},
+        """
+        UPDATE phasegate.job_checkpoint
+        SET rows_done = rows_done + %(rows)s, batches = batches + 1,
+            walked = walked + %(walked)s, last_key = %(last)s, updated_at = now()
+        WHERE plan = %(plan)s AND job = %(job)s
+        """,
+        {"rows": rows, "walked": walked, "last": last_key, "plan": plan, "job": job},
     )
 
 
+def replace_slices(db: Session, plan: str, job: str, bounds: list[tuple[str | None, str]]) -> None:
+    """Cut a job into key ranges (lower exclusive, upper inclusive), forgetting old ones."""
+    db.execute(
+        "DELETE FROM phasegate.job_slice WHERE plan = %(p)s AND job = %(j)s", {"p": plan, "j": job}
+    )
+    for number, (lower, upper) in enumerate(bounds):
+        db.execute(
+            "INSERT INTO phasegate.job_slice (plan, job, slice, lower_key, upper_key) "
+            "VALUES (%(p)s, %(j)s, %(n)s, %(lower)s, %(upper)s)",
+            {"p": plan, "j": job, "n": number, "lower": lower, "upper": upper},
+        )
+
+
+def slices(db: Session, plan: str, job: str) -> list[Slice]:
+    rows = db.dicts(
+        "SELECT * FROM phasegate.job_slice WHERE plan = %(p)s AND job = %(j)s ORDER BY slice",
+        {"p": plan, "j": job},
+    )
+    return [Slice(**r) for r in rows]
+
+
+def claim_slice(db: Session, plan: str, job: str, owner: str) -> Slice | None:
+    """Take the next unfinished slice nobody alive holds; SKIP LOCKED keeps claims apart.
+
+    A claim names the claiming backend (pid and start time): when that session ends, as
+    it does when a worker crashes, the slice is free again for anyone.
+    """
+    with db.tx():
+        rows = db.dicts(
+            """
+            SELECT * FROM phasegate.job_slice s
+            WHERE plan = %(p)s AND job = %(j)s AND status <> 'done'
+              AND (owner_pid IS NULL OR owner_pid = pg_backend_pid() OR NOT EXISTS (
+                    SELECT 1 FROM pg_stat_activity a
+                    WHERE a.pid = s.owner_pid AND a.backend_start = s.owner_started))
+            ORDER BY slice
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+            """,
+            {"p": plan, "j": job},
+        )
+        if not rows:
+            return None
+        claimed = Slice(**rows[0])
+        db.execute(
+            """
+            UPDATE phasegate.job_slice
+            SET status = 'running', owner = %(owner)s, owner_pid = pg_backend_pid(),
+                owner_started = (SELECT backend_start FROM pg_stat_activity
+                                 WHERE pid = pg_backend_pid()),
+                updated_at = now()
+            WHERE plan = %(p)s AND job = %(j)s AND slice = %(n)s
+            """,
+            {"owner": owner, "p": plan, "j": job, "n": claimed.slice},
+        )
+    claimed.status, claimed.owner = "running", owner
+    return claimed
+
+
+def save_slice(db: Session, piece: Slice) -> None:
+    db.execute(
+        """
+        UPDATE phasegate.job_slice
+        SET last_key = %(last)s, status = %(status)s, rows_done = %(rows)s,
+            batches = %(batches)s, updated_at = now()
+        WHERE plan = %(p)s AND job = %(j)s AND slice = %(n)s
+        """,
+        {
+            "last": piece.last_key,
+            "status": piece.status,
+            "rows": piece.rows_done,
+            "batches": piece.batches,
+            "p": piece.plan,
+            "j": piece.job,
+            "n": piece.slice,
+        },
+    )
+
+
+def unfinished_slices(db: Session, plan: str, job: str) -> int:
+    return int(
+        db.scalar(
+            "SELECT count(*) FROM phasegate.job_slice "
+            "WHERE plan = %(p)s AND job = %(j)s AND status <> 'done'",
+            {"p": plan, "j": job},
+        )
+    )
+
+
+def delete_checkpoint(db: Session, plan: str, job: str) -> None:
+    for table in ("job_slice", "job_checkpoint"):
+        db.execute(
+            sql.SQL("DELETE FROM phasegate.{} WHERE plan = %(p)s AND job = %(j)s").format(
+                sql.Identifier(table)
+            ),
+            {"p": plan, "j": job},
+        )
+
+
 def clear_checkpoints(db: Session, plan: str) -> int:
+    db.execute("DELETE FROM phasegate.job_slice WHERE plan = %(p)s", {"p": plan})
     cursor = db.execute("DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s", {"p": plan})
     return cursor.rowcount

@@ -22,6 +22,7 @@ from alembic.runtime.migration import MigrationInfo
 from phasegate import backfill, gates, ledger, sync
 from phasegate.db import Session
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
+from phasegate.pacing import BackfillSettings
 from phasegate.plan import Plan
 from phasegate.revisions import AlembicProject, PlanRevisions
 
@@ -33,8 +34,8 @@ class Options:
     actor: str
     live_versions: tuple[str, ...] = ()
     override_gate: str | None = None
-    batch_size: int | None = None
     allow_data_loss: bool = False
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Orchestrator:
         with self.db.tx():
             state = ledger.get_state(self.db, self.plan.name)
             checkpoints = ledger.checkpoints(self.db, self.plan.name)
+            now = self.db.scalar("SELECT now()")
         heads = self.project.current_heads(self.db)
         drift = self.drift(state, heads)
         phase_list = self.plan.phase_names()
@@ -136,18 +138,7 @@ class Orchestrator:
                 }
                 for name in phase_list
             ],
-            "jobs": [
-                {
-                    "name": cp.job,
-                    "status": cp.status,
-                    "rows_done": cp.rows_done,
-                    "batches": cp.batches,
-                    "last_key": cp.last_key,
-                    "upper_key": cp.upper_key,
-                    "verified_at": _iso(cp.verified_at),
-                }
-                for cp in checkpoints
-            ],
+            "jobs": [_job_status(cp, now) for cp in checkpoints],
         }
 
     def drift(self, state: ledger.PlanState, heads: tuple[str, ...]) -> list[str]:
@@ -274,8 +265,14 @@ class Orchestrator:
         results = []
         for job in self.plan.jobs():
             if job.is_batched:
-                work = backfill.up_work(job, self.options.batch_size)
-                result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
+                result = backfill.run_batched(
+                    self.db,
+                    self.plan.name,
+                    backfill.up_work(job),
+                    self.options.backfill,
+                    self.progress,
+                    self.notify,
+                )
             else:
                 result = backfill.run_sql_job(self.db, self.plan.name, job, self.progress)
             with self.db.tx():
@@ -361,9 +358,11 @@ class Orchestrator:
                 self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
         results = []
         for job in self._sync_jobs():
-            work = backfill.down_work(job, self.options.batch_size)
+            work = backfill.down_work(job)
             self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
-            result = backfill.run_batched(self.db, self.plan.name, work, self.progress)
+            result = backfill.run_batched(
+                self.db, self.plan.name, work, self.options.backfill, self.progress, self.notify
+            )
             results.append(result.to_dict())
         with self.db.tx():  # the refill is finished; a later rollback starts a new one
             for result in results:
@@ -554,6 +553,31 @@ class Orchestrator:
 class GateView:
     phase: str
     next: str | None
+
+
+def _job_status(cp: ledger.Checkpoint, now: dt.datetime) -> dict[str, Any]:
+    """A job's progress as status shows it: rows, rate over this run, ETA from the estimate."""
+    rate = eta = None
+    if cp.status == "running" and cp.run_started_at is not None:
+        seconds = (now - cp.run_started_at).total_seconds()
+        walked = cp.walked - cp.run_walked
+        if seconds > 0 and walked > 0:
+            rate = walked / seconds
+            if cp.total:
+                eta = max(cp.total - cp.walked, 0) / rate
+    return {
+        "name": cp.job,
+        "status": cp.status,
+        "rows_done": cp.rows_done,
+        "walked": cp.walked,
+        "total_estimate": cp.total,
+        "batches": cp.batches,
+        "rows_per_second": round(rate) if rate else None,
+        "eta_seconds": round(eta) if eta is not None else None,
+        "last_key": cp.last_key,
+        "upper_key": cp.upper_key,
+        "verified_at": _iso(cp.verified_at),
+    }
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -121,7 +121,7 @@ class Job(_Strict):
     name: str = Field(pattern=_JOB_NAME)
     sql: str | None = None
     table: str | None = Field(default=None, pattern=_TABLE)
-    key: str | None = Field(default=None, pattern=rf"^{_IDENT}$")
+    key: str | list[str] | None = None
     set_: dict[str, str] | None = Field(default=None, alias="set")
     where: str | None = None
     sync: Sync | None = None
@@ -131,6 +131,26 @@ class Job(_Strict):
     @classmethod
     def _columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return None if value is None else _check_columns(value)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | list[str] | None) -> str | list[str] | None:
+        names = [value] if isinstance(value, str) else value or []
+        if isinstance(value, list) and not value:
+            raise ValueError("`key` is an empty list; name the key column(s) or omit it")
+        for name in names:
+            if not re.fullmatch(_IDENT, name):
+                raise ValueError(f"{name!r} is not a plain column name")
+        if len(set(names)) != len(names):
+            raise ValueError("`key` names a column twice")
+        return value
+
+    @property
+    def key_columns(self) -> list[str] | None:
+        """The job's explicit key, always as a list (None: use the table's own)."""
+        if self.key is None:
+            return None
+        return [self.key] if isinstance(self.key, str) else list(self.key)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Job:
@@ -412,7 +432,8 @@ _HINTS = {
     "jobs": "list the backfill jobs, each with `name` and either `sql` or `table`/`set`/`where`",
     "name": "lowercase letters, digits, `-` and `_`",
     "table": "a table name, optionally schema-qualified: `bug` or `public.bug`",
-    "key": "one column name; omit it to use the primary key",
+    "key": "a column name or a list of them (a unique, NOT NULL key); omit it to use the "
+    "primary key",
     "batch_size": "a positive number of rows per batch",
 }
 

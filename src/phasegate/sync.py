@@ -2,10 +2,10 @@
 
 One definition serves the backfill and the dual-write: the trigger evaluates the job's
 `set` (up) and `sync.down` expressions, written against the row alias `new`, exactly as
-the batched UPDATE does. The direction comes from what the writer changed. A session
-that marks itself with `phasegate.backfill = on` (the backfill's batches) is left alone:
-its batch already computed the new columns, and running `down` on it could rewrite the
-old columns lossily.
+the batched UPDATE does. The direction comes from what the writer changed. A transaction
+that sets `phasegate.backfill = on` (the backfill's batches) is skipped by the trigger's
+WHEN clause: its batch already computed the new columns, and running `down` on it could
+rewrite the old columns lossily.
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ def function_sql(plan: str, job: Job) -> sql.Composed:
     up = _assign(job.set_ or {})
     down = _assign(job.sync.down if job.sync else {})
     body = [
-        sql.SQL("IF current_setting({}, true) = 'on' THEN RETURN NEW; END IF;").format(
-            sql.Literal(BACKFILL_SETTING)
-        ),
         sql.SQL("IF TG_OP = 'INSERT' THEN"),
         sql.SQL("  IF {} THEN {}").format(_all_null(new_cols), up),
         sql.SQL("  ELSIF {} THEN {}").format(_all_null(old_cols), down),
@@ -66,11 +63,19 @@ def install(db: Session, plan: str, job: Job) -> None:
     table = quote_table(job.table or "")
     db.execute(function_sql(plan, job))
     db.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
+    # The WHEN clause is checked before the function is entered, so the backfill's own
+    # batches (which compute the new columns themselves) pay no plpgsql call per row.
     db.execute(
         sql.SQL(
-            "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} "
-            "FOR EACH ROW EXECUTE FUNCTION {schema}.{name}()"
-        ).format(name=name, table=table, schema=sql.Identifier("phasegate"))
+            "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
+            "WHEN (current_setting({setting}, true) IS DISTINCT FROM 'on') "
+            "EXECUTE FUNCTION {schema}.{name}()"
+        ).format(
+            name=name,
+            table=table,
+            setting=sql.Literal(BACKFILL_SETTING),
+            schema=sql.Identifier("phasegate"),
+        )
     )
 
 

@@ -1,0 +1,168 @@
+"""The key a batched job walks: which columns, their types, and the SQL to compare them.
+
+A key is the table's primary key (one column or several), else a UNIQUE index whose
+columns are all NOT NULL, else the job's explicit `key:` if a unique index backs it. Any
+btree-orderable type works (integer, bigint, uuid, text, timestamp, ...): key values
+travel as text and are cast back with the column's own type, and several columns compare
+as a row, `(a, b) > (x, y)`, which PostgreSQL answers from the index.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from phasegate.db import Session, quote_table
+from phasegate.errors import RuntimeFailure
+
+KeyValue = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Key:
+    columns: tuple[str, ...]
+    types: tuple[str, ...]  # format_type() output, already quoted by PostgreSQL
+    source: str  # where it came from, for messages
+
+    def tuple(self, alias: str | None = None) -> sql.Composable:
+        """`a` or `(a, b)`, optionally qualified with a table alias."""
+        parts = [
+            sql.Identifier(alias, column) if alias else sql.Identifier(column)
+            for column in self.columns
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return sql.SQL("({})").format(sql.SQL(", ").join(parts))
+
+    def qualified(self, alias: str) -> Key:
+        """The same key whose columns render as `alias.column` in `tuple()`."""
+        return _QualifiedKey(self.columns, self.types, self.source, alias)
+
+    def literal(self, value: KeyValue) -> sql.Composable:
+        """The key value as typed SQL: `'42'::bigint` or `ROW('a'::text, '1'::integer)`."""
+        parts = [
+            sql.SQL("{}::{}").format(sql.Literal(text), sql.SQL(type_))
+            for text, type_ in zip(value, self.types, strict=True)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return sql.SQL("ROW({})").format(sql.SQL(", ").join(parts))
+
+    def order(self, descending: bool = False, alias: str | None = None) -> sql.Composable:
+        direction = sql.SQL(" DESC" if descending else "")
+        return sql.SQL(", ").join(
+            sql.SQL("{}{}").format(
+                sql.Identifier(alias, c) if alias else sql.Identifier(c), direction
+            )
+            for c in self.columns
+        )
+
+    def as_text_array(self, alias: str | None = None) -> sql.Composable:
+        """A json array of the key's columns as text: how a key value reaches Python."""
+        return sql.SQL("json_build_array({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("{}::text").format(sql.Identifier(alias, c) if alias else sql.Identifier(c))
+                for c in self.columns
+            )
+        )
+
+    def describe(self) -> str:
+        return f"{', '.join(self.columns)} ({self.source})"
+
+
+@dataclass(frozen=True)
+class _QualifiedKey(Key):
+    alias: str = ""
+
+    def tuple(self, alias: str | None = None) -> sql.Composable:
+        return super().tuple(alias or self.alias)
+
+
+def encode(value: KeyValue | None) -> str | None:
+    """How a key value is stored in the ledger: plain text for one column, JSON for more."""
+    if value is None:
+        return None
+    return value[0] if len(value) == 1 else json.dumps(list(value))
+
+
+def decode(stored: str | None, key: Key) -> KeyValue | None:
+    if stored is None:
+        return None
+    if len(key.columns) == 1:
+        return (stored,)
+    return tuple(json.loads(stored))
+
+
+def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
+    """The job's key: explicit, else the primary key, else a UNIQUE NOT NULL index."""
+    with db.tx():
+        rel = db.scalar(
+            "SELECT to_regclass(%(t)s)::oid", {"t": quote_table(table).as_string(db.raw)}
+        )
+        if rel is None:
+            raise RuntimeFailure(f"table {table!r} does not exist")
+        candidates = db.dicts(
+            """
+            SELECT i.indisprimary AS primary,
+                   ic.relname AS index_name,
+                   array_agg(a.attname::text ORDER BY k.n) AS columns,
+                   array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.n) AS types,
+                   bool_and(a.attnotnull) AS not_null
+            FROM pg_index i
+            JOIN pg_class ic ON ic.oid = i.indexrelid
+            CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = %(rel)s AND i.indisunique AND i.indisvalid
+              AND i.indpred IS NULL AND i.indexprs IS NULL
+            GROUP BY i.indexrelid, i.indisprimary, ic.relname
+            ORDER BY i.indisprimary DESC, count(*), ic.relname
+            """,
+            {"rel": rel},
+        )
+        if explicit:
+            types = db.dicts(
+                "SELECT attname::text AS name, format_type(atttypid, atttypmod) AS type, "
+                "attnotnull AS not_null FROM pg_attribute "
+                "WHERE attrelid = %(rel)s AND attnum > 0 AND NOT attisdropped",
+                {"rel": rel},
+            )
+    usable = [c for c in candidates if c["not_null"]]
+    if explicit:
+        return _explicit(table, explicit, {t["name"]: t for t in types}, candidates)
+    primary = next((c for c in usable if c["primary"]), None)
+    if primary:
+        return Key(tuple(primary["columns"]), tuple(primary["types"]), "primary key")
+    if usable:
+        best = usable[0]
+        source = f"unique index {best['index_name']} on NOT NULL columns"
+        return Key(tuple(best["columns"]), tuple(best["types"]), source)
+    raise RuntimeFailure(
+        f"table {table!r} has no primary key and no UNIQUE index on NOT NULL columns, so a "
+        "backfill cannot walk it in order and resume exactly. Add one, e.g. "
+        f"ALTER TABLE {table} ADD COLUMN id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY "
+        "(in an expand revision), or CREATE UNIQUE INDEX CONCURRENTLY on NOT NULL column(s) "
+        "and name them in the job's `key:`"
+    )
+
+
+def _explicit(
+    table: str, names: list[str], columns: dict[str, dict], candidates: list[dict]
+) -> Key:
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise RuntimeFailure(f"key column(s) {', '.join(missing)} do not exist in {table!r}")
+    nullable = [n for n in names if not columns[n]["not_null"]]
+    unique = any(sorted(c["columns"]) == sorted(names) for c in candidates)
+    if nullable or not unique:
+        problem = (
+            f"column(s) {', '.join(nullable)} may be NULL"
+            if nullable
+            else "no unique index covers exactly these columns"
+        )
+        raise RuntimeFailure(
+            f"key ({', '.join(names)}) of {table!r} cannot be walked safely: {problem}. A "
+            "backfill key must be unique and NOT NULL, or batches could skip rows"
+        )
+    return Key(tuple(names), tuple(columns[n]["type"] for n in names), "job key")

@@ -1,0 +1,130 @@
+"""How fast a backfill walks: batch sizing, pauses, replica lag, retries.
+
+Sizing follows pt-online-schema-change: aim each batch at a target time using a decaying
+average of rows per second. Only the batch statement itself is timed (a wait that does
+not depend on the batch size, such as a commit or a pause, would otherwise shrink the
+batches to the floor). An explicit batch size turns adaptation off.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+
+import psycopg
+
+from phasegate.db import Session
+
+# SQLSTATEs a batch may hit under load and survive by being retried smaller or later.
+RETRYABLE = {
+    "55P03": "lock timeout",
+    "57014": "statement timeout",
+    "40P01": "deadlock",
+    "40001": "serialization failure",
+}
+
+
+@dataclass
+class BackfillSettings:
+    """Knobs for batched jobs; the CLI fills them, the defaults suit a busy OLTP table."""
+
+    batch_size: int | None = None  # fixed size: turns adaptation off
+    target_ms: float = 60.0
+    min_batch: int = 100
+    max_batch: int = 10_000
+    first_batch: int = 1_000
+    pause: float = 0.0  # seconds between batches
+    pause_ratio: float = 0.0  # sleep this multiple of the last batch's time
+    max_replica_lag: float | None = 10.0  # seconds of replay lag before backing off
+    statement_timeout: str = "30s"  # per batch: SET LOCAL, re-applied on every retry
+    lock_timeout: str = "1s"
+    retries: int = 8
+    workers: int = 1
+    slices: int | None = None  # default: 1 for one worker, 4 per worker otherwise
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def slice_count(self) -> int:
+        if self.slices:
+            return self.slices
+        return 1 if self.workers <= 1 else 4 * self.workers
+
+
+class BatchSizer:
+    """Next batch size from a decaying average of rows/s, clamped and growing gently."""
+
+    WEIGHT = 0.75  # of the old average, as pt-online-schema-change does
+
+    def __init__(self, settings: BackfillSettings, fixed: int | None) -> None:
+        self.fixed = settings.batch_size or fixed  # the command line wins over the plan
+        self.target = settings.target_ms / 1000
+        self.floor, self.ceiling = settings.min_batch, settings.max_batch
+        self.size = self.fixed or settings.first_batch
+        self.rate: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.fixed is None
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Feed the time the batch statement took for `rows` keys."""
+        if not self.adaptive:
+            self.size = self.fixed  # a shrink for a retry lasts one batch
+            return
+        if rows <= 0:
+            return
+        sample = rows / max(seconds, 1e-4)
+        self.rate = (
+            sample if self.rate is None else self.WEIGHT * self.rate + (1 - self.WEIGHT) * sample
+        )
+        wanted = int(self.rate * self.target)
+        self.size = max(self.floor, min(self.ceiling, wanted, self.size * 2))
+
+    def shrink(self) -> None:
+        """After a timeout or lock wait: try again with half the rows."""
+        self.size = max(self.floor if self.adaptive else 1, self.size // 2)
+
+
+class Throttle:
+    """Pauses between batches and backs off while replicas lag."""
+
+    def __init__(self, settings: BackfillSettings) -> None:
+        self.settings = settings
+
+    def after_batch(self, db: Session, batch_seconds: float, notify) -> None:
+        pause = self.settings.pause + self.settings.pause_ratio * batch_seconds
+        if pause > 0 and self.settings.stop.wait(pause):
+            return
+        limit = self.settings.max_replica_lag
+        if limit is None:
+            return
+        delay = 0.5
+        while not self.settings.stop.is_set():
+            lag = replica_lag(db)
+            if lag is None or lag <= limit:
+                return
+            notify(f"replica replay lag {lag:.1f}s > {limit:.1f}s: pausing {delay:.1f}s")
+            self.settings.stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def replica_lag(db: Session) -> float | None:
+    """The worst replay lag among streaming replicas (None: no replicas)."""
+    with db.tx():
+        return db.scalar(
+            "SELECT extract(epoch FROM max(replay_lag))::float8 FROM pg_stat_replication"
+        )
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Why a failed batch may be retried, or None if it must not be."""
+    cause = exc
+    while cause is not None and not isinstance(cause, psycopg.Error):
+        cause = cause.__cause__ or getattr(cause, "orig", None)
+    sqlstate = getattr(cause, "sqlstate", None)
+    return RETRYABLE.get(sqlstate or "")
+
+
+def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Exponential backoff with full jitter: 0.1 s, 0.2 s, 0.4 s ... capped."""
+    return random.uniform(0, min(cap, base * 2**attempt))
