@@ -273,13 +273,15 @@ def assist(
     results: list[JobResult] = []
     while not settings.stop.is_set():
         with db.tx():
-            running = [
+            ready = ledger.exists(db)  # the orchestrator creates the ledger, never a helper
+        with db.tx():
+            running = ready and [
                 w
                 for w in works
                 if ledger.get_checkpoint(db, plan.name, w.checkpoint).status == "running"
                 and ledger.unfinished_slices(db, plan.name, w.checkpoint)
             ]
-        for work in running:
+        for work in running or []:
             key = keys.resolve(db, work.table, work.key)
             walk = _Walk(plan.name, work, key, settings, _Locked(progress), notify, assisting=True)
             started = time.monotonic()
@@ -525,9 +527,10 @@ class _Walk:
         while True:
             try:
                 with db.tx():
-                    _batch_settings(db, self.settings)
                     started = time.perf_counter()
-                    reached, scanned = _next_bound(db, self.work, self.key, last, upper, sizer.size)
+                    reached, scanned = _next_bound(
+                        db, self.work, self.key, last, upper, sizer.size, self.settings
+                    )
                     updated = 0
                     if scanned:
                         updated = db.execute(
@@ -543,16 +546,9 @@ class _Walk:
                         batches=piece.batches + (1 if scanned else 0),
                         status="done" if done else "running",
                     )
-                    ledger.save_slice(db, staged)
-                    if scanned:
-                        ledger.add_progress(
-                            db,
-                            self.plan,
-                            self.work.checkpoint,
-                            updated,
-                            scanned,
-                            staged.last_key if self.single_slice else None,
-                        )
+                    ledger.save_batch(
+                        db, staged, updated, scanned, staged.last_key if self.single_slice else None
+                    )
                 piece.__dict__.update(staged.__dict__)
                 last = reached
                 return elapsed, scanned, updated, last, done
@@ -592,23 +588,32 @@ def _next_bound(
     last: KeyValue | None,
     upper: KeyValue | None,
     size: int,
+    settings: BackfillSettings,
 ) -> tuple[KeyValue | None, int]:
-    """Where the next batch ends and how many keys it spans.
+    """Set the batch's limits, then find where it ends and how many keys it spans.
 
-    The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
-    sort); when fewer keys are left, the batch runs to the slice's end and counts them.
+    One round trip: the transaction's settings (see `_settings_sql`) and the `size`-th
+    key, which comes straight off the index (OFFSET over an index-only scan, no sort).
+    When fewer keys are left, the batch runs to the slice's end and counts them.
     """
     if upper is None:
+        db.execute(sql.SQL("SELECT {}").format(_settings_sql()), _settings_params(settings))
         return last, 0
     table = quote_table(work.table)
     bounds = _bounds(key, last, upper)
     row = db.execute(
-        sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET {} LIMIT 1").format(
-            key.as_text_array(), table, bounds, key.order(), sql.Literal(size - 1)
-        )
+        sql.SQL("SELECT {}, (SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET {} LIMIT 1)").format(
+            _settings_sql(),
+            key.as_text_array(),
+            table,
+            bounds,
+            key.order(),
+            sql.Literal(size - 1),
+        ),
+        _settings_params(settings),
     ).fetchone()
-    if row is not None:
-        return tuple(row[0]), size
+    if row is not None and row[-1] is not None:
+        return tuple(row[-1]), size
     left = db.scalar(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds))
     return (upper, int(left)) if left else (last, 0)
 
@@ -658,19 +663,20 @@ def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) ->
         )
 
 
-def _batch_settings(db: Session, settings: BackfillSettings) -> None:
+def _settings_sql() -> sql.Composable:
     """Per-batch limits, the trigger's step-aside mark, and no wait for the WAL flush.
 
     synchronous_commit off is safe here: the checkpoint commits in the same transaction
     as the batch, so a crash loses both together and the resume simply redoes that batch.
     """
-    db.execute(
-        "SELECT set_config('statement_timeout', %(s)s, true), "
-        "set_config('lock_timeout', %(l)s, true), "
-        "set_config('synchronous_commit', 'off', true), "
-        "set_config(%(mark)s, 'on', true)",
-        {"s": settings.statement_timeout, "l": settings.lock_timeout, "mark": BACKFILL_SETTING},
+    return sql.SQL(
+        "set_config('statement_timeout', %(s)s, true), set_config('lock_timeout', %(l)s, true),"
+        " set_config('synchronous_commit', 'off', true), set_config(%(mark)s, 'on', true)"
     )
+
+
+def _settings_params(settings: BackfillSettings) -> dict[str, str]:
+    return {"s": settings.statement_timeout, "l": settings.lock_timeout, "mark": BACKFILL_SETTING}
 
 
 def _mark_backfill_session(db: Session) -> None:

@@ -27,7 +27,6 @@ from typing import Any
 import click
 import sqlalchemy as sa
 from psycopg import Error as PsycopgError
-from rich.console import Console
 
 from phasegate import __version__, backfill, db, ledger
 from phasegate.errors import (
@@ -479,11 +478,7 @@ def orchestrating(
         allow_data_loss=allow_data_loss,
         backfill=args.backfill,
     )
-    progress = (
-        BarProgress(Console(stderr=True))
-        if sys.stderr.isatty() and not ctx.as_json
-        else LogProgress(sys.stderr)
-    )
+    progress = BarProgress() if sys.stderr.isatty() and not ctx.as_json else LogProgress(sys.stderr)
     with (
         db.locked_session(url, f"{what} {plan_path}", args.lock_timeout) as conn,
         stop_on_signals(args.backfill),
@@ -611,10 +606,11 @@ def worker(ctx: Context, plan_path: str, wait: float, **kw: Any) -> int:
     project, plan = ctx.project(), load_plan(plan_path)
     project.resolve(plan)
     progress = LogProgress(sys.stderr)
-    with db.session(ctx.url(project), f"phasegate worker {plan.name}") as conn:
-        ledger.ensure_schema(conn)
-        with stop_on_signals(settings):
-            results = backfill.assist(conn, plan, settings, progress, log, wait)
+    with (
+        db.session(ctx.url(project), f"phasegate worker {plan.name}") as conn,
+        stop_on_signals(settings),
+    ):
+        results = backfill.assist(conn, plan, settings, progress, log, wait)
     lines = [
         f"job {r.name}: helped with {r.walked:,} rows in {r.batches:,} batches" for r in results
     ] or [f"no running job of {plan.name} needed help within {wait:g}s"]

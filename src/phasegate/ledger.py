@@ -15,7 +15,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from phasegate.db import Session
+from phasegate.db import LOCK_NAMESPACE, Session
 
 SCHEMA = "phasegate"
 SCHEMA_VERSION = 2
@@ -164,6 +164,8 @@ def exists(db: Session) -> bool:
 def ensure_schema(db: Session) -> None:
     """Create or upgrade the ledger; safe to run any number of times (under the lock)."""
     with db.tx():
+        # concurrent creators (an orchestrator and a `phasegate worker`) queue here
+        db.execute("SELECT pg_advisory_xact_lock(%(ns)s, 2)", {"ns": LOCK_NAMESPACE})
         if exists(db) and db.scalar(
             "SELECT value::int >= %(v)s FROM phasegate.meta WHERE key = 'schema_version'",
             {"v": SCHEMA_VERSION},
@@ -289,18 +291,34 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
     )
 
 
-def add_progress(
-    db: Session, plan: str, job: str, rows: int, walked: int, last_key: str | None
-) -> None:
-    """Count one batch into the job's totals (inside the batch's transaction)."""
+def save_batch(db: Session, piece: Slice, rows: int, walked: int, job_last_key: str | None) -> None:
+    """A batch's slice checkpoint and the job's totals: one statement, the batch's transaction."""
     db.execute(
         """
+        WITH piece AS (
+            UPDATE phasegate.job_slice
+            SET last_key = %(last)s, status = %(status)s, rows_done = %(slice_rows)s,
+                batches = %(slice_batches)s, updated_at = now()
+            WHERE plan = %(p)s AND job = %(j)s AND slice = %(n)s
+        )
         UPDATE phasegate.job_checkpoint
-        SET rows_done = rows_done + %(rows)s, batches = batches + 1,
-            walked = walked + %(walked)s, last_key = %(last)s, updated_at = now()
-        WHERE plan = %(plan)s AND job = %(job)s
+        SET rows_done = rows_done + %(rows)s, batches = batches + %(counted)s,
+            walked = walked + %(walked)s, last_key = %(job_last)s, updated_at = now()
+        WHERE plan = %(p)s AND job = %(j)s
         """,
-        {"rows": rows, "walked": walked, "last": last_key, "plan": plan, "job": job},
+        {
+            "last": piece.last_key,
+            "status": piece.status,
+            "slice_rows": piece.rows_done,
+            "slice_batches": piece.batches,
+            "p": piece.plan,
+            "j": piece.job,
+            "n": piece.slice,
+            "rows": rows,
+            "counted": 1 if walked else 0,
+            "walked": walked,
+            "job_last": job_last_key,
+        },
     )
 
 
@@ -361,26 +379,6 @@ def claim_slice(db: Session, plan: str, job: str, owner: str) -> Slice | None:
         )
     claimed.status, claimed.owner = "running", owner
     return claimed
-
-
-def save_slice(db: Session, piece: Slice) -> None:
-    db.execute(
-        """
-        UPDATE phasegate.job_slice
-        SET last_key = %(last)s, status = %(status)s, rows_done = %(rows)s,
-            batches = %(batches)s, updated_at = now()
-        WHERE plan = %(p)s AND job = %(j)s AND slice = %(n)s
-        """,
-        {
-            "last": piece.last_key,
-            "status": piece.status,
-            "rows": piece.rows_done,
-            "batches": piece.batches,
-            "p": piece.plan,
-            "j": piece.job,
-            "n": piece.slice,
-        },
-    )
 
 
 def unfinished_slices(db: Session, plan: str, job: str) -> int:

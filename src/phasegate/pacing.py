@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 
 import psycopg
@@ -30,7 +31,7 @@ class BackfillSettings:
     """Knobs for batched jobs; the CLI fills them, the defaults suit a busy OLTP table."""
 
     batch_size: int | None = None  # fixed size: turns adaptation off
-    target_ms: float = 60.0
+    target_ms: float = 50.0
     min_batch: int = 100
     max_batch: int = 10_000
     first_batch: int = 1_000
@@ -54,6 +55,7 @@ class BatchSizer:
     """Next batch size from a decaying average of rows/s, clamped and growing gently."""
 
     WEIGHT = 0.75  # of the old average, as pt-online-schema-change does
+    SLOW = 1.5  # a batch this many times over target resets the average: tails stay short
 
     def __init__(self, settings: BackfillSettings, fixed: int | None) -> None:
         self.fixed = settings.batch_size or fixed  # the command line wins over the plan
@@ -74,9 +76,10 @@ class BatchSizer:
         if rows <= 0:
             return
         sample = rows / max(seconds, 1e-4)
-        self.rate = (
-            sample if self.rate is None else self.WEIGHT * self.rate + (1 - self.WEIGHT) * sample
-        )
+        if self.rate is None or seconds > self.SLOW * self.target:
+            self.rate = sample  # a slow batch (load, contention) counts in full, at once
+        else:
+            self.rate = self.WEIGHT * self.rate + (1 - self.WEIGHT) * sample
         wanted = int(self.rate * self.target)
         self.size = max(self.floor, min(self.ceiling, wanted, self.size * 2))
 
@@ -88,16 +91,21 @@ class BatchSizer:
 class Throttle:
     """Pauses between batches and backs off while replicas lag."""
 
+    LAG_CHECK_EVERY = 1.0  # seconds: replica lag moves slowly, a query per batch is waste
+
     def __init__(self, settings: BackfillSettings) -> None:
         self.settings = settings
+        self.lag_checked = float("-inf")
 
     def after_batch(self, db: Session, batch_seconds: float, notify) -> None:
         pause = self.settings.pause + self.settings.pause_ratio * batch_seconds
         if pause > 0 and self.settings.stop.wait(pause):
             return
         limit = self.settings.max_replica_lag
-        if limit is None:
+        now = time.monotonic()
+        if limit is None or now - self.lag_checked < self.LAG_CHECK_EVERY:
             return
+        self.lag_checked = now
         delay = 0.5
         while not self.settings.stop.is_set():
             lag = replica_lag(db)

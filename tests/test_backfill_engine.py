@@ -1,0 +1,410 @@
+"""The backfill engine: key types and shapes, refusal, kills, signals, workers, agreement.
+
+Each test builds its own table `t` in a fresh database and runs a backfill-only plan over
+it: `doubled = val * 2` up, `val = doubled / 2` down, so old and new columns must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.engine import make_url
+
+from phasegate import db, provision
+from phasegate.db import libpq_url
+from phasegate.orchestrator import Options, Orchestrator
+from phasegate.pacing import BackfillSettings
+from phasegate.plan import load_plan
+from phasegate.revisions import AlembicProject
+
+from .conftest import ALEMBIC_INI, ROOT, Phasegate
+
+ROWS = 2000
+PLAN_TEXT = """\
+plan: engine-test
+app: enginetest
+baseline_compatible: ">=0"
+phases:
+  backfill:
+    compatible: ">=0"
+    jobs:
+      - name: fill
+        table: t
+{key}        set:
+          doubled: new.val * 2
+        where: new.doubled IS NULL
+        sync:
+          down:
+            val: new.doubled / 2
+"""
+
+KEYS = {
+    "bigint": ("k bigint PRIMARY KEY", "g"),
+    "uuid": ("k uuid PRIMARY KEY", "md5(g::text)::uuid"),
+    "text": ("k text PRIMARY KEY", "md5(g::text)"),
+    "timestamptz": ("k timestamptz PRIMARY KEY", "'2026-01-01'::timestamptz + g * interval '1 ms'"),
+}
+
+
+def make_plan(tmp_path: Path, key: str = "") -> str:
+    path = tmp_path / "engine.yaml"
+    path.write_text(PLAN_TEXT.format(key=f"        key: {key}\n" if key else ""))
+    return str(path)
+
+
+def execute(url: str, *statements: str) -> None:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def fetch(url: str, query: str) -> list[tuple]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        return conn.execute(query).fetchall()
+
+
+def assert_all_agree(url: str, rows: int) -> None:
+    [(total, agreeing)] = fetch(
+        url, "SELECT count(*), count(*) FILTER (WHERE doubled = val * 2) FROM t"
+    )
+    assert (total, agreeing) == (rows, rows)
+
+
+def checkpoint(url: str) -> dict:
+    [row] = fetch(
+        url,
+        "SELECT json_build_object('status', status, 'walked', walked, 'rows', rows_done,"
+        " 'batches', batches) FROM phasegate.job_checkpoint WHERE job = 'fill'",
+    )
+    return row[0]
+
+
+@pytest.mark.parametrize("kind", sorted(KEYS))
+def test_single_column_keys_of_every_type(kind: str, database_url: str, tmp_path: Path) -> None:
+    column, value = KEYS[kind]
+    execute(
+        database_url,
+        f"CREATE TABLE t ({column}, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT {value}, g FROM generate_series(1, {ROWS}) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--batch-size", "97", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+    assert checkpoint(database_url) == {
+        "status": "done",
+        "walked": ROWS,
+        "rows": ROWS,
+        "batches": -(-ROWS // 97),
+    }
+
+
+def test_composite_primary_key_walks_as_a_row(database_url: str, tmp_path: Path) -> None:
+    execute(
+        database_url,
+        "CREATE TABLE t (a int, b text, val int NOT NULL, doubled int, PRIMARY KEY (a, b))",
+        f"INSERT INTO t SELECT g % 7, md5(g::text), g FROM generate_series(1, {ROWS}) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--batch-size", "50", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    assert "walking a, b (primary key)" in result.stderr
+    assert_all_agree(database_url, ROWS)
+    assert checkpoint(database_url)["walked"] == ROWS
+    [(last_key,)] = fetch(database_url, "SELECT last_key FROM phasegate.job_checkpoint")
+    assert json.loads(last_key)[0] == "6"  # the largest (a, b) pair, stored as a JSON row
+
+
+def test_without_primary_key_a_unique_not_null_column_is_used(
+    database_url: str, tmp_path: Path
+) -> None:
+    execute(
+        database_url,
+        "CREATE TABLE t (code text NOT NULL UNIQUE, nick text UNIQUE, val int NOT NULL, "
+        "doubled int)",
+        f"INSERT INTO t SELECT 'c' || g, NULL, g FROM generate_series(1, {ROWS}) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    assert "walking code (unique index t_code_key on NOT NULL columns)" in result.stderr
+    assert_all_agree(database_url, ROWS)
+
+
+def test_without_any_usable_key_the_refusal_says_what_to_add(
+    database_url: str, tmp_path: Path
+) -> None:
+    execute(
+        database_url,
+        "CREATE TABLE t (nick text UNIQUE, val int NOT NULL, doubled int)",
+        "INSERT INTO t SELECT NULL, g FROM generate_series(1, 10) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--yes"
+    )
+    assert result.exit_code == 3
+    assert "has no primary key and no UNIQUE index on NOT NULL columns" in result.stderr
+    assert "ADD COLUMN id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY" in result.stderr
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path, key="nick"), "--live-version", "1", "--yes"
+    )
+    assert result.exit_code == 3 and "may be NULL" in result.stderr
+
+
+def test_parallel_workers_claim_slices(database_url: str, tmp_path: Path) -> None:
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    flags = ["--workers", "3", "--slices", "6", "--batch-size", "50", "--pause", "0.01"]
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--yes", *flags
+    )
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+    slices = fetch(
+        database_url, "SELECT status, owner, lower_key, upper_key FROM phasegate.job_slice"
+    )
+    assert len(slices) == 6 and {s[0] for s in slices} == {"done"}
+    assert len({s[1] for s in slices}) >= 2  # the slices were shared out
+    assert checkpoint(database_url)["walked"] == ROWS  # and no key was walked twice
+
+
+def cli(url: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PHASEGATE_DATABASE_URL": url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def poll(url: str, query: str) -> list[tuple]:
+    """`query`'s rows, or none while the process under test has not created the ledger."""
+    try:
+        return fetch(url, query)
+    except psycopg.errors.UndefinedTable:
+        return []
+
+
+def wait_for_batches(url: str, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = poll(url, "SELECT batches FROM phasegate.job_checkpoint WHERE job = 'fill'")
+        if rows and rows[0][0] >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the backfill did not reach {at_least} batches")
+
+
+def seeded_table(url: str) -> None:
+    execute(
+        url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+
+
+def test_resume_after_kill_at_a_random_batch(database_url: str, tmp_path: Path) -> None:
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    kill_after = random.randint(2, 12)
+    process = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes",
+        "--batch-size", "40", "--pause", "0.02",
+    )  # fmt: skip
+    wait_for_batches(database_url, kill_after)
+    process.kill()  # SIGKILL: no chance to clean up; the batch in flight rolls back
+    process.communicate()
+    before = checkpoint(database_url)
+    [(updated,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
+    assert before["status"] == "running" and before["rows"] == updated  # checkpoint = data
+
+    result = Phasegate(database_url)(
+        "backfill", plan, "--live-version", "1", "--batch-size", "40", "--yes"
+    )
+    assert result.exit_code == 0, (kill_after, result.output)
+    assert_all_agree(database_url, ROWS)
+    assert checkpoint(database_url)["walked"] == ROWS  # resumed: every key walked exactly once
+
+
+def test_sigterm_finishes_the_batch_checkpoints_and_says_how_to_resume(
+    database_url: str, tmp_path: Path
+) -> None:
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    process = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes",
+        "--batch-size", "40", "--pause", "0.05",
+    )  # fmt: skip
+    wait_for_batches(database_url, 3)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 3, err
+    assert "SIGTERM: finishing the current batch" in err
+    assert "stopped on request" in err and "Resume with the same command" in err
+    stopped = checkpoint(database_url)
+    assert 0 < stopped["walked"] < ROWS and stopped["rows"] == stopped["walked"]
+    status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
+    assert (status["state"], status["next"]) == ("failed", "backfill")
+
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+    assert checkpoint(database_url)["walked"] == ROWS
+
+
+def test_a_worker_elsewhere_helps_and_its_crash_is_absorbed(
+    database_url: str, tmp_path: Path
+) -> None:
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    flags = ["--batch-size", "20", "--pause", "0.03"]
+    owner = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "4",
+                *flags)  # fmt: skip
+    helper = cli(database_url, "worker", plan, "--wait", "30", *flags)
+    held: list[tuple] = []
+    deadline = time.monotonic() + 60
+    while not held and time.monotonic() < deadline:  # wait for the helper to hold a slice
+        held = poll(
+            database_url,
+            "SELECT slice FROM phasegate.job_slice WHERE owner LIKE 'assist%' "
+            "AND status = 'running'",
+        )
+        time.sleep(0.02)
+    helper.kill()  # crash it mid-slice
+    helper.communicate()
+    assert held, "the helper never claimed a slice"
+    _out, err = owner.communicate(timeout=120)
+    assert owner.returncode == 0, err
+    assert_all_agree(database_url, ROWS)
+    slices = dict(
+        fetch(database_url, "SELECT slice, status || ' by ' || owner FROM phasegate.job_slice")
+    )
+    assert len(slices) == 4 and all(v.startswith("done") for v in slices.values())
+    assert slices[held[0][0]] == "done by worker 0"  # the crashed helper's slice, taken over
+    assert checkpoint(database_url)["walked"] >= ROWS
+
+
+def test_status_from_another_terminal_shows_rate_and_eta(database_url: str, tmp_path: Path) -> None:
+    seeded_table(database_url)
+    execute(database_url, "ANALYZE t")
+    plan = make_plan(tmp_path)
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes",
+                  "--batch-size", "40", "--pause", "0.05")  # fmt: skip
+    try:
+        wait_for_batches(database_url, 4)
+        status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    [job] = [j for j in status["jobs"] if j["name"] == "fill"]
+    assert job["status"] == "running" and job["total_estimate"] == ROWS
+    assert job["rows_per_second"] > 0 and job["eta_seconds"] > 0
+
+
+# -- old-code writes, new-code writes and batches, in any interleaving ------------------------
+
+Write = tuple[str, int, int]  # (kind, row, value)
+writes = st.lists(
+    st.tuples(
+        st.sampled_from(["old-insert", "new-insert", "old-update", "new-update"]),
+        st.integers(min_value=1, max_value=300),
+        st.integers(min_value=-500, max_value=500),
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+@pytest.fixture(scope="module")
+def agreement_template(pg_server: provision.Server) -> Iterator[str]:
+    url = pg_server.create_database("pgagree")
+    seeded_table_small = [
+        "CREATE TABLE t (k bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, "
+        "val int, doubled int)",
+        "INSERT INTO t (k, val) SELECT g, g FROM generate_series(1, 300) g",
+        "SELECT setval(pg_get_serial_sequence('t', 'k'), 300)",
+    ]
+    execute(url, *seeded_table_small)
+    yield make_url(url).database
+    pg_server.drop_database(url)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(sequence=writes)
+def test_trigger_and_backfill_agree_under_any_interleaving(
+    sequence: list[Write], pg_server: provision.Server, agreement_template: str, tmp_path: Path
+) -> None:
+    url = pg_server.create_database("pgagree", template=agreement_template)
+    try:
+        plan = load_plan(make_plan(tmp_path))
+        project = AlembicProject(ALEMBIC_INI)
+        options = Options(
+            actor="test",
+            live_versions=("1",),
+            backfill=BackfillSettings(batch_size=7, pause=0.002),
+        )
+        errors: list[BaseException] = []
+
+        def run_backfill() -> None:
+            try:
+                with db.locked_session(url, "test backfill") as session:
+                    Orchestrator(session, project, plan, options).advance(only="backfill")
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=run_backfill)
+        worker.start()
+        with psycopg.connect(libpq_url(url), autocommit=True) as app:
+            # new code may write only once backfill has installed the trigger (the gate's
+            # promise); from then on, write while the batches run
+            deadline = time.monotonic() + 30
+            installed = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync%'"
+            while not app.execute(installed).fetchone()[0]:
+                assert time.monotonic() < deadline and worker.is_alive(), errors
+                time.sleep(0.005)
+            for kind, row, value in sequence:
+                even = value * 2
+                if kind == "old-insert":
+                    app.execute("INSERT INTO t (val) VALUES (%s)", (value,))
+                elif kind == "new-insert":
+                    app.execute("INSERT INTO t (doubled) VALUES (%s)", (even,))
+                elif kind == "old-update":
+                    app.execute("UPDATE t SET val = %s WHERE k = %s", (value, row))
+                else:
+                    app.execute("UPDATE t SET doubled = %s WHERE k = %s", (even, row))
+        worker.join()
+        assert not errors, errors
+        [(total, agreeing)] = fetch(
+            url, "SELECT count(*), count(*) FILTER (WHERE doubled = val * 2) FROM t"
+        )
+        assert total == agreeing, fetch(
+            url, "SELECT * FROM t WHERE doubled IS DISTINCT FROM val * 2"
+        )
+    finally:
+        pg_server.drop_database(url)
