@@ -59,9 +59,13 @@ KEYS = {
 }
 
 
+def make_plan_text(key: str = "") -> str:
+    return PLAN_TEXT.format(key=f"        key: {key}\n" if key else "")
+
+
 def make_plan(tmp_path: Path, key: str = "") -> str:
     path = tmp_path / "engine.yaml"
-    path.write_text(PLAN_TEXT.format(key=f"        key: {key}\n" if key else ""))
+    path.write_text(make_plan_text(key))
     return str(path)
 
 
@@ -408,3 +412,27 @@ def test_trigger_and_backfill_agree_under_any_interleaving(
         )
     finally:
         pg_server.drop_database(url)
+
+
+def test_percent_signs_in_author_sql_survive_every_path(database_url: str, tmp_path: Path) -> None:
+    """`%` in a plan's SQL must reach PostgreSQL as written: in batches (which use parameters),
+    in the trigger and in verification (which do not)."""
+    seeded_table(database_url)
+    plan = tmp_path / "percent.yaml"
+    plan.write_text(
+        make_plan_text()
+        .replace(
+            "doubled: new.val * 2",
+            "doubled: \"new.val * 2 + CASE WHEN 'x%' LIKE '%' THEN 0 ELSE 1 END\"",
+        )
+        .replace(
+            "where: new.doubled IS NULL",
+            "where: \"new.doubled IS NULL AND 'a%b' LIKE 'a%'\"",
+        )
+    )
+    result = Phasegate(database_url)(
+        "backfill", str(plan), "--live-version", "1", "--batch-size", "300", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    execute(database_url, "INSERT INTO t (k, val) VALUES (999999, 21)")  # through the trigger
+    assert_all_agree(database_url, ROWS + 1)

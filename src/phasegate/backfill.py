@@ -534,7 +534,7 @@ class _Walk:
                     updated = 0
                     if scanned:
                         updated = db.execute(
-                            _update_range(self.work, self.key, last, reached)
+                            *_update_range(db, self.work, self.key, last, reached)
                         ).rowcount
                     elapsed = time.perf_counter() - started
                     done = not scanned or reached == upper
@@ -574,11 +574,16 @@ class _Walk:
                 self.settings.stop.wait(pause)
 
 
-def _bounds(key: Key, last: KeyValue | None, upper: KeyValue) -> sql.Composable:
-    bounds = [sql.SQL("{} <= {}").format(key.tuple(), key.literal(upper))]
+def _bounds(
+    key: Key, last: KeyValue | None, upper: KeyValue
+) -> tuple[sql.Composable, dict[str, str]]:
+    """`key > last AND key <= upper` with the values as parameters."""
+    bounds = [sql.SQL("{} <= {}").format(key.tuple(), key.placeholder("upper"))]
+    params = key.params("upper", upper)
     if last is not None:
-        bounds.insert(0, sql.SQL("{} > {}").format(key.tuple(), key.literal(last)))
-    return sql.SQL(" AND ").join(bounds)
+        bounds.insert(0, sql.SQL("{} > {}").format(key.tuple(), key.placeholder("last")))
+        params |= key.params("last", last)
+    return sql.SQL(" AND ").join(bounds), params
 
 
 def _next_bound(
@@ -600,27 +605,31 @@ def _next_bound(
         db.execute(sql.SQL("SELECT {}").format(_settings_sql()), _settings_params(settings))
         return last, 0
     table = quote_table(work.table)
-    bounds = _bounds(key, last, upper)
+    bounds, params = _bounds(key, last, upper)
     row = db.execute(
-        sql.SQL("SELECT {}, (SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET {} LIMIT 1)").format(
-            _settings_sql(),
-            key.as_text_array(),
-            table,
-            bounds,
-            key.order(),
-            sql.Literal(size - 1),
+        sql.SQL(
+            "SELECT {settings}, (SELECT {last} FROM ("
+            " SELECT {cols} FROM {table} WHERE {bounds} ORDER BY {order}"
+            " OFFSET %(skip)s LIMIT 1) AS phasegate_bound)"
+        ).format(
+            settings=_settings_sql(),
+            last=key.as_text_array(),
+            cols=sql.SQL(", ").join(sql.Identifier(c) for c in key.columns),
+            table=table,
+            bounds=bounds,
+            order=key.order(),
         ),
-        _settings_params(settings),
+        {**_settings_params(settings), **params, "skip": size - 1},
     ).fetchone()
     if row is not None and row[-1] is not None:
         return tuple(row[-1]), size
-    left = db.scalar(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds))
+    left = db.scalar(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds), params)
     return (upper, int(left)) if left else (last, 0)
 
 
 def _update_range(
-    work: BatchedWork, key: Key, last: KeyValue | None, batch_last: KeyValue
-) -> sql.Composed:
+    db: Session, work: BatchedWork, key: Key, last: KeyValue | None, batch_last: KeyValue
+) -> tuple[sql.Composed, dict[str, str]]:
     """Update the rows of one key range that still need it.
 
     A plain range predicate lets PostgreSQL walk the key's index straight into the update,
@@ -628,15 +637,22 @@ def _update_range(
     A row inserted into the range in between is updated too, which is harmless.
     """
     assignments = sql.SQL(", ").join(
-        sql.SQL("{} = ({})").format(sql.Identifier(column), sql.SQL(expression))
+        sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
         for column, expression in work.assignments.items()
     )
-    return sql.SQL("UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})").format(
+    bounds, params = _bounds(key.qualified("new"), last, batch_last)
+    statement = sql.SQL("UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})")
+    return statement.format(
         table=quote_table(work.table),
         assignments=assignments,
-        bounds=_bounds(key.qualified("new"), last, batch_last),
-        where=work.where,
-    )
+        bounds=bounds,
+        where=_with_params(work.where.as_string(db.raw)),
+    ), params
+
+
+def _with_params(expression: str) -> sql.Composable:
+    """Author SQL inside a statement that has parameters: a literal `%` must be doubled."""
+    return sql.SQL(expression.replace("%", "%%"))
 
 
 def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) -> None:

@@ -50,6 +50,19 @@ class Key:
             return parts[0]
         return sql.SQL("ROW({})").format(sql.SQL(", ").join(parts))
 
+    def placeholder(self, name: str) -> sql.Composable:
+        """The key value as typed parameters, so repeated batches share one prepared plan."""
+        parts = [
+            sql.SQL("{}::{}").format(sql.Placeholder(f"{name}{i}"), sql.SQL(type_))
+            for i, type_ in enumerate(self.types)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return sql.SQL("ROW({})").format(sql.SQL(", ").join(parts))
+
+    def params(self, name: str, value: KeyValue) -> dict[str, str]:
+        return {f"{name}{i}": text for i, text in enumerate(value)}
+
     def order(self, descending: bool = False, alias: str | None = None) -> sql.Composable:
         direction = sql.SQL(" DESC" if descending else "")
         return sql.SQL(", ").join(
