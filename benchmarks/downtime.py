@@ -34,33 +34,33 @@ on it (a seeded template and one clone per contestant) and dropped at the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
+from _common import (
+    PLAN,
+    ROOT,
+    child_env,
+    drop_all,
+    load_example,
+    make_template,
+    note,
+    phasegate_argv,
+    server_version,
+)
 
 from phasegate import provision
-from phasegate.db import URL_ENV_VARS, libpq_url, mask_url
+from phasegate.db import libpq_url, mask_url
 
-warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-
-ROOT = Path(__file__).resolve().parents[1]
-ALEMBIC_INI = ROOT / "alembic.ini"
-PLAN = ROOT / "plans" / "bug_root_cause.yaml"
 FUNCTION_SQL = ROOT / "migrations" / "sql" / "root_cause_id_for.sql"
 HEAD_REVISION = "e59b1f0c3d82"  # the plan's contract revision: head of migrations/
 
@@ -121,22 +121,6 @@ WHERE a.datname = current_database() AND a.application_name LIKE 'bugtracker/%'
 """
 
 
-def load_example(name: str) -> ModuleType:
-    """Import a file of examples/bugtracker by path (it is an example, not a package)."""
-    module_name = f"bugtracker_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = ROOT / "examples" / "bugtracker" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-seed_mod = load_example("seed")
 app_mod = load_example("app")
 
 
@@ -353,22 +337,9 @@ def during(steps: list[Step], start: float, end: float) -> str:
 
 def phasegate_cli(url: str, phase: str) -> tuple[int, str, str]:
     """Run ``python -m phasegate --json <phase> PLAN --yes``; returns (exit, message, stderr)."""
-    env = {k: v for k, v in os.environ.items() if k not in URL_ENV_VARS}
-    command = [
-        sys.executable,
-        "-m",
-        "phasegate",
-        "--database-url",
-        url,
-        "--config",
-        str(ALEMBIC_INI),
-        "--json",
-        phase,
-        str(PLAN),
-        "--yes",
-    ]
+    command = phasegate_argv(url, "--json", phase, str(PLAN), "--yes")
     done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S
+        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=PHASE_TIMEOUT_S
     )
     message = ""
     try:
@@ -466,28 +437,6 @@ def run_naive(url: str, rows: int, ops: float) -> Result:
 
 
 # -- setup, report, main ----------------------------------------------------------------------
-
-
-def make_template(server: provision.Server, rows: int) -> str:
-    """A database at the revision before the plan with ``rows`` v1 bugs; returns its URL."""
-    url = server.create_database("bench_tpl")
-    engine = sa.create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as connection:
-            seed_mod.upgrade_to_before_plan(connection, str(ALEMBIC_INI), str(PLAN))
-            seed_mod.seed_bugs(connection, rows)
-            connection.commit()
-    finally:
-        engine.dispose()
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE")
-    return url
-
-
-def server_version(url: str) -> str:
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]).split()[0] if row else "?"
 
 
 def verdicts(pg: Result, naive: Result) -> tuple[bool, list[str]]:
@@ -594,9 +543,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops_per_second <= 0:
         parser.error("--ops-per-second must be > 0")
 
-    def note(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     began = time.monotonic()
     server = provision.start(args.database_url)
     created: list[str] = []
@@ -619,11 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_version": server_version(server.url),
         }
     finally:
-        for url in reversed(created):
-            try:
-                server.drop_database(url)
-            except Exception as exc:
-                note(f"warning: could not drop {mask_url(url)}: {exc}")
+        drop_all(server, created)
         server.close()
     pg, naive = results
     passed, lines = verdicts(pg, naive)
