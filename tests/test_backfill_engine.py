@@ -233,10 +233,8 @@ def test_resume_after_kill_at_a_random_batch(database_url: str, tmp_path: Path) 
     seeded_table(database_url)
     plan = make_plan(tmp_path)
     kill_after = random.randint(2, 12)
-    process = cli(
-        database_url, "backfill", plan, "--live-version", "1", "--yes",
-        "--batch-size", "40", "--pause", "0.02",
-    )  # fmt: skip
+    slow = ["--batch-size", "40", "--pause", "0.02"]
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *slow)
     wait_for_batches(database_url, kill_after)
     process.kill()  # SIGKILL: no chance to clean up; the batch in flight rolls back
     process.communicate()
@@ -257,10 +255,8 @@ def test_sigterm_finishes_the_batch_checkpoints_and_says_how_to_resume(
 ) -> None:
     seeded_table(database_url)
     plan = make_plan(tmp_path)
-    process = cli(
-        database_url, "backfill", plan, "--live-version", "1", "--yes",
-        "--batch-size", "40", "--pause", "0.05",
-    )  # fmt: skip
+    slow = ["--batch-size", "40", "--pause", "0.05"]
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *slow)
     wait_for_batches(database_url, 3)
     process.send_signal(signal.SIGTERM)
     _out, err = process.communicate(timeout=60)
@@ -284,8 +280,9 @@ def test_a_worker_elsewhere_helps_and_its_crash_is_absorbed(
     seeded_table(database_url)
     plan = make_plan(tmp_path)
     flags = ["--batch-size", "20", "--pause", "0.03"]
-    owner = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "4",
-                *flags)  # fmt: skip
+    owner = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "4", *flags
+    )
     helper = cli(database_url, "worker", plan, "--wait", "30", *flags)
     held: list[tuple] = []
     deadline = time.monotonic() + 60
@@ -314,8 +311,8 @@ def test_status_from_another_terminal_shows_rate_and_eta(database_url: str, tmp_
     seeded_table(database_url)
     execute(database_url, "ANALYZE t")
     plan = make_plan(tmp_path)
-    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes",
-                  "--batch-size", "40", "--pause", "0.05")  # fmt: skip
+    slow = ["--batch-size", "40", "--pause", "0.05"]
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *slow)
     try:
         wait_for_batches(database_url, 4)
         status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
