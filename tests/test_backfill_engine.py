@@ -433,3 +433,80 @@ def test_percent_signs_in_author_sql_survive_every_path(database_url: str, tmp_p
     assert result.exit_code == 0, result.output
     execute(database_url, "INSERT INTO t (k, val) VALUES (999999, 21)")  # through the trigger
     assert_all_agree(database_url, ROWS + 1)
+
+
+def test_a_helper_on_another_process_takes_slices_and_exits_0(
+    database_url: str, tmp_path: Path
+) -> None:
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    slow = ["--batch-size", "20", "--pause", "0.02"]
+    owner = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "6", *slow
+    )
+    helper = cli(database_url, "worker", plan, "--wait", "30", *slow)
+    _out, owner_err = owner.communicate(timeout=120)
+    helper_out, helper_err = helper.communicate(timeout=120)
+    assert owner.returncode == 0, owner_err
+    assert helper.returncode == 0, helper_err
+    assert "helped with" in helper_out
+    assert_all_agree(database_url, ROWS)
+    owners = {r[0] for r in fetch(database_url, "SELECT owner FROM phasegate.job_slice")}
+    assert "assist 0" in owners and "worker 0" in owners
+    assert checkpoint(database_url)["walked"] == ROWS
+
+
+def test_a_stopped_helper_exits_3(database_url: str, tmp_path: Path) -> None:
+    seeded_table(database_url)
+    helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "60")
+    time.sleep(1.5)
+    helper.send_signal(signal.SIGTERM)
+    _out, err = helper.communicate(timeout=60)
+    assert helper.returncode == 3, err
+    assert "stopped on request" in err
+
+
+def test_a_floating_point_key_is_refused(database_url: str, tmp_path: Path) -> None:
+    execute(
+        database_url,
+        "CREATE TABLE t (k double precision PRIMARY KEY, val int NOT NULL, doubled int)",
+        "INSERT INTO t SELECT g / 3.0, g FROM generate_series(1, 10) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--yes"
+    )
+    assert result.exit_code == 3
+    assert "floating point" in result.stderr
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL") == [(0,)]
+
+
+def test_a_second_signal_aborts_with_exit_3_and_the_ledger_says_failed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The first signal asks for a stop after the batch; a second, while that batch still
+    waits on a lock, aborts it: exit 3, and the ledger records the failure, not 'running'."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    blocker = psycopg.connect(libpq_url(database_url))
+    blocker.execute("SELECT * FROM t WHERE k = 100 FOR UPDATE")
+    try:
+        flags = ["--batch-size", "20", "--batch-lock-timeout", "60s"]
+        process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *flags)
+        deadline = time.monotonic() + 60
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name LIKE 'phasegate backfill%'"  # noqa: E501
+        while not fetch(database_url, waiting)[0][0]:
+            assert time.monotonic() < deadline, "the batch never waited on the locked row"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+    finally:
+        blocker.close()
+    assert process.returncode == 3, err
+    assert "aborted by a second signal" in err
+    [(state,)] = fetch(database_url, "SELECT state FROM phasegate.plan_state")
+    assert state == "failed"
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)

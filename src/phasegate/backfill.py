@@ -283,6 +283,7 @@ def assist(
             ]
         for work in running or []:
             key = keys.resolve(db, work.table, work.key)
+            progress.job_started(work.checkpoint, None, 0)
             walk = _Walk(plan.name, work, key, settings, _Locked(progress), notify, assisting=True)
             started = time.monotonic()
             walk.run(db)
@@ -301,10 +302,15 @@ def assist(
                     walk.percentiles(),
                 )
             )
+        if settings.stop.is_set():
+            break
         if running or time.monotonic() >= deadline:
             return results
         settings.stop.wait(0.5)
-    return results
+    raise Interrupted(
+        f"stopped on request; every batch this worker committed is checkpointed. Start "
+        f"`phasegate worker` again to keep helping with {plan.name!r}"
+    )
 
 
 def count_remaining(db: Session, table: str, where: sql.Composable) -> int:
@@ -467,6 +473,7 @@ class _Walk:
     def _own_session(self, number: int) -> None:
         try:
             with dbmod.session(self._url, f"phasegate backfill worker {number}") as session:
+                session.set_timeouts(self.settings.lock_timeout, self.settings.statement_timeout)
                 self._worker(session, number)
         except BaseException as exc:  # surfaced by run_batched
             self._fail(exc)
@@ -475,6 +482,7 @@ class _Walk:
         owner = f"{'assist' if self.assisting else 'worker'} {number}"
         sizer = BatchSizer(self.settings, self.work.batch_size)
         throttle = Throttle(self.settings)
+        reported = time.monotonic()
         try:
             while not self._halted():
                 piece = ledger.claim_slice(db, self.plan, self.work.checkpoint, owner)
@@ -483,11 +491,30 @@ class _Walk:
                         left = ledger.unfinished_slices(db, self.plan, self.work.checkpoint)
                     if not left or self.assisting:
                         return
+                    if time.monotonic() - reported >= self.HOLDER_REPORT_EVERY:
+                        reported = time.monotonic()
+                        self._report_holders(db)
                     self.settings.stop.wait(0.5)  # others hold the rest; a crash frees it
                     continue
-                self._walk_slice(db, piece, sizer, throttle)
+                try:
+                    self._walk_slice(db, piece, sizer, throttle)
+                finally:
+                    ledger.release_slice(db, piece)
         except BaseException as exc:
             self._fail(exc)
+
+    HOLDER_REPORT_EVERY = 30.0
+
+    def _report_holders(self, db: Session) -> None:
+        """Waiting on slices other sessions hold: say who, and how to unblock a stuck one."""
+        for held in ledger.slice_holders(db, self.plan, self.work.checkpoint):
+            self.notify(
+                f"job {self.work.checkpoint}: waiting for slice {held['slice']}, held by "
+                f"{held['owner']} (backend pid {held['owner_pid']}), last batch "
+                f"{held['idle']} ago; if that worker is stuck or its host is gone, stop it "
+                f"or run SELECT pg_terminate_backend({held['owner_pid']}) and its slice is "
+                f"taken over"
+            )
 
     def _fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -554,6 +581,13 @@ class _Walk:
                 return elapsed, scanned, updated, last, done
             except Exception as exc:
                 reason = retry_reason(exc)
+                if reason is not None and self.settings.stop.is_set():
+                    raise Interrupted(
+                        f"job {self.work.checkpoint!r} stopped on request while a batch waited "
+                        f"({reason}); that batch was rolled back, every one before it is "
+                        "committed. Resume with the same command",
+                        job=self.work.checkpoint,
+                    ) from exc
                 if reason is None or attempt >= self.settings.retries or self._halted():
                     if reason is not None:
                         raise RuntimeFailure(
@@ -597,29 +631,29 @@ def _next_bound(
 ) -> tuple[KeyValue | None, int]:
     """Set the batch's limits, then find where it ends and how many keys it spans.
 
-    One round trip: the transaction's settings (see `_settings_sql`) and the `size`-th
-    key, which comes straight off the index (OFFSET over an index-only scan, no sort).
-    When fewer keys are left, the batch runs to the slice's end and counts them.
+    The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
+    sort). When fewer keys are left, the batch runs to the slice's end and counts them.
     """
+    # its own statement: set_config inside a statement does not govern that statement
+    # (the statement timer starts before it runs, and its locks are taken while planning)
+    db.execute(sql.SQL("SELECT {}").format(_settings_sql()), _settings_params(settings))
     if upper is None:
-        db.execute(sql.SQL("SELECT {}").format(_settings_sql()), _settings_params(settings))
         return last, 0
     table = quote_table(work.table)
     bounds, params = _bounds(key, last, upper)
     row = db.execute(
         sql.SQL(
-            "SELECT {settings}, (SELECT {last} FROM ("
+            "SELECT (SELECT {last} FROM ("
             " SELECT {cols} FROM {table} WHERE {bounds} ORDER BY {order}"
             " OFFSET %(skip)s LIMIT 1) AS phasegate_bound)"
         ).format(
-            settings=_settings_sql(),
             last=key.as_text_array(),
             cols=sql.SQL(", ").join(sql.Identifier(c) for c in key.columns),
             table=table,
             bounds=bounds,
             order=key.order(),
         ),
-        {**_settings_params(settings), **params, "skip": size - 1},
+        {**params, "skip": size - 1},
     ).fetchone()
     if row is not None and row[-1] is not None:
         return tuple(row[-1]), size

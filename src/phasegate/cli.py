@@ -88,6 +88,13 @@ def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
             details = json.loads(ctx.scrub(json.dumps(exc.to_dict(), default=str)))
             _report_error(ctx, exc.exit_code, {**details, "message": message})
             code = exc.exit_code
+        except KeyboardInterrupt:
+            message = (
+                "aborted by a second signal; what was committed stays, and the ledger records "
+                "where to resume: run the same command again"
+            )
+            _report_error(ctx, EXIT_FAILURE, {"kind": "interrupted", "message": message})
+            code = EXIT_FAILURE
         except (sa.exc.SQLAlchemyError, PsycopgError) as exc:
             original = getattr(exc, "orig", None) or exc
             message = ctx.scrub(str(original).strip())
@@ -610,6 +617,7 @@ def worker(ctx: Context, plan_path: str, wait: float, **kw: Any) -> int:
         db.session(ctx.url(project), f"phasegate worker {plan.name}") as conn,
         stop_on_signals(settings),
     ):
+        conn.set_timeouts(settings.lock_timeout, settings.statement_timeout)
         results = backfill.assist(conn, plan, settings, progress, log, wait)
     lines = [
         f"job {r.name}: helped with {r.walked:,} rows in {r.batches:,} batches" for r in results

@@ -18,6 +18,9 @@ from phasegate.db import Session, quote_table
 from phasegate.errors import RuntimeFailure
 
 KeyValue = tuple[str, ...]
+_DATETIME = ("timestamp", "date", "time")
+# text forms that need not round-trip exactly (extra_float_digits): not walkable keys
+_INEXACT = ("real", "double precision")
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,19 @@ class Key:
         )
 
     def as_text_array(self, alias: str | None = None) -> sql.Composable:
-        """A json array of the key's columns as text: how a key value reaches Python."""
-        return sql.SQL("json_build_array({})").format(
-            sql.SQL(", ").join(
-                sql.SQL("{}::text").format(sql.Identifier(alias, c) if alias else sql.Identifier(c))
-                for c in self.columns
-            )
-        )
+        """A json array of the key's columns as text: how a key value reaches Python.
+
+        Dates and times go through to_json, which writes ISO 8601 whatever the session's
+        DateStyle, so a worker with other settings reads the stored key back exactly.
+        """
+        parts = []
+        for column, type_ in zip(self.columns, self.types, strict=True):
+            ref = sql.Identifier(alias, column) if alias else sql.Identifier(column)
+            if type_.startswith(_DATETIME):
+                parts.append(sql.SQL("to_json({}) #>> '{{}}'").format(ref))
+            else:
+                parts.append(sql.SQL("{}::text").format(ref))
+        return sql.SQL("json_build_array({})").format(sql.SQL(", ").join(parts))
 
     def describe(self) -> str:
         return f"{', '.join(self.columns)} ({self.source})"
@@ -141,9 +150,15 @@ def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
                 "WHERE attrelid = %(rel)s AND attnum > 0 AND NOT attisdropped",
                 {"rel": rel},
             )
-    usable = [c for c in candidates if c["not_null"]]
+    usable = [c for c in candidates if c["not_null"] and not _inexact(c["types"])]
     if explicit:
-        return _explicit(table, explicit, {t["name"]: t for t in types}, candidates)
+        key = _explicit(table, explicit, {t["name"]: t for t in types}, candidates)
+        if _inexact(key.types):
+            raise RuntimeFailure(
+                f"key ({', '.join(key.columns)}) of {table!r} is floating point, whose text "
+                "form may not reproduce it exactly; name another unique NOT NULL key"
+            )
+        return key
     primary = next((c for c in usable if c["primary"]), None)
     if primary:
         return Key(tuple(primary["columns"]), tuple(primary["types"]), "primary key")
@@ -151,6 +166,13 @@ def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
         best = usable[0]
         source = f"unique index {best['index_name']} on NOT NULL columns"
         return Key(tuple(best["columns"]), tuple(best["types"]), source)
+    floating = [c for c in candidates if c["not_null"] and _inexact(c["types"])]
+    if floating:
+        raise RuntimeFailure(
+            f"the only unique key of {table!r} ({', '.join(floating[0]['columns'])}) is "
+            "floating point, whose text form may not reproduce it exactly, so a backfill "
+            "could skip rows. Add a unique NOT NULL key of another type and name it in `key:`"
+        )
     raise RuntimeFailure(
         f"table {table!r} has no primary key and no UNIQUE index on NOT NULL columns, so a "
         "backfill cannot walk it in order and resume exactly. Add one, e.g. "
@@ -158,6 +180,10 @@ def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
         "(in an expand revision), or CREATE UNIQUE INDEX CONCURRENTLY on NOT NULL column(s) "
         "and name them in the job's `key:`"
     )
+
+
+def _inexact(types: list[str] | tuple[str, ...]) -> bool:
+    return any(t in _INEXACT for t in types)
 
 
 def _explicit(

@@ -16,6 +16,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from phasegate.db import LOCK_NAMESPACE, Session
+from phasegate.errors import RuntimeFailure
 
 SCHEMA = "phasegate"
 SCHEMA_VERSION = 2
@@ -292,19 +293,25 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
 
 
 def save_batch(db: Session, piece: Slice, rows: int, walked: int, job_last_key: str | None) -> None:
-    """A batch's slice checkpoint and the job's totals: one statement, the batch's transaction."""
-    db.execute(
+    """A batch's slice checkpoint and the job's totals: one statement, the batch's transaction.
+
+    Only the slice's owner may write it: if the slice row is gone or taken over (a new run
+    re-cut the job), nothing is written and the caller abandons the batch.
+    """
+    cursor = db.execute(
         """
         WITH piece AS (
             UPDATE phasegate.job_slice
             SET last_key = %(last)s, status = %(status)s, rows_done = %(slice_rows)s,
                 batches = %(slice_batches)s, updated_at = now()
             WHERE plan = %(p)s AND job = %(j)s AND slice = %(n)s
+              AND owner_pid = pg_backend_pid()
+            RETURNING 1
         )
         UPDATE phasegate.job_checkpoint
         SET rows_done = rows_done + %(rows)s, batches = batches + %(counted)s,
             walked = walked + %(walked)s, last_key = %(job_last)s, updated_at = now()
-        WHERE plan = %(p)s AND job = %(j)s
+        WHERE plan = %(p)s AND job = %(j)s AND EXISTS (SELECT 1 FROM piece)
         """,
         {
             "last": piece.last_key,
@@ -320,6 +327,11 @@ def save_batch(db: Session, piece: Slice, rows: int, walked: int, job_last_key: 
             "job_last": job_last_key,
         },
     )
+    if cursor.rowcount != 1:
+        raise RuntimeFailure(
+            f"slice {piece.slice} of job {piece.job!r} is no longer this worker's (the job was "
+            "restarted or cleared meanwhile); its last batch was rolled back"
+        )
 
 
 def replace_slices(db: Session, plan: str, job: str, bounds: list[tuple[str | None, str]]) -> None:
@@ -344,28 +356,25 @@ def slices(db: Session, plan: str, job: str) -> list[Slice]:
 
 
 def claim_slice(db: Session, plan: str, job: str, owner: str) -> Slice | None:
-    """Take the next unfinished slice nobody alive holds; SKIP LOCKED keeps claims apart.
+    """Take the next unfinished slice nobody holds; SKIP LOCKED keeps claims apart.
 
-    A claim names the claiming backend (pid and start time): when that session ends, as
-    it does when a worker crashes, the slice is free again for anyone.
+    Holding a slice means holding a session advisory lock on it: the lock dies with the
+    session, so a crashed worker's slice is free again at once, and it needs no privilege
+    to see (other roles' pg_stat_activity rows hide their backend_start).
     """
     with db.tx():
         rows = db.dicts(
             """
             SELECT * FROM phasegate.job_slice s
             WHERE plan = %(p)s AND job = %(j)s AND status <> 'done'
-              AND (owner_pid IS NULL OR owner_pid = pg_backend_pid() OR NOT EXISTS (
-                    SELECT 1 FROM pg_stat_activity a
-                    WHERE a.pid = s.owner_pid AND a.backend_start = s.owner_started))
             ORDER BY slice
-            LIMIT 1
             FOR UPDATE SKIP LOCKED
             """,
             {"p": plan, "j": job},
         )
-        if not rows:
+        claimed = next((Slice(**r) for r in rows if _try_hold(db, Slice(**r))), None)
+        if claimed is None:
             return None
-        claimed = Slice(**rows[0])
         db.execute(
             """
             UPDATE phasegate.job_slice
@@ -379,6 +388,40 @@ def claim_slice(db: Session, plan: str, job: str, owner: str) -> Slice | None:
         )
     claimed.status, claimed.owner = "running", owner
     return claimed
+
+
+def release_slice(db: Session, piece: Slice) -> None:
+    """Give up the advisory lock on a slice (finished, or abandoned on an error)."""
+    with db.tx():
+        db.execute(
+            "SELECT pg_advisory_unlock(hashtextextended(%(k)s, 0))", {"k": _slice_key(piece)}
+        )
+
+
+def slice_holders(db: Session, plan: str, job: str) -> list[dict[str, Any]]:
+    """Unfinished slices held by someone, with how long since their last batch."""
+    with db.tx():
+        return db.dicts(
+            """
+            SELECT slice, owner, owner_pid, now() - updated_at AS idle
+            FROM phasegate.job_slice
+            WHERE plan = %(p)s AND job = %(j)s AND status <> 'done' AND owner IS NOT NULL
+            ORDER BY slice
+            """,
+            {"p": plan, "j": job},
+        )
+
+
+def _slice_key(piece: Slice) -> str:
+    return f"phasegate slice {piece.plan}/{piece.job}/{piece.slice}"
+
+
+def _try_hold(db: Session, piece: Slice) -> bool:
+    return bool(
+        db.scalar(
+            "SELECT pg_try_advisory_lock(hashtextextended(%(k)s, 0))", {"k": _slice_key(piece)}
+        )
+    )
 
 
 def unfinished_slices(db: Session, plan: str, job: str) -> int:

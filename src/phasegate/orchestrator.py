@@ -236,7 +236,7 @@ class Orchestrator:
         self._begin(phase, "advance", state)
         try:
             jobs = self._execute(phase)
-        except Exception as exc:
+        except BaseException as exc:  # a second Ctrl-C too: the ledger must not say running
             self._fail(phase, "advance", exc)
             raise
         self._finish(phase, "advance", completed=phase)
@@ -331,7 +331,7 @@ class Orchestrator:
         self._begin(phase, "rollback", state)
         try:
             jobs = self._revert(phase, heads)
-        except Exception as exc:
+        except BaseException as exc:
             self._fail(phase, "rollback", exc)
             raise
         self._finish(phase, "rollback", completed=back_to)

@@ -68,6 +68,9 @@ class LogProgress:
     def __init__(self, stream: TextIO | None = None, interval: float = 5.0) -> None:
         self.stream = stream or sys.stderr
         self.interval = interval
+        self._started = self._last = time.monotonic()
+        self._scanned = self._updated = 0
+        self._total: int | None = None
 
     def job_started(self, job: str, total: int | None, done: int) -> None:
         self._started = self._last = time.monotonic()
