@@ -6,7 +6,6 @@ sibling module, not as part of a package.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import warnings
@@ -18,7 +17,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from phasegate import provision
+from phasegate import demo, provision
 from phasegate.db import URL_ENV_VARS, libpq_url, mask_url
 
 # pgserver (the embedded server) warns about this on machines without a user session.
@@ -35,18 +34,8 @@ def note(message: str) -> None:
 
 
 def load_example(name: str) -> ModuleType:
-    """Import a file of examples/bugtracker by path (it is an example, not a package)."""
-    module_name = f"bugtracker_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = ROOT / "examples" / "bugtracker" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A file of examples/bugtracker, loaded by path the way the demo loads it."""
+    return demo.load_example(ROOT, name)
 
 
 def make_template(

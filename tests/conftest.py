@@ -8,8 +8,6 @@ Tests that need the seeded bug tracker clone a template database seeded once per
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +17,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from sqlalchemy.pool import NullPool
 
-from phasegate import provision
+from phasegate import demo, provision
 from phasegate.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,17 +27,8 @@ SEED_ROWS = 3000
 
 
 def load_example(name: str) -> ModuleType:
-    """Import a file of examples/bugtracker by path (it is an example, not a package)."""
-    path = ROOT / "examples" / "bugtracker" / f"{name}.py"
-    module_name = f"bugtracker_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A file of examples/bugtracker, loaded by path the way the demo loads it."""
+    return demo.load_example(ROOT, name)
 
 
 @pytest.fixture(scope="session")
