@@ -392,7 +392,7 @@ def _slice_bounds(
                 ") AS s ORDER BY tile, {desc}"
             ).format(
                 arr=key.as_text_array(),
-                cols=sql.SQL(", ").join(sql.Identifier(c) for c in key.columns),
+                cols=key.names(),
                 n=sql.Literal(count),
                 order=key.order(),
                 table=quote_table(table),
@@ -609,13 +609,14 @@ class _Walk:
 
 
 def _bounds(
-    key: Key, last: KeyValue | None, upper: KeyValue
+    key: Key, last: KeyValue | None, upper: KeyValue, alias: str | None = None
 ) -> tuple[sql.Composable, dict[str, str]]:
     """`key > last AND key <= upper` with the values as parameters."""
-    bounds = [sql.SQL("{} <= {}").format(key.tuple(), key.placeholder("upper"))]
+    column = key.tuple(alias)
+    bounds = [sql.SQL("{} <= {}").format(column, key.placeholder("upper"))]
     params = key.params("upper", upper)
     if last is not None:
-        bounds.insert(0, sql.SQL("{} > {}").format(key.tuple(), key.placeholder("last")))
+        bounds.insert(0, sql.SQL("{} > {}").format(column, key.placeholder("last")))
         params |= key.params("last", last)
     return sql.SQL(" AND ").join(bounds), params
 
@@ -648,7 +649,7 @@ def _next_bound(
             " OFFSET %(skip)s LIMIT 1) AS phasegate_bound)"
         ).format(
             last=key.as_text_array(),
-            cols=sql.SQL(", ").join(sql.Identifier(c) for c in key.columns),
+            cols=key.names(),
             table=table,
             bounds=bounds,
             order=key.order(),
@@ -674,7 +675,7 @@ def _update_range(
         sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
         for column, expression in work.assignments.items()
     )
-    bounds, params = _bounds(key.qualified("new"), last, batch_last)
+    bounds, params = _bounds(key, last, batch_last, alias="new")
     statement = sql.SQL("UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})")
     return statement.format(
         table=quote_table(work.table),

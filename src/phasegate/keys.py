@@ -39,9 +39,9 @@ class Key:
             return parts[0]
         return sql.SQL("({})").format(sql.SQL(", ").join(parts))
 
-    def qualified(self, alias: str) -> Key:
-        """The same key whose columns render as `alias.column` in `tuple()`."""
-        return _QualifiedKey(self.columns, self.types, self.source, alias)
+    def names(self) -> sql.Composable:
+        """`a, b`: the key's columns as a select list."""
+        return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
 
     def literal(self, value: KeyValue) -> sql.Composable:
         """The key value as typed SQL: `'42'::bigint` or `ROW('a'::text, '1'::integer)`."""
@@ -92,14 +92,6 @@ class Key:
 
     def describe(self) -> str:
         return f"{', '.join(self.columns)} ({self.source})"
-
-
-@dataclass(frozen=True)
-class _QualifiedKey(Key):
-    alias: str = ""
-
-    def tuple(self, alias: str | None = None) -> sql.Composable:
-        return super().tuple(alias or self.alias)
 
 
 def encode(value: KeyValue | None) -> str | None:
