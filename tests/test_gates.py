@@ -1,8 +1,19 @@
-"""Gate evaluation: PEP 440 ranges, fail-closed, overrides. No database."""
+"""Gate evaluation, check-deploy, settings and source parsing. No database."""
 
 from __future__ import annotations
 
-from phasegate.gates import Observation, evaluate
+from pathlib import Path
+
+import pytest
+from packaging.version import Version
+
+from phasegate.config import load_config
+from phasegate.durations import format_duration, parse_duration
+from phasegate.errors import UsageError
+from phasegate.gates import Observation, SourceFailure, check_deploy, evaluate
+from phasegate.ledger import PlanState
+from phasegate.plan import load_plan
+from phasegate.sources import name_pattern, parse_command_output
 
 
 def obs(*versions: str, source: str = "--live-version") -> list[Observation]:
@@ -49,3 +60,111 @@ def test_override_passes_but_says_so() -> None:
     assert decision.passed and not decision.versions_ok
     assert decision.to_dict()["overridden"] is True
     assert "OVERRIDDEN (v1 is draining, ticket 123)" in decision.message()
+
+
+def test_a_failed_source_refuses_even_when_every_seen_version_fits() -> None:
+    failure = SourceFailure("versions_command", "`kubectl ...` exited with 1; its stderr: boom")
+    decision = evaluate("a", ">=2", obs("2.0"), "x", failures=[failure])
+    assert not decision.passed
+    assert "a version source failed" in decision.message() and "boom" in decision.message()
+    assert decision.to_dict()["failures"] == [failure.to_dict()]
+
+
+# -- check-deploy ---------------------------------------------------------------------------
+
+SEED_PLAN = load_plan(Path(__file__).resolve().parents[1] / "plans" / "bug_root_cause.yaml")
+
+
+def deployable(version: str, **state: str | None) -> bool:
+    return check_deploy(Version(version), SEED_PLAN, PlanState("p", **state)).allowed
+
+
+def test_check_deploy_follows_the_plan_state() -> None:
+    assert deployable("1.4") and not deployable("2.0")  # before the plan: "<2"
+    assert not deployable("2.0", phase="expand")  # expand: "<2"
+    assert deployable("2.0", phase="backfill") and not deployable("3.0", phase="backfill")
+    assert deployable("2.5", phase="contract") and not deployable("1.9", phase="contract")
+
+
+def test_check_deploy_mid_phase_needs_both_ends() -> None:
+    running = {"phase": "expand", "state": "running", "active_phase": "backfill"}
+    assert not deployable("2.0", **running, direction="advance")  # "<2" and ">=1,<3"
+    assert deployable("1.5", **running, direction="advance")
+    undoing = {"phase": "contract", "state": "failed", "active_phase": "contract"}
+    check = check_deploy(Version("2.0"), SEED_PLAN, PlanState("p", **undoing, direction="rollback"))
+    assert check.allowed  # ">=2" and, back at switch, ">=1"
+    assert [spec for spec, _ in check.ranges] == [">=2", ">=1"]
+    assert not deployable("1.5", **undoing, direction="rollback")
+
+
+# -- durations, settings, sources' parsing ----------------------------------------------------
+
+
+def test_durations() -> None:
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300
+    assert parse_duration("2min") == 120 and parse_duration("1.5h") == 5400
+    assert parse_duration("250ms") == 0.25 and parse_duration(" 30 ") == 30
+    with pytest.raises(ValueError, match=r"e\.g\. 90s"):
+        parse_duration("soon")
+    with pytest.raises(ValueError):
+        parse_duration("5 weeks")
+    assert format_duration(3.25) == "3.2 s" and format_duration(200) == "3 min 20 s"
+
+
+def test_settings_default_without_files(tmp_path) -> None:
+    config = load_config(tmp_path)
+    assert config.source is None and config.heartbeat_ttl == 300
+    assert config.plans_dir == tmp_path / "plans" and config.versions_command is None
+
+
+def test_settings_from_pyproject_and_phasegate_toml(tmp_path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n[tool.phasegate]\nheartbeat_ttl = "2m"\n'
+        'versions_command = ["./deployed-versions", "--json"]\n'
+    )
+    config = load_config(tmp_path)
+    assert config.heartbeat_ttl == 120
+    assert config.versions_command == ["./deployed-versions", "--json"]
+    (tmp_path / "phasegate.toml").write_text('application_name = "{app}@{version}"\n')
+    config = load_config(tmp_path)  # phasegate.toml wins
+    assert config.application_name == "{app}@{version}" and config.heartbeat_ttl == 300
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('heartbeat_tll = "5m"\n', "unknown setting(s) heartbeat_tll"),
+        ('heartbeat_ttl = "soon"\n', "heartbeat_ttl: 'soon' is not a duration"),
+        ('application_name = "{app}"\n', "must contain {version}"),
+        ("versions_command = []\n", "versions_command must be"),
+        ("heartbeat_ttl = \n", "not valid TOML"),
+    ],
+)
+def test_settings_errors_name_the_file_and_key(tmp_path, text: str, expected: str) -> None:
+    (tmp_path / "phasegate.toml").write_text(text)
+    with pytest.raises(UsageError) as caught:
+        load_config(tmp_path)
+    assert expected in caught.value.message
+    assert str(tmp_path / "phasegate.toml") in caught.value.message
+
+
+def test_application_name_patterns() -> None:
+    default = name_pattern("{app}/{version}", "bugtracker")
+    assert default.fullmatch("bugtracker/2.0.1")["version"] == "2.0.1"
+    assert default.fullmatch("bugtracker-admin/2.0") is None
+    assert default.fullmatch("psql") is None
+    custom = name_pattern("{app}:{instance}:v{version}", "shop")
+    match = custom.fullmatch("shop:web-3:v1.4")
+    assert match["version"] == "1.4" and match["instance"] == "web-3"
+    assert name_pattern("{app}/{version}", None).fullmatch("crm/3.1")["app"] == "crm"
+
+
+def test_versions_command_output_formats() -> None:
+    assert parse_command_output("2.0\n\n# old\n1.9 web-2\n") == [("2.0", None), ("1.9", "web-2")]
+    assert parse_command_output('["2.0", "2.1"]') == [("2.0", None), ("2.1", None)]
+    as_objects = '{"versions": [{"version": "2.0", "instance": "pod-a"}]}'
+    assert parse_command_output(as_objects) == [("2.0", "pod-a")]
+    assert parse_command_output("") == []
+    for bad in ('{"deployed": []}', "[2.0]", "[not json"):
+        with pytest.raises(ValueError):
+            parse_command_output(bad)

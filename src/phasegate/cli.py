@@ -28,7 +28,9 @@ import click
 import sqlalchemy as sa
 from psycopg import Error as PsycopgError
 
-from phasegate import __version__, backfill, db, ledger
+from phasegate import __version__, backfill, db, gates, ledger, sources
+from phasegate.config import ProjectConfig, load_config
+from phasegate.durations import format_duration, parse_duration
 from phasegate.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -61,6 +63,14 @@ class Context:
 
     def scrub(self, text: str) -> str:
         return db.scrub(db.scrub(text, self.resolved_url), self.database_url)
+
+    def settings(self) -> ProjectConfig:
+        """phasegate.toml or [tool.phasegate] next to the Alembic config."""
+        return load_config(Path(self.config_path).resolve().parent)
+
+    def plan_paths(self) -> list[str]:
+        """Every plan in the project's plans directory."""
+        return sorted(str(p) for p in self.settings().plans_dir.glob("*.y*ml"))
 
 
 def emit(ctx: Context, document: dict[str, Any], text: str) -> None:
@@ -231,9 +241,7 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
     prints that plan's object; otherwise {"plans": [...]}.
     """
     project = ctx.project()
-    paths = list(plans) or sorted(
-        str(p) for p in (Path(ctx.config_path).resolve().parent / "plans").glob("*.y*ml")
-    )
+    paths = list(plans) or ctx.plan_paths()
     if not paths:
         raise UsageError("no plans given and none found in plans/; pass PLAN files")
     loaded = [load_plan(p) for p in paths]
@@ -289,26 +297,219 @@ def live_version_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         multiple=True,
         metavar="V",
         help="A version of the app that is running now (repeatable); added to the versions "
-        "seen in pg_stat_activity as application_name '<app>/<version>'.",
+        "seen in pg_stat_activity, heartbeats and the configured versions command.",
     )(fn)
+
+
+def _parse_wait(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--wait",
+        metavar="DURATION",
+        callback=_parse_wait,
+        help="Poll a refused gate until it passes or DURATION (e.g. 90s, 10m) is up, "
+        "printing what it waits for; then exit 1. Not with --override-gate, which "
+        "proceeds at once.",
+    )(fn)
+
+
+def _check_reason(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "an override needs a reason for the event log, e.g. "
+            '--override-gate "v1 drained by hand, ticket OPS-42"'
+        )
+    return value.strip() if value is not None else None
 
 
 @cli.command()
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--phase", type=click.Choice(PHASES), help="Phase to enter (default: the next).")
 @live_version_option
+@wait_option
 @click.pass_obj
 @handle_errors
-def gate(ctx: Context, plan_path: str, phase: str | None, live_versions: tuple[str, ...]) -> int:
-    """Evaluate the gate for entering a phase; change nothing. Exit 0 pass, 1 refused."""
+def gate(
+    ctx: Context,
+    plan_path: str,
+    phase: str | None,
+    live_versions: tuple[str, ...],
+    wait: float,
+) -> int:
+    """Evaluate the gate for entering a phase. Exit 0 pass, 1 refused.
+
+    Moves no schema; the decision and the versions seen go to the event log. With
+    --wait, looks again every few seconds until the gate passes or the time is up,
+    saying what it still waits for: the step a pipeline runs after rolling out new code
+    and before contract.
+    """
     project, plan = ctx.project(), load_plan(plan_path)
-    with db.session(ctx.url(project), "phasegate gate") as conn:
-        orchestrator = Orchestrator(conn, project, plan, Options(_actor(), live_versions))
+    options = Options(_actor(), live_versions, wait=wait, config=ctx.settings())
+    settings = options.backfill
+    with db.session(ctx.url(project), "phasegate gate") as conn, stop_on_signals(settings):
+        orchestrator = Orchestrator(conn, project, plan, options, notify=log)
         view, decision = orchestrator.gate(phase)
     document = {**decision.to_dict(), "plan": plan.name, "phase": view.phase, "next": view.next}
     note = "" if view.phase == view.next else f"\nnote: the next phase is {view.next or 'none'}"
     emit(ctx, document, decision.message() + note)
     return EXIT_OK if decision.passed else EXIT_REFUSED
+
+
+# -- versions, heartbeats, check-deploy -----------------------------------------------------
+
+
+@cli.command()
+@click.option("--app", required=True, help="The app, as plans name it in `app:`.")
+@click.option("--version", "version", required=True, metavar="V", help="Its code version.")
+@click.option(
+    "--instance",
+    metavar="NAME",
+    help="Which instance is reporting (default: this host's name); one row per instance.",
+)
+@click.option("--remove", is_flag=True, help="Delete the instance's heartbeat (it has stopped).")
+@click.pass_obj
+@handle_errors
+def heartbeat(ctx: Context, app: str, version: str, instance: str | None, remove: bool) -> int:
+    """Record that an instance of APP runs version V, now.
+
+    For apps that cannot name their connections: run it at start-up and then more often
+    than the heartbeat TTL (default 5 min, `heartbeat_ttl` in phasegate.toml), e.g. from
+    cron or a sidecar; gates ignore heartbeats older than the TTL. With --remove, the
+    row goes at once (on a clean shutdown). Python apps can use
+    phasegate.appversion.report_version instead.
+    """
+    instance = instance or socket.gethostname()
+    with db.session(ctx.url(ctx.project()), "phasegate heartbeat") as conn:
+        ledger.ensure_schema(conn)
+        with conn.tx():
+            if remove:
+                found = ledger.forget_heartbeat(conn, app, instance)
+            else:
+                ledger.beat(conn, app, instance, version)
+    ttl = format_duration(ctx.settings().heartbeat_ttl)
+    if remove:
+        text = f"heartbeat of {app} instance {instance} " + (
+            "removed" if found else "was not there"
+        )
+    else:
+        text = f"heartbeat: {app} {version} on instance {instance}; counts for {ttl} unless renewed"
+        if gates.parse_version(version) is None:
+            log(
+                f"phasegate: warning: {version!r} is not a PEP 440 version; "
+                "every gate of this app will refuse while this heartbeat is fresh"
+            )
+    document = {"ok": True, "app": app, "version": version, "instance": instance}
+    emit(ctx, {**document, "removed": remove}, text)
+    return EXIT_OK
+
+
+@cli.command()
+@click.option(
+    "--app", help="Only this app (default: every app of the plans, heartbeats and connections)."
+)
+@live_version_option
+@click.pass_obj
+@handle_errors
+def versions(ctx: Context, app: str | None, live_versions: tuple[str, ...]) -> int:
+    """List every live app version, per source, with instance and when it was last seen.
+
+    Sources: connections named '<app>/<version>' (pattern: `application_name` in
+    phasegate.toml), fresh heartbeats, the configured `versions_command`, and --live-version.
+    Changes nothing.
+    """
+    settings = ctx.settings()
+    with db.session(ctx.url(ctx.project()), "phasegate versions") as conn:
+        apps = [app] if app else _known_apps(ctx, conn, settings)
+        seen = {name: sources.observe(conn, name, live_versions, settings) for name in apps}
+    document = {
+        "ok": True,
+        "apps": [
+            {
+                "app": name,
+                "versions": sorted({o.version for o in sighting.observations}),
+                "observed": [o.to_dict() for o in sighting.observations],
+                "failures": [f.to_dict() for f in sighting.failures],
+            }
+            for name, sighting in seen.items()
+        ],
+    }
+    emit(ctx, document, _versions_text(seen) or "no app known: name one with --app")
+    return EXIT_OK
+
+
+def _known_apps(ctx: Context, conn: db.Session, settings: ProjectConfig) -> list[str]:
+    names = {load_plan(path).app for path in ctx.plan_paths()}
+    with conn.tx():
+        names |= {b.app for b in ledger.heartbeats(conn, None, settings.heartbeat_ttl)}
+        names |= set(sources.apps_connected(conn, settings.application_name))
+    return sorted(names)
+
+
+def _versions_text(seen: dict[str, sources.Sighting]) -> str:
+    blocks = []
+    for name, sighting in seen.items():
+        live = ", ".join(sorted({o.version for o in sighting.observations}))
+        lines = [f"{name}: {live or 'nothing live'}"]
+        for o in sighting.observations:
+            where = f"  instance {o.instance}" if o.instance else ""
+            lines.append(f"  {o.version:<12} {o.source:<18} {o.detail}{'' if o.detail else where}")
+        lines += [f"  FAILED {f.source}: {f.message}" for f in sighting.failures]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+@cli.command("check-deploy")
+@click.option("--app-version", "version", required=True, metavar="V", help="The version to deploy.")
+@click.option("--app", help="The app (default: the one app of the plans).")
+@click.argument("plans", nargs=-1, type=click.Path(dir_okay=False))
+@click.pass_obj
+@handle_errors
+def check_deploy(ctx: Context, version: str, app: str | None, plans: tuple[str, ...]) -> int:
+    """May app version V be deployed now? Exit 0 yes, 1 no.
+
+    V must be inside the `compatible` range of the current state of every plan of the
+    app (every plan in plans/ when none is named); while a phase is running or failed
+    half-way, inside the ranges of both ends. Reads the ledger, changes nothing.
+    """
+    parsed = gates.parse_version(version)
+    if parsed is None:
+        raise UsageError(f"--app-version {version!r} is not a PEP 440 version, e.g. 2.0.1")
+    paths = list(plans) or ctx.plan_paths()
+    if not paths:
+        raise UsageError("no plans given and none found in plans/; pass PLAN files")
+    loaded = [load_plan(p) for p in paths]
+    apps = sorted({p.app for p in loaded})
+    if app is None and len(apps) > 1:
+        raise UsageError(f"the plans belong to several apps ({', '.join(apps)}): pass --app")
+    chosen = [p for p in loaded if app is None or p.app == app]
+    if not chosen:
+        raise UsageError(f"no plan of app {app!r} among {', '.join(paths)}")
+    with db.session(ctx.url(ctx.project()), "phasegate check-deploy") as conn, conn.tx():
+        checks = [gates.check_deploy(parsed, p, ledger.get_state(conn, p.name)) for p in chosen]
+    allowed = all(c.allowed for c in checks)
+    lines = [c.message(version) for c in checks]
+    verdict = "yes" if allowed else "no"
+    lines.append(f"check-deploy {chosen[0].app} {version}: {verdict}")
+    document = {
+        "ok": allowed,
+        "allowed": allowed,
+        "app": chosen[0].app,
+        "version": version,
+        "plans": [c.to_dict() for c in checks],
+    }
+    emit(ctx, document, "\n".join(lines))
+    if not allowed and ctx.as_json:
+        refusing = "; ".join(c.message(version) for c in checks if not c.allowed)
+        log(f"phasegate: refused: {refusing}")
+    return EXIT_OK if allowed else EXIT_REFUSED
 
 
 # -- mutating commands ----------------------------------------------------------------------
@@ -319,7 +520,9 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--override-gate",
             metavar="REASON",
-            help="Proceed even if the version gate refuses; the reason goes to the event log.",
+            callback=_check_reason,
+            help="Proceed even if the version gate refuses; the reason, you and the versions "
+            "seen go to the event log.",
         ),
         click.option(
             "--lock-timeout",
@@ -331,6 +534,7 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--actor", help="Who is acting, for the event log (default user@host)."),
         click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
         live_version_option,
+        wait_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -466,6 +670,7 @@ class GatedArgs:
     lock_timeout: str
     actor: str | None
     yes: bool
+    wait: float
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
 
 
@@ -484,6 +689,8 @@ def orchestrating(
         override_gate=args.override_gate,
         allow_data_loss=allow_data_loss,
         backfill=args.backfill,
+        wait=args.wait,
+        config=ctx.settings(),
     )
     progress = BarProgress() if sys.stderr.isatty() and not ctx.as_json else LogProgress(sys.stderr)
     with (

@@ -1,50 +1,53 @@
-"""Gates: which app code versions are running now, and may the schema move?
+"""Gates: may the schema move, given the app code versions running now?
 
 A gate passes when every live version of the plan's app lies inside the `compatible`
 range of the state the database is about to reach. It fails closed: a version that does
-not parse, or no observation at all, is a refusal unless the operator overrides it
-explicitly (and the override lands in the event log).
+not parse, a version source that cannot answer, or no observation at all is a refusal
+unless the operator overrides it explicitly (and the override lands in the event log).
+The reverse question, whether version V may be deployed now, is `check_deploy`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from phasegate.db import Session
+from phasegate.durations import format_duration
+from phasegate.ledger import PlanState
+from phasegate.plan import Plan
+from phasegate.sources import (
+    SOURCE_COMMAND_LINE,
+    SOURCE_PG_STAT_ACTIVITY,
+    Observation,
+    SourceFailure,
+)
 
-SOURCE_PG_STAT_ACTIVITY = "pg_stat_activity"
-SOURCE_COMMAND_LINE = "--live-version"
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One live version seen by one source, with where exactly it was seen."""
-
-    version: str
-    source: str
-    detail: str = ""
-
-    def describe(self) -> str:
-        return f"{self.version} ({self.source}{': ' + self.detail if self.detail else ''})"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"version": self.version, "source": self.source, "detail": self.detail}
+__all__ = [
+    "SOURCE_COMMAND_LINE",
+    "SOURCE_PG_STAT_ACTIVITY",
+    "DeployCheck",
+    "GateDecision",
+    "Observation",
+    "SourceFailure",
+    "check_deploy",
+    "evaluate",
+]
 
 
 @dataclass
 class GateDecision:
     app: str
-    target: str  # e.g. "entering contract", "rolling back contract (back to switch)"
+    target: str  # e.g. "for entering contract", "for rolling back contract (back to switch)"
     compatible: str
     observations: list[Observation]
     outside: list[Observation] = field(default_factory=list)
     unparsable: list[Observation] = field(default_factory=list)
+    failures: list[SourceFailure] = field(default_factory=list)
     override: str | None = None
+    waited: float = 0.0
 
     @property
     def observed(self) -> bool:
@@ -52,39 +55,60 @@ class GateDecision:
 
     @property
     def versions_ok(self) -> bool:
-        return self.observed and not self.outside and not self.unparsable
+        return self.observed and not self.outside and not self.unparsable and not self.failures
 
     @property
     def passed(self) -> bool:
         return self.versions_ok or self.override is not None
 
+    def problem(self) -> str:
+        """What stops the gate, in one sentence ('' when nothing does)."""
+        if self.versions_ok:
+            return ""
+        problems = []
+        if self.failures:
+            problems.append(
+                "a version source failed, so what runs is unknown: "
+                + "; ".join(f.message for f in self.failures)
+            )
+        if not self.observed and not self.failures:
+            problems.append(
+                f"no live version of {self.app} was observed: no connection with "
+                f"application_name '{self.app}/<version>' in pg_stat_activity, no fresh "
+                "heartbeat, no versions command output and no --live-version given; "
+                "phasegate fails closed"
+            )
+        bad = [*self.outside, *self.unparsable]
+        if bad:
+            lines = "; ".join(o.describe() for o in bad)
+            text = f"{self.app} versions outside {self.compatible!r} are live: {lines}"
+            if self.unparsable:
+                text += " (versions that are not PEP 440 count as outside)"
+            problems.append(text)
+        return "; and ".join(problems)
+
     def message(self) -> str:
         seen = ", ".join(o.describe() for o in self.observations) or "nothing"
         if self.versions_ok:
+            waited = f" after waiting {format_duration(self.waited)}" if self.waited >= 1 else ""
             return (
-                f"gate {self.target}: pass — every live {self.app} version is inside "
+                f"gate {self.target}: pass{waited} — every live {self.app} version is inside "
                 f"{self.compatible!r} (seen: {seen})"
             )
-        if not self.observed:
-            problem = (
-                f"no live version of {self.app} was observed: no connection with "
-                f"application_name '{self.app}/<version>' in pg_stat_activity and no "
-                f"--live-version given; phasegate fails closed"
-            )
-        else:
-            bad = [*self.outside, *self.unparsable]
-            lines = "; ".join(o.describe() for o in bad)
-            problem = f"{self.app} versions outside {self.compatible!r} are live: {lines}"
-            if self.unparsable:
-                problem += " (versions that are not PEP 440 count as outside)"
+        problem = self.problem()
+        if self.waited >= 1:
+            problem = f"after waiting {format_duration(self.waited)}, {problem}"
         if self.override is not None:
             return f"gate {self.target}: OVERRIDDEN ({self.override}) — {problem}"
-        fix = (
-            "Stop or upgrade those instances"
-            if self.observed
-            else f"Connect the app with application_name '{self.app}/<version>' or pass "
-            "--live-version V"
-        )
+        if self.failures:
+            fix = "Fix the version source"
+        elif self.observed:
+            fix = "Stop or upgrade those instances"
+        else:
+            fix = (
+                f"Connect the app with application_name '{self.app}/<version>', report "
+                "heartbeats, or pass --live-version V"
+            )
         return f"gate {self.target}: refused — {problem}. {fix}, or pass --override-gate REASON"
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,36 +121,10 @@ class GateDecision:
             "override_reason": self.override,
             "observed": [o.to_dict() for o in self.observations],
             "outside": [o.to_dict() for o in [*self.outside, *self.unparsable]],
+            "failures": [f.to_dict() for f in self.failures],
+            "waited_seconds": round(self.waited, 1),
             "message": self.message(),
         }
-
-
-def observe(db: Session, app: str, cli_versions: Iterable[str] = ()) -> list[Observation]:
-    """The union of every version source: pg_stat_activity and the command line."""
-    found = [Observation(v, SOURCE_COMMAND_LINE) for v in dict.fromkeys(cli_versions)]
-    with db.tx():
-        rows = db.dicts(
-            """
-            SELECT substr(application_name, length(%(app)s) + 2) AS version,
-                   array_agg(pid ORDER BY pid) AS pids,
-                   array_agg(DISTINCT coalesce(host(client_addr), 'local socket')) AS clients
-            FROM pg_stat_activity
-            WHERE datname = current_database() AND pid <> pg_backend_pid()
-              AND left(application_name, length(%(app)s) + 1) = %(app)s || '/'
-            GROUP BY 1 ORDER BY 1
-            """,
-            {"app": app},
-        )
-    for row in rows:
-        pids = ", ".join(str(p) for p in row["pids"][:5])
-        more = f" and {len(row['pids']) - 5} more" if len(row["pids"]) > 5 else ""
-        count = len(row["pids"])
-        detail = (
-            f"{count} connection{'s' if count > 1 else ''} as {app}/{row['version']}, "
-            f"pid {pids}{more}, from {', '.join(row['clients'])}"
-        )
-        found.append(Observation(row["version"], SOURCE_PG_STAT_ACTIVITY, detail))
-    return found
 
 
 def evaluate(
@@ -135,15 +133,86 @@ def evaluate(
     observations: list[Observation],
     target: str,
     override: str | None = None,
+    failures: list[SourceFailure] | None = None,
 ) -> GateDecision:
     spec = SpecifierSet(compatible)
-    decision = GateDecision(app, target, compatible, list(observations), override=override)
+    decision = GateDecision(
+        app,
+        target,
+        compatible,
+        list(observations),
+        failures=list(failures or []),
+        override=override,
+    )
     for obs in observations:
-        try:
-            version = Version(obs.version)
-        except InvalidVersion:
+        version = parse_version(obs.version)
+        if version is None:
             decision.unparsable.append(obs)
-            continue
-        if not spec.contains(version, prereleases=True):
+        elif not spec.contains(version, prereleases=True):
             decision.outside.append(obs)
     return decision
+
+
+def parse_version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+# -- may version V be deployed now? ------------------------------------------------------------
+
+
+@dataclass
+class DeployCheck:
+    """One plan's answer to `check-deploy`: the ranges V must lie in, and whether it does."""
+
+    plan: str
+    app: str
+    where: str  # the plan's state in words
+    ranges: list[tuple[str, str]]  # (specifier, why it applies)
+    allowed: bool
+
+    def message(self, version: str) -> str:
+        ranges = " and ".join(f"{spec!r} ({why})" for spec, why in self.ranges)
+        verdict = "may be deployed" if self.allowed else "may NOT be deployed"
+        return f"{self.plan}: {self.where}; {self.app} {version} {verdict}: it must be in {ranges}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "app": self.app,
+            "state": self.where,
+            "ranges": [{"compatible": spec, "why": why} for spec, why in self.ranges],
+            "allowed": self.allowed,
+        }
+
+
+def check_deploy(version: Version, plan: Plan, state: PlanState) -> DeployCheck:
+    """V must work with the schema as it is now, and with where a running step leads.
+
+    While a phase is running or failed half-way, the schema lies between two states, so
+    V must be compatible with both ends.
+    """
+    done = state.phase
+    ranges = [(plan.compatible_after(done), _after_words(done))]
+    where = f"{done} done" if done else "not started"
+    if state.state in ("running", "failed") and state.active_phase:
+        active = state.active_phase
+        if state.direction == "rollback":
+            back_to = plan.previous_phase(active)
+            ranges.append(
+                (
+                    plan.compatible_after(back_to),
+                    f"where the {state.state} rollback of {active} leads",
+                )
+            )
+        else:
+            ranges.append((plan.phase(active).compatible, f"{active}, which is {state.state}"))
+        where += f", {active} {state.direction or 'advance'} {state.state}"
+    allowed = all(SpecifierSet(spec).contains(version, prereleases=True) for spec, _ in ranges)
+    return DeployCheck(plan.name, plan.app, where, ranges, allowed)
+
+
+def _after_words(phase: str | None) -> str:
+    return "before the plan" if phase is None else f"once {phase} is done"

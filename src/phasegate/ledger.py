@@ -19,7 +19,7 @@ from phasegate.db import LOCK_NAMESPACE, Session
 from phasegate.errors import RuntimeFailure
 
 SCHEMA = "phasegate"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS phasegate;
@@ -100,7 +100,16 @@ CREATE TABLE IF NOT EXISTS phasegate.job_slice (
 );
 COMMENT ON COLUMN phasegate.job_slice.lower_key IS 'exclusive; NULL: from the first key';
 COMMENT ON COLUMN phasegate.job_slice.upper_key IS 'inclusive';
-INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '2')
+-- version 3: heartbeats of running app instances, one row per (app, instance)
+CREATE TABLE IF NOT EXISTS phasegate.heartbeat (
+    app text NOT NULL,
+    instance text NOT NULL,
+    version text NOT NULL,
+    first_seen timestamptz NOT NULL DEFAULT now(),
+    last_seen timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (app, instance)
+);
+INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '3')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
@@ -448,3 +457,54 @@ def clear_checkpoints(db: Session, plan: str) -> int:
     db.execute("DELETE FROM phasegate.job_slice WHERE plan = %(p)s", {"p": plan})
     cursor = db.execute("DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s", {"p": plan})
     return cursor.rowcount
+
+
+# -- heartbeats ---------------------------------------------------------------------------
+
+# pyformat parameters: psycopg 3 and psycopg2 both take them, so the app-side helper can
+# run this very statement through SQLAlchemy's exec_driver_sql on either driver
+HEARTBEAT_UPSERT = """
+INSERT INTO phasegate.heartbeat AS h (app, instance, version)
+VALUES (%(app)s, %(instance)s, %(version)s)
+ON CONFLICT (app, instance) DO UPDATE SET
+    version = excluded.version,
+    last_seen = now(),
+    first_seen = CASE WHEN h.version = excluded.version THEN h.first_seen ELSE now() END
+"""
+HEARTBEAT_DELETE = "DELETE FROM phasegate.heartbeat WHERE app = %(app)s AND instance = %(instance)s"
+
+
+@dataclass
+class Heartbeat:
+    app: str
+    instance: str
+    version: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    age_seconds: float
+
+
+def beat(db: Session, app: str, instance: str, version: str) -> None:
+    db.execute(HEARTBEAT_UPSERT, {"app": app, "instance": instance, "version": version})
+
+
+def forget_heartbeat(db: Session, app: str, instance: str) -> bool:
+    return db.execute(HEARTBEAT_DELETE, {"app": app, "instance": instance}).rowcount > 0
+
+
+def heartbeats(db: Session, app: str | None, ttl_seconds: float) -> list[Heartbeat]:
+    """Heartbeats younger than the TTL, by the database's clock (the writers' clock too)."""
+    if not db.scalar("SELECT to_regclass('phasegate.heartbeat') IS NOT NULL"):
+        return []
+    rows = db.dicts(
+        """
+        SELECT app, instance, version, first_seen, last_seen,
+               extract(epoch FROM now() - last_seen)::float8 AS age_seconds
+        FROM phasegate.heartbeat
+        WHERE (app = %(app)s OR %(app)s::text IS NULL)
+          AND last_seen > now() - make_interval(secs => %(ttl)s)
+        ORDER BY app, version, instance
+        """,
+        {"app": app, "ttl": ttl_seconds},
+    )
+    return [Heartbeat(**row) for row in rows]

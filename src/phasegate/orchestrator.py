@@ -13,20 +13,25 @@ lands in the event log.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
-from phasegate import backfill, gates, ledger, sync
+from phasegate import backfill, gates, ledger, sources, sync
+from phasegate.config import ProjectConfig
 from phasegate.db import Session
+from phasegate.durations import format_duration
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import Plan
 from phasegate.revisions import AlembicProject, PlanRevisions
 
 START = "start"  # `rollback --to start`: undo every phase
+GATE_POLL_SECONDS = 2.0  # how often a waiting gate looks again
+GATE_REMIND_SECONDS = 30.0  # how often it repeats an unchanged reason while it waits
 
 
 @dataclass
@@ -36,6 +41,8 @@ class Options:
     override_gate: str | None = None
     allow_data_loss: bool = False
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
+    wait: float = 0.0  # seconds a refused gate is polled before it counts as refused
+    config: ProjectConfig = field(default_factory=ProjectConfig)
 
 
 @dataclass
@@ -178,8 +185,8 @@ class Orchestrator:
             raise UsageError(
                 f"plan {self.plan.name!r} is complete; name a phase with --phase to evaluate it"
             )
-        self.plan.phase(target)
         decision = self._decide(self.plan.phase(target).compatible, f"for entering {target}")
+        self._record_gate(target, "gate", decision)
         return GateView(target, self._next_phase(state)), decision
 
     # -- moving forward ---------------------------------------------------------------------
@@ -416,10 +423,36 @@ class Orchestrator:
         return state, heads
 
     def _decide(self, compatible: str, target: str) -> gates.GateDecision:
-        observations = gates.observe(self.db, self.plan.app, self.options.live_versions)
-        return gates.evaluate(
-            self.plan.app, compatible, observations, target, self.options.override_gate
-        )
+        """Evaluate the gate; with `wait`, look again until it passes or the time is up.
+
+        An override passes at once: the operator has decided, waiting would only delay.
+        """
+        started = time.monotonic()
+        deadline = started + self.options.wait
+        said, said_at = "", 0.0
+        while True:
+            sighting = sources.observe(
+                self.db, self.plan.app, self.options.live_versions, self.options.config
+            )
+            decision = gates.evaluate(
+                self.plan.app,
+                compatible,
+                sighting.observations,
+                target,
+                self.options.override_gate,
+                sighting.failures,
+            )
+            now = time.monotonic()
+            decision.waited = now - started
+            if decision.passed or now >= deadline:
+                return decision
+            problem = decision.problem()
+            if problem != said or now - said_at >= GATE_REMIND_SECONDS:
+                left = format_duration(deadline - now)
+                self.notify(f"gate {target}: waiting, {left} left — {problem}")
+                said, said_at = problem, now
+            if self.options.backfill.stop.wait(min(GATE_POLL_SECONDS, deadline - now)):
+                return decision  # stopped by a signal: the refusal stands
 
     def _record_gate(self, phase: str, direction: str, decision: gates.GateDecision) -> None:
         ledger.ensure_schema(self.db)

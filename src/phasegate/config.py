@@ -1,0 +1,131 @@
+"""Project settings: `phasegate.toml`, or `[tool.phasegate]` in `pyproject.toml`.
+
+Both are looked for next to the Alembic config (the project's root); `phasegate.toml`
+wins when both exist. Every key is optional; an unknown key or a wrong type is an error
+that names the file and the key, so a typo never silently turns a setting off.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phasegate.durations import parse_duration
+from phasegate.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI, before it joined the standard library
+    import tomli as tomllib
+
+DEFAULT_APPLICATION_NAME = "{app}/{version}"
+DEFAULT_HEARTBEAT_TTL = 300.0
+DEFAULT_COMMAND_TIMEOUT = 30.0
+
+_KEYS = {
+    "plans": "directory of the project's plans, for check-deploy and versions (default plans)",
+    "application_name": "pg_stat_activity pattern with {app} and {version}, optional "
+    "{instance} (default '{app}/{version}')",
+    "heartbeat_ttl": "heartbeats older than this are ignored, e.g. '5m' (the default)",
+    "versions_command": "a command whose stdout lists the live versions (one per line, or JSON)",
+    "versions_command_timeout": "how long the command may run, e.g. '30s' (the default)",
+}
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The settings, with where they came from (for messages)."""
+
+    source: str | None = None
+    root: Path = Path(".")
+    plans_dir: Path = Path("plans")
+    application_name: str = DEFAULT_APPLICATION_NAME
+    heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
+    versions_command: str | list[str] | None = None
+    versions_command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(project_dir: str | Path) -> ProjectConfig:
+    """The project's settings; defaults when neither file has any."""
+    root = Path(project_dir)
+    dedicated = root / "phasegate.toml"
+    if dedicated.is_file():
+        return _parse(_read(dedicated), str(dedicated), root)
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file():
+        table = _read(pyproject).get("tool", {}).get("phasegate")
+        if table is not None:
+            return _parse(table, f"{pyproject} [tool.phasegate]", root)
+    return ProjectConfig(root=root, plans_dir=root / "plans")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it: {exc.strerror}") from exc
+
+
+def _parse(table: Any, source: str, root: Path) -> ProjectConfig:
+    if not isinstance(table, dict):
+        raise UsageError(f"{source}: expected a table of settings")
+    unknown = sorted(set(table) - set(_KEYS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in _KEYS.items())
+        raise UsageError(f"{source}: unknown setting(s) {', '.join(unknown)}. Known: {known}")
+    plans = _text(table, "plans", source, "plans")
+    pattern = _text(table, "application_name", source, DEFAULT_APPLICATION_NAME)
+    if "{version}" not in pattern:
+        raise UsageError(
+            f"{source}: application_name {pattern!r} must contain {{version}}, "
+            "e.g. '{app}/{version}'"
+        )
+    command = table.get("versions_command")
+    valid_list = isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+    if (
+        command is not None
+        and not (isinstance(command, str) and command.strip())
+        and not valid_list
+    ):
+        raise UsageError(
+            f"{source}: versions_command must be a non-empty string (run by the shell) or "
+            "a list of strings (run directly)"
+        )
+    return ProjectConfig(
+        source=source,
+        root=root,
+        plans_dir=root / plans,
+        application_name=pattern,
+        heartbeat_ttl=_duration(table, "heartbeat_ttl", source, DEFAULT_HEARTBEAT_TTL),
+        versions_command=command,
+        versions_command_timeout=_duration(
+            table, "versions_command_timeout", source, DEFAULT_COMMAND_TIMEOUT
+        ),
+        raw=dict(table),
+    )
+
+
+def _text(table: dict[str, Any], key: str, source: str, default: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{source}: {key} must be a non-empty string")
+    return value
+
+
+def _duration(table: dict[str, Any], key: str, source: str, default: float) -> float:
+    value = table.get(key)
+    if value is None:
+        return default
+    try:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        seconds = float(value) if number else parse_duration(str(value))
+    except ValueError as exc:
+        raise UsageError(f"{source}: {key}: {exc}") from exc
+    if seconds <= 0:
+        raise UsageError(f"{source}: {key} must be more than zero")
+    return seconds

@@ -1,0 +1,248 @@
+"""Version sources: which app code versions are running now, and where each was seen.
+
+Four sources, unioned: connections in `pg_stat_activity` whose application_name follows
+the project's pattern (default `<app>/<version>`), fresh rows of the ledger's heartbeat
+table, the pipeline's `--live-version`, and a configured command (e.g. one that asks the
+cluster scheduler). A source that cannot answer is a failure, never an empty answer: the
+gate fails closed on it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from phasegate import ledger
+from phasegate.config import ProjectConfig
+from phasegate.db import Session
+from phasegate.durations import format_duration
+
+SOURCE_PG_STAT_ACTIVITY = "pg_stat_activity"
+SOURCE_HEARTBEAT = "heartbeat"
+SOURCE_COMMAND_LINE = "--live-version"
+SOURCE_COMMAND = "versions_command"
+_STDERR_TAIL = 800
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One live version seen by one source, with where exactly it was seen."""
+
+    version: str
+    source: str
+    detail: str = ""
+    instance: str | None = None
+    last_seen: dt.datetime | None = None
+
+    def describe(self) -> str:
+        return f"{self.version} ({self.source}{': ' + self.detail if self.detail else ''})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "source": self.source,
+            "detail": self.detail,
+            "instance": self.instance,
+            "last_seen": self.last_seen.isoformat() if self.last_seen else None,
+        }
+
+
+@dataclass(frozen=True)
+class SourceFailure:
+    """A source that could not say what runs: the gate must not pass on its silence."""
+
+    source: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source, "message": self.message}
+
+
+@dataclass
+class Sighting:
+    observations: list[Observation] = field(default_factory=list)
+    failures: list[SourceFailure] = field(default_factory=list)
+
+
+def observe(db: Session, app: str, cli_versions: Iterable[str], config: ProjectConfig) -> Sighting:
+    """Every source's answer for `app`."""
+    sighting = Sighting([Observation(v, SOURCE_COMMAND_LINE) for v in dict.fromkeys(cli_versions)])
+    with db.tx():
+        sighting.observations += connections(db, app, config.application_name)
+        sighting.observations += heartbeat_observations(db, app, config.heartbeat_ttl)
+    if config.versions_command is not None:
+        found, failure = run_command(app, config)
+        sighting.observations += found
+        if failure is not None:
+            sighting.failures.append(failure)
+    return sighting
+
+
+# -- pg_stat_activity ------------------------------------------------------------------------
+
+
+def name_pattern(pattern: str, app: str | None) -> re.Pattern[str]:
+    """The application_name pattern as a regex; `{app}` matches anything when app is None."""
+    fields = {
+        "app": re.escape(app) if app is not None else r"(?P<app>.+?)",
+        "version": r"(?P<version>\S+?)",
+        "instance": r"(?P<instance>.+?)",
+    }
+    parts = re.split(r"(\{app\}|\{version\}|\{instance\})", pattern)
+    return re.compile(
+        "".join(
+            fields[p[1:-1]] if p in ("{app}", "{version}", "{instance}") else re.escape(p)
+            for p in parts
+        )
+    )
+
+
+def connections(db: Session, app: str | None, pattern: str) -> list[Observation]:
+    """Connections to this database whose application_name names a version of `app`."""
+    regex = name_pattern(pattern, app)
+    rows = db.dicts(
+        """
+        SELECT application_name AS name, pid, coalesce(host(client_addr), 'local socket') AS client
+        FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid()
+          AND application_name <> ''
+        ORDER BY pid
+        """
+    )
+    groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    for row in rows:
+        match = regex.fullmatch(row["name"])
+        if match:
+            key = (match.group("version"), match.groupdict().get("instance"))
+            groups.setdefault(key, []).append(row)
+    found = []
+    for (version, instance), members in sorted(
+        groups.items(), key=lambda g: (g[0][0], g[0][1] or "")
+    ):
+        pids = ", ".join(str(m["pid"]) for m in members[:5])
+        more = f" and {len(members) - 5} more" if len(members) > 5 else ""
+        clients = ", ".join(dict.fromkeys(m["client"] for m in members))
+        count = len(members)
+        detail = (
+            f"{count} connection{'s' if count > 1 else ''} as {members[0]['name']}, "
+            f"pid {pids}{more}, from {clients}"
+        )
+        found.append(Observation(version, SOURCE_PG_STAT_ACTIVITY, detail, instance))
+    return found
+
+
+def apps_connected(db: Session, pattern: str) -> list[str]:
+    """Apps named by any connection's application_name (for `versions` with no --app)."""
+    if "{app}" not in pattern:
+        return []
+    regex = name_pattern(pattern, None)
+    names = db.dicts(
+        "SELECT DISTINCT application_name AS name FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    return sorted({m.group("app") for r in names if (m := regex.fullmatch(r["name"] or ""))})
+
+
+# -- heartbeats ------------------------------------------------------------------------------
+
+
+def heartbeat_observations(db: Session, app: str, ttl: float) -> list[Observation]:
+    return [
+        Observation(
+            beat.version,
+            SOURCE_HEARTBEAT,
+            f"instance {beat.instance}, last seen {format_duration(beat.age_seconds)} ago",
+            beat.instance,
+            beat.last_seen,
+        )
+        for beat in ledger.heartbeats(db, app, ttl)
+    ]
+
+
+# -- the configured command ------------------------------------------------------------------
+
+
+def run_command(app: str, config: ProjectConfig) -> tuple[list[Observation], SourceFailure | None]:
+    """Run the versions command for `app` (as $PHASEGATE_APP) and read what it prints."""
+    command = config.versions_command
+    shown = command if isinstance(command, str) else " ".join(command or [])
+    label = f"{SOURCE_COMMAND} `{shown}`"
+    try:
+        done = subprocess.run(
+            command or [],
+            shell=isinstance(command, str),
+            capture_output=True,
+            text=True,
+            timeout=config.versions_command_timeout,
+            env={**os.environ, "PHASEGATE_APP": app},
+            cwd=config.root,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        timeout = format_duration(config.versions_command_timeout)
+        return [], SourceFailure(SOURCE_COMMAND, f"{label} did not finish within {timeout}")
+    except OSError as exc:
+        return [], SourceFailure(SOURCE_COMMAND, f"{label} could not run: {exc.strerror}")
+    if done.returncode != 0:
+        stderr = done.stderr.strip()[-_STDERR_TAIL:] or "(nothing on stderr)"
+        return [], SourceFailure(
+            SOURCE_COMMAND, f"{label} exited with {done.returncode}; its stderr: {stderr}"
+        )
+    try:
+        entries = parse_command_output(done.stdout)
+    except ValueError as exc:
+        return [], SourceFailure(SOURCE_COMMAND, f"{label} printed something unreadable: {exc}")
+    return [
+        Observation(
+            version, SOURCE_COMMAND, f"instance {instance}" if instance else shown, instance
+        )
+        for version, instance in entries
+    ], None
+
+
+def parse_command_output(text: str) -> list[tuple[str, str | None]]:
+    """(version, instance) pairs from JSON or from lines of `VERSION [INSTANCE]`.
+
+    JSON may be a list of versions, a list of objects with `version` (and optionally
+    `instance`), or an object holding such a list under `versions`. Lines that are blank
+    or start with `#` are skipped.
+    """
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            document = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON ({exc})") from exc
+        return _json_entries(document)
+    entries = []
+    for line in stripped.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            version, _, instance = line.partition(" ")
+            entries.append((version, instance.strip() or None))
+    return entries
+
+
+def _json_entries(document: Any) -> list[tuple[str, str | None]]:
+    if isinstance(document, dict):
+        if "versions" not in document:
+            raise ValueError('a JSON object must hold the list under "versions"')
+        document = document["versions"]
+    if not isinstance(document, list):
+        raise ValueError("expected a JSON list of versions")
+    entries = []
+    for item in document:
+        if isinstance(item, str):
+            entries.append((item, None))
+        elif isinstance(item, dict) and isinstance(item.get("version"), str):
+            instance = item.get("instance")
+            entries.append((item["version"], str(instance) if instance is not None else None))
+        else:
+            raise ValueError(f'{json.dumps(item)} is neither a version nor {{"version": ...}}')
+    return entries
