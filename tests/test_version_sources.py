@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -150,6 +151,8 @@ def test_report_version_beats_on_connect_and_forgets_on_stop(project, seeded_url
 
 def test_report_version_never_raises_into_the_app(seeded_url, caplog) -> None:
     """No ledger yet (phasegate never ran here): the app still starts and works."""
+    # an in-process Alembic run (env.py's fileConfig) disables loggers that already exist
+    logging.getLogger("phasegate.appversion").disabled = False
     app_engine = sa.create_engine(seeded_url, poolclass=NullPool)
     reporter = report_version(app_engine, "bugtracker", "2.0", interval=3600)
     try:

@@ -27,6 +27,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+from phasegate.appversion import connect_args
+
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
@@ -110,7 +112,7 @@ class AppInstance(threading.Thread):
             psycopg_url(database_url),
             pool_size=1,
             max_overflow=0,
-            connect_args={"application_name": f"{app}/{version}"},
+            connect_args=connect_args(app, version),  # application_name=<app>/<version>
         )
         self._rng = random.Random(seed)
         self._stop_event = threading.Event()
