@@ -28,7 +28,7 @@ import click
 import sqlalchemy as sa
 from psycopg import Error as PsycopgError
 
-from phasegate import __version__, backfill, db, gates, ledger, sources
+from phasegate import __version__, backfill, db, gates, ledger, lint, sources
 from phasegate.config import ProjectConfig, load_config
 from phasegate.durations import format_duration, parse_duration
 from phasegate.errors import (
@@ -41,7 +41,8 @@ from phasegate.errors import (
 )
 from phasegate.orchestrator import START, Options, Orchestrator, Outcome
 from phasegate.pacing import BackfillSettings
-from phasegate.plan import PHASES, Plan, PlanError, load_plan
+from phasegate.plan import PHASES, REVISION_PHASES, Plan, PlanError, load_plan
+from phasegate.plan_lint import lint_plan
 from phasegate.progress import BarProgress, LogProgress
 from phasegate.revisions import AlembicProject
 
@@ -227,6 +228,55 @@ def validate(ctx: Context, plans: tuple[str, ...]) -> int:
     return EXIT_OK if ok else 2
 
 
+# -- lint -----------------------------------------------------------------------------------
+
+
+@cli.command("lint")
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False), required=False)
+@click.option("--phase", type=click.Choice(REVISION_PHASES), help="Only this phase's revisions.")
+@click.option("--rules", "list_rules", is_flag=True, help="List the rules and exit.")
+@click.pass_obj
+@handle_errors
+def lint_command(ctx: Context, plan_path: str | None, phase: str | None, list_rules: bool) -> int:
+    """Check the SQL of PLAN's revisions against the safety rules of their phase.
+
+    Renders each revision offline (Alembic --sql; no database), parses it with
+    PostgreSQL's own parser, and reports each unsafe statement with the lock it takes,
+    the table, and the safe rewrite. expand is additive only; switch may validate and
+    tighten; contract may drop. A revision waives a rule with a module constant
+    `phasegate_allow = {"rule-id": "why"}`. Exit 1 on any error that is not waived.
+    """
+    if list_rules:
+        rules = list(lint.RULES.values())
+        text = "\n".join(f"{r.id} ({r.severity}): {r.title}\n    safe: {r.fix}" for r in rules)
+        emit(ctx, {"ok": True, "rules": [r.__dict__ for r in rules]}, text)
+        return EXIT_OK
+    if plan_path is None:
+        raise UsageError("name a PLAN to lint (or pass --rules to list the rules)")
+    project, plan = ctx.project(), load_plan(plan_path)
+    resolved = project.resolve(plan)
+    findings = lint_plan(project, plan, resolved, [phase] if phase else None)
+    errors = sum(1 for f in findings if f.blocking)
+    waived = sum(1 for f in findings if f.waived)
+    warnings = sum(1 for f in findings if f.severity == lint.WARNING and not f.waived)
+    summary = (
+        f"lint {plan.name}{' (' + phase + ')' if phase else ''}: {errors} error(s), "
+        f"{warnings} warning(s), {waived} waived"
+    )
+    text = "\n".join([*(f.describe() for f in findings), summary])
+    document = {
+        "ok": errors == 0,
+        "plan": plan.name,
+        "phase": phase,
+        "errors": errors,
+        "warnings": warnings,
+        "waived": waived,
+        "findings": [f.to_dict() for f in findings],
+    }
+    emit(ctx, document, text)
+    return EXIT_OK if errors == 0 else EXIT_REFUSED
+
+
 # -- status and gate ------------------------------------------------------------------------
 
 
@@ -321,11 +371,12 @@ def wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _check_reason(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+def _check_reason(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and not value.strip():
+        flag = param.opts[0] if param.opts else "the option"
         raise click.BadParameter(
-            "an override needs a reason for the event log, e.g. "
-            '--override-gate "v1 drained by hand, ticket OPS-42"'
+            f'{flag} needs a reason for the event log, e.g. {flag} "v1 drained by hand, '
+            'ticket OPS-42"'
         )
     return value.strip() if value is not None else None
 
@@ -541,6 +592,16 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def unsafe_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--allow-unsafe",
+        metavar="REASON",
+        callback=_check_reason,
+        help="Run although `phasegate lint` finds errors in the plan; the reason and the "
+        "findings go to the event log.",
+    )(fn)
+
+
 def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     """A PostgreSQL duration, checked before anything connects."""
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*", value):
@@ -671,6 +732,7 @@ class GatedArgs:
     actor: str | None
     yes: bool
     wait: float
+    allow_unsafe: str | None = None
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
 
 
@@ -691,6 +753,7 @@ def orchestrating(
         backfill=args.backfill,
         wait=args.wait,
         config=ctx.settings(),
+        allow_unsafe=args.allow_unsafe,
     )
     progress = BarProgress() if sys.stderr.isatty() and not ctx.as_json else LogProgress(sys.stderr)
     with (
@@ -723,6 +786,7 @@ def _finish(ctx: Context, outcome: Outcome) -> int:
 @cli.command()
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(PHASES), help="Stop after this phase.")
+@unsafe_option
 @gated_options
 @backfill_options
 @click.pass_obj
@@ -746,6 +810,7 @@ def _phase_command(phase: str, summary: str) -> None:
 
     @cli.command(name=phase, help=f"{summary}\n\n{details}")
     @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+    @unsafe_option
     @gated_options
     @click.pass_obj
     @handle_errors

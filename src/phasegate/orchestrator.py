@@ -20,7 +20,7 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
-from phasegate import backfill, gates, ledger, sources, sync
+from phasegate import backfill, gates, ledger, plan_lint, sources, sync
 from phasegate.config import ProjectConfig
 from phasegate.db import Session
 from phasegate.durations import format_duration
@@ -42,6 +42,7 @@ class Options:
     allow_data_loss: bool = False
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     wait: float = 0.0  # seconds a refused gate is polled before it counts as refused
+    allow_unsafe: str | None = None  # run despite lint errors; the reason is logged
     config: ProjectConfig = field(default_factory=ProjectConfig)
 
 
@@ -218,6 +219,9 @@ class Orchestrator:
                 Step(last, "advance", "noop", f"{self.plan.name} is already past {last}: no-op")
             )
             return Outcome(self.plan.name, steps, self.status())
+        refusal = self._lint_first(current)
+        if refusal is not None:
+            return Outcome(self.plan.name, [refusal], self.status())
         while current is not None and names.index(current) <= names.index(last):
             step = self._run_phase(current, state, heads)
             steps.append(step)
@@ -228,6 +232,41 @@ class Orchestrator:
             heads = self.project.current_heads(self.db)
             current = self._next_phase(state)
         return Outcome(self.plan.name, steps, self.status())
+
+    def _lint_first(self, phase: str) -> Step | None:
+        """Lint the whole plan before it moves; errors refuse unless --allow-unsafe."""
+        findings = plan_lint.lint_plan(self.project, self.plan, self.revisions)
+        blocking = [f for f in findings if f.blocking]
+        if not blocking:
+            return None
+        listed = "; ".join(
+            f"{f.rule} in {f.revision} ({f.phase})" + (f": {f.statement}" if f.statement else "")
+            for f in blocking
+        )
+        detail = {
+            "reason": self.options.allow_unsafe,
+            "findings": [f.to_dict() for f in blocking],
+        }
+        if self.options.allow_unsafe:
+            with self.db.tx():
+                ledger.record_event(
+                    self.db, self.plan.name, "lint.overridden", self.options.actor, phase, detail
+                )
+            self.notify(
+                f"lint: {len(blocking)} error(s) allowed ({self.options.allow_unsafe}): {listed}"
+            )
+            return None
+        with self.db.tx():
+            ledger.record_event(
+                self.db, self.plan.name, "lint.refused", self.options.actor, phase, detail
+            )
+        message = (
+            f"lint found {len(blocking)} error(s) in plan {self.plan.name!r}: {listed}. "
+            "`phasegate lint PLAN` shows each with its safe rewrite; fix the revision, waive "
+            "the rule in it with phasegate_allow = {'rule-id': 'why'}, or pass "
+            "--allow-unsafe REASON"
+        )
+        return Step(phase, "advance", "refused", message)
 
     def _run_phase(self, phase: str, state: ledger.PlanState, heads: tuple[str, ...]) -> Step:
         decision = self._decide(self.plan.phase(phase).compatible, f"for entering {phase}")

@@ -10,6 +10,7 @@ ledger inside that step's own transaction.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class RevisionInfo:
     phase: str | None
     path: str
     doc: str
+    allow: dict[str, str] = field(default_factory=dict)  # phasegate_allow: lint waivers
 
     def describe(self) -> str:
         return f"{self.revision} ({self.doc})" if self.doc else self.revision
@@ -51,6 +53,14 @@ class PlanRevisions:
 
     def of(self, phase: str) -> list[str]:
         return self.by_phase.get(phase, [])
+
+
+@dataclass
+class OfflineSQL:
+    """Rendered SQL per revision, in the order Alembic would run them."""
+
+    by_revision: dict[str, str]
+    version_table: str
 
 
 class AlembicProject:
@@ -268,6 +278,44 @@ class AlembicProject:
             on_step=on_step,
         )
 
+    def offline_sql(self, target: str, start: str | None = None) -> OfflineSQL:
+        """The SQL `alembic upgrade start:target --sql` renders, cut per revision.
+
+        No database: Alembic renders each revision's operations as text through env.py's
+        offline branch. Our `on_version_apply` hook marks where each revision's text ends.
+        """
+        buffer = io.StringIO()
+        cuts: list[tuple[str, int]] = []
+        settings: dict[str, Any] = {}
+
+        def cut(step: MigrationInfo, _heads: tuple[str, ...]) -> None:
+            cuts.append((step.up_revision_id or "", buffer.tell()))
+
+        environment = EnvironmentContext(
+            self.config,
+            self.script,
+            fn=lambda rev, context: self.script._upgrade_revs(target, start),
+            as_sql=True,
+            starting_rev=start,
+            destination_rev=target,
+        )
+        _force_phasegate_settings(environment, None, cut, settings, offline=True)
+        previous = self.config.output_buffer
+        self.config.output_buffer = buffer
+        try:
+            with environment:
+                self.script.run_env()
+        except CommandError as exc:
+            raise RuntimeFailure(f"Alembic cannot render {target} offline: {exc}") from None
+        finally:
+            self.config.output_buffer = previous
+        text = buffer.getvalue()
+        pieces, begin = {}, 0
+        for revision, end in cuts:
+            pieces[revision] = text[begin:end]
+            begin = end
+        return OfflineSQL(pieces, settings.get("version_table") or "alembic_version")
+
     def downgrade_steps(self, heads: tuple[str, ...], target: str) -> list[str]:
         """The revisions `downgrade(target)` would undo from `heads`, newest first."""
         applied = self.applied(heads)
@@ -303,7 +351,11 @@ class AlembicProject:
 
 
 def _force_phasegate_settings(
-    environment: EnvironmentContext, connection: Any, on_step: StepHook | None
+    environment: EnvironmentContext,
+    connection: Any,
+    on_step: StepHook | None,
+    seen: dict[str, Any] | None = None,
+    offline: bool = False,
 ) -> None:
     """Whatever env.py passes to `context.configure`, add our per-step transaction and hook.
 
@@ -315,7 +367,7 @@ def _force_phasegate_settings(
     def record_step(
         *, ctx: MigrationContext, step: MigrationInfo, heads: set[str], run_args: dict[str, Any]
     ) -> None:
-        if ctx.connection is not connection:
+        if not offline and ctx.connection is not connection:
             raise RuntimeFailure(
                 "env.py opened its own database connection instead of using "
                 "config.attributes['connection']; follow Alembic's cookbook recipe "
@@ -326,6 +378,11 @@ def _force_phasegate_settings(
 
     def configure(*args: Any, **kw: Any) -> None:
         kw["transaction_per_migration"] = True
+        if offline:  # render for PostgreSQL whatever URL (often a placeholder) env.py found
+            kw.pop("url", None)
+            kw["dialect_name"] = "postgresql"
+        if seen is not None:
+            seen["version_table"] = kw.get("version_table")
         kw["on_version_apply"] = [*to_tuple(kw.get("on_version_apply"), default=()), record_step]
         original(*args, **kw)
 
@@ -342,7 +399,14 @@ def _info(script: Script) -> RevisionInfo:
         phase=getattr(module, "phasegate_phase", None),
         path=str(script.path),
         doc=(script.doc or "").strip(),
+        allow=_waivers(getattr(module, "phasegate_allow", None)),
     )
+
+
+def _waivers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(rule): str(reason) for rule, reason in value.items()}
 
 
 def _tag_line(path: str) -> int | None:
