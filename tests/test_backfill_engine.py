@@ -261,7 +261,7 @@ def test_sigterm_finishes_the_batch_checkpoints_and_says_how_to_resume(
     process.send_signal(signal.SIGTERM)
     _out, err = process.communicate(timeout=60)
     assert process.returncode == 3, err
-    assert "SIGTERM: finishing the current batch" in err
+    assert "SIGTERM: finishing the current step" in err
     assert "stopped on request" in err and "Resume with the same command" in err
     stopped = checkpoint(database_url)
     assert 0 < stopped["walked"] < ROWS and stopped["rows"] == stopped["walked"]

@@ -135,7 +135,7 @@ def test_settings_from_pyproject_and_phasegate_toml(tmp_path) -> None:
     [
         ('heartbeat_tll = "5m"\n', "unknown setting(s) heartbeat_tll"),
         ('heartbeat_ttl = "soon"\n', "heartbeat_ttl: 'soon' is not a duration"),
-        ('application_name = "{app}"\n', "must contain {version}"),
+        ('application_name = "{app}"\n', "must hold {version} once"),
         ("versions_command = []\n", "versions_command must be"),
         ("heartbeat_ttl = \n", "not valid TOML"),
     ],

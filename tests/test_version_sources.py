@@ -59,9 +59,9 @@ def connect_as(url: str, name: str) -> psycopg.Connection:
     return psycopg.connect(libpq_url(url), application_name=name)
 
 
-def versions(project: Project, *args: str) -> dict:
+def versions(project: Project, *args: str, exit_code: int = 0) -> dict:
     result = project.run("versions", "--app", "bugtracker", *args, json_output=True)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     return json.loads(result.stdout)["apps"][0]
 
 
@@ -211,8 +211,34 @@ def test_a_failing_versions_command_fails_the_gate_with_its_stderr(project) -> N
     result = project.run("gate", project.plan, "--phase", "expand", "--live-version", "1.0")
     assert result.exit_code == 1
     assert "exited with 3; its stderr: scheduler unreachable" in result.stdout
-    seen = versions(project)
+    seen = versions(project, exit_code=3)
     assert "scheduler unreachable" in seen["failures"][0]["message"]
+
+
+def test_a_versions_command_that_prints_nothing_fails(project) -> None:
+    """`kubectl ... | cat` without kubectl prints nothing and exits 0: not an answer."""
+    script = "import sys; sys.stderr.write('kubectl: command not found')"
+    project.settings(command_setting(script))
+    result = project.run("gate", project.plan, "--phase", "expand", "--live-version", "1.0")
+    assert result.exit_code == 1
+    assert "printed no version; its stderr: kubectl: command not found" in result.stdout
+
+
+def test_the_versions_command_output_is_scrubbed_of_the_password(tmp_path, seeded_url) -> None:
+    """A command that echoes the database URL (set -x, say) must not leak its password."""
+    secret_url = sa.engine.make_url(seeded_url).set(password="hunter2-secret")
+    secret = secret_url.render_as_string(hide_password=False)  # trust auth ignores it
+    project = Project(tmp_path, secret)
+    script = f"import sys; sys.stderr.write('connecting to {secret}'); sys.exit(1)"
+    project.settings(command_setting(script))
+    result = project.run("gate", project.plan, "--phase", "expand", json_output=True)
+    assert result.exit_code == 1, result.output
+    assert "hunter2-secret" not in result.output and ":***@" in result.stdout
+    with psycopg.connect(libpq_url(seeded_url)) as check:
+        leaked = check.execute(
+            "SELECT count(*) FROM phasegate.event WHERE detail::text LIKE '%hunter2%'"
+        ).fetchone()[0]
+    assert leaked == 0
 
 
 def test_a_hanging_versions_command_times_out(project) -> None:
@@ -356,3 +382,75 @@ def test_every_gate_decision_lands_in_the_event_log(project, engine) -> None:
         ("gate.passed", "expand", "gate"),
         ("gate.refused", "contract", "gate"),
     ]
+
+
+def test_a_name_that_claims_the_app_but_breaks_the_pattern_refuses(project, seeded_url) -> None:
+    odd = connect_as(seeded_url, "bugtracker/2.0 celery-worker")
+    bare = connect_as(seeded_url, "bugtracker")
+    other = connect_as(seeded_url, "bugtracker-admin/1.0")  # another app: not counted
+    try:
+        result = project.run("gate", project.plan, "--phase", "contract", "--live-version", "2.0")
+    finally:
+        for conn in (odd, bare, other):
+            conn.close()
+    assert result.exit_code == 1
+    assert "'bugtracker/2.0 celery-worker' (not '{app}/{version}')" in result.stdout
+    assert "'bugtracker' (not" in result.stdout and "bugtracker-admin" not in result.stdout
+
+
+def test_two_versions_on_one_host_are_both_live(project) -> None:
+    """Blue/green on one machine: the second heartbeat must not hide the first."""
+    for version in ("1.4", "2.0"):
+        result = project.run("heartbeat", "--app", "bugtracker", "--version", version)
+        assert result.exit_code == 0, result.output
+    assert versions(project)["versions"] == ["1.4", "2.0"]
+    assert project.run("gate", project.plan, "--phase", "contract").exit_code == 1
+    result = project.run("heartbeat", "--app", "bugtracker", "--version", "1.4", "--remove")
+    assert result.exit_code == 0 and "1 removed" in result.stdout
+    assert versions(project)["versions"] == ["2.0"]
+    result = project.run("heartbeat", "--app", "bugtracker", "--remove")  # no version needed
+    assert result.exit_code == 0 and "1 removed" in result.stdout
+    assert project.run("heartbeat", "--app", "bugtracker").exit_code == 2
+
+
+def test_a_waiting_gate_says_what_it_waits_for_once(project, seeded_url) -> None:
+    old = connect_as(seeded_url, "bugtracker/1.4")
+    try:
+        result = project.run(
+            "gate", project.plan, "--phase", "contract", "--live-version", "2.0", "--wait", "5s"
+        )
+    finally:
+        old.close()
+    assert result.exit_code == 1
+    assert result.stderr.count("waiting") == 1, result.stderr
+
+
+def test_reporters_come_and_go_while_the_app_connects(project, seeded_url) -> None:
+    """Starting and stopping reporters never disturbs threads that are connecting."""
+    project.run("heartbeat", "--app", "bootstrap", "--version", "0")  # creates the ledger
+    app_engine = sa.create_engine(seeded_url, pool_size=4, max_overflow=8)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def connect_in_a_loop() -> None:
+        while not done.is_set():
+            try:
+                with app_engine.connect() as c:
+                    c.execute(sa.text("SELECT 1"))
+                app_engine.dispose(close=False)  # the next connect is a new connection
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=connect_in_a_loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for n in range(30):
+            report_version(app_engine, "bugtracker", "2.0", instance=f"i{n}", interval=3600).stop()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+        app_engine.dispose()
+    assert errors == []
+    assert versions(project)["observed"] == []  # every stopped reporter removed its row

@@ -51,7 +51,11 @@ step "may $NEW_VERSION be deployed now?" \
   check-deploy --app-version "$NEW_VERSION" "$PLAN"
 
 echo "==> deploy $NEW_VERSION"
-bash -c "$DEPLOY_COMMAND"
+bash -c "$DEPLOY_COMMAND" || {
+  echo "deploy stopped: rolling out $NEW_VERSION failed; the schema is still fine for" \
+    "$CURRENT_VERSION (backfill done): fix the rollout and re-run this script" >&2
+  exit 3
+}
 
 step "switch (validate and tighten)" \
   switch "$PLAN" --live-version "$NEW_VERSION" --yes

@@ -66,6 +66,8 @@ class Reporter:
         )
 
     def start(self) -> Reporter:
+        # listened once and never removed: changing an engine's listeners while other
+        # threads connect is not safe; a stopped reporter's listener does nothing
         sa.event.listen(self.engine, "connect", self._on_connect)
         self._thread.start()
         atexit.register(self.stop)
@@ -86,8 +88,9 @@ class Reporter:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        sa.event.remove(self.engine, "connect", self._on_connect)
         atexit.unregister(self.stop)
+        if self._thread.is_alive():  # a beat in flight must not write the row back
+            self._thread.join()
         if forget:
             try:
                 with self.engine.begin() as connection:
@@ -96,6 +99,8 @@ class Reporter:
                 self._warn(exc)
 
     def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        if self._stopped.is_set():
+            return
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(HEARTBEAT_UPSERT, self.params)

@@ -419,16 +419,22 @@ def gate(
 
 @cli.command()
 @click.option("--app", required=True, help="The app, as plans name it in `app:`.")
-@click.option("--version", "version", required=True, metavar="V", help="Its code version.")
+@click.option("--version", "version", metavar="V", help="Its code version (required to report).")
 @click.option(
     "--instance",
     metavar="NAME",
-    help="Which instance is reporting (default: this host's name); one row per instance.",
+    help="Which instance is reporting (default: this host's name); a row per instance and version.",
 )
-@click.option("--remove", is_flag=True, help="Delete the instance's heartbeat (it has stopped).")
+@click.option(
+    "--remove",
+    is_flag=True,
+    help="Delete the instance's heartbeats (of --version only, when given): it has stopped.",
+)
 @click.pass_obj
 @handle_errors
-def heartbeat(ctx: Context, app: str, version: str, instance: str | None, remove: bool) -> int:
+def heartbeat(
+    ctx: Context, app: str, version: str | None, instance: str | None, remove: bool
+) -> int:
     """Record that an instance of APP runs version V, now.
 
     For apps that cannot name their connections: run it at start-up and then more often
@@ -437,19 +443,22 @@ def heartbeat(ctx: Context, app: str, version: str, instance: str | None, remove
     row goes at once (on a clean shutdown). Python apps can use
     phasegate.appversion.report_version instead.
     """
+    if version is None and not remove:
+        raise UsageError("pass --version V (the version this instance runs), or --remove")
     instance = instance or socket.gethostname()
     with db.session(ctx.url(ctx.project()), "phasegate heartbeat") as conn:
-        ledger.ensure_schema(conn)
+        with conn.tx():
+            ready = conn.scalar("SELECT to_regclass('phasegate.heartbeat') IS NOT NULL")
+        if not ready:  # an app's role may write heartbeats without owning the ledger
+            ledger.ensure_schema(conn)
         with conn.tx():
             if remove:
-                found = ledger.forget_heartbeat(conn, app, instance)
+                found = ledger.forget_heartbeat(conn, app, instance, version)
             else:
-                ledger.beat(conn, app, instance, version)
+                ledger.beat(conn, app, instance, version or "")
     ttl = format_duration(ctx.settings().heartbeat_ttl)
     if remove:
-        text = f"heartbeat of {app} instance {instance} " + (
-            "removed" if found else "was not there"
-        )
+        text = f"heartbeats of {app} instance {instance}: {found} removed"
     else:
         text = f"heartbeat: {app} {version} on instance {instance}; counts for {ttl} unless renewed"
         if gates.parse_version(version) is None:
@@ -474,14 +483,15 @@ def versions(ctx: Context, app: str | None, live_versions: tuple[str, ...]) -> i
 
     Sources: connections named '<app>/<version>' (pattern: `application_name` in
     phasegate.toml), fresh heartbeats, the configured `versions_command`, and --live-version.
-    Changes nothing.
+    Changes nothing. Exit 3 when a source failed (the list is then incomplete).
     """
     settings = ctx.settings()
     with db.session(ctx.url(ctx.project()), "phasegate versions") as conn:
         apps = [app] if app else _known_apps(ctx, conn, settings)
         seen = {name: sources.observe(conn, name, live_versions, settings) for name in apps}
+    failed = any(s.failures for s in seen.values())
     document = {
-        "ok": True,
+        "ok": not failed,
         "apps": [
             {
                 "app": name,
@@ -493,7 +503,7 @@ def versions(ctx: Context, app: str | None, live_versions: tuple[str, ...]) -> i
         ],
     }
     emit(ctx, document, _versions_text(seen) or "no app known: name one with --app")
-    return EXIT_OK
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _known_apps(ctx: Context, conn: db.Session, settings: ProjectConfig) -> list[str]:
@@ -713,7 +723,7 @@ def stop_on_signals(settings: BackfillSettings) -> Iterator[None]:
         name = signal.Signals(signum).name
         if settings.stop.is_set():
             raise KeyboardInterrupt(f"second {name}")
-        log(f"phasegate: {name}: finishing the current batch, then stopping (again to abort)")
+        log(f"phasegate: {name}: finishing the current step, then stopping (again to abort)")
         settings.stop.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

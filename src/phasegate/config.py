@@ -7,6 +7,8 @@ that names the file and the key, so a typo never silently turns a setting off.
 
 from __future__ import annotations
 
+import math
+import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +82,7 @@ def _parse(table: Any, source: str, root: Path) -> ProjectConfig:
         raise UsageError(f"{source}: unknown setting(s) {', '.join(unknown)}. Known: {known}")
     plans = _text(table, "plans", source, "plans")
     pattern = _text(table, "application_name", source, DEFAULT_APPLICATION_NAME)
-    if "{version}" not in pattern:
-        raise UsageError(
-            f"{source}: application_name {pattern!r} must contain {{version}}, "
-            "e.g. '{app}/{version}'"
-        )
+    _check_pattern(pattern, source)
     command = table.get("versions_command")
     valid_list = isinstance(command, list) and command and all(isinstance(a, str) for a in command)
     if (
@@ -126,6 +124,31 @@ def _duration(table: dict[str, Any], key: str, source: str, default: float) -> f
         seconds = float(value) if number else parse_duration(str(value))
     except ValueError as exc:
         raise UsageError(f"{source}: {key}: {exc}") from exc
-    if seconds <= 0:
-        raise UsageError(f"{source}: {key} must be more than zero")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{source}: {key} must be a finite duration above zero, e.g. '5m'")
     return seconds
+
+
+def _check_pattern(pattern: str, source: str) -> None:
+    """{version} once; {app} and {instance} at most once; nothing else in braces."""
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(pattern) if f is not None]
+        plain = all(
+            spec == "" and conv is None
+            for _, f, spec, conv in string.Formatter().parse(pattern)
+            if f is not None
+        )
+    except ValueError as exc:
+        raise UsageError(f"{source}: application_name {pattern!r}: {exc}") from None
+    allowed = {"app", "version", "instance"}
+    if (
+        fields.count("version") != 1
+        or any(fields.count(f) > 1 for f in allowed)
+        or set(fields) - allowed
+        or not plain
+    ):
+        raise UsageError(
+            f"{source}: application_name {pattern!r} must hold {{version}} once and may "
+            "hold {app} and {instance} once each, nothing else in braces; e.g. "
+            "'{app}/{version}'"
+        )

@@ -48,6 +48,7 @@ class GateDecision:
     failures: list[SourceFailure] = field(default_factory=list)
     override: str | None = None
     waited: float = 0.0
+    naming: str = ""  # how a connection names itself, e.g. "bugtracker/<version>"
 
     @property
     def observed(self) -> bool:
@@ -60,6 +61,20 @@ class GateDecision:
     @property
     def passed(self) -> bool:
         return self.versions_ok or self.override is not None
+
+    @property
+    def _naming(self) -> str:
+        return self.naming or f"{self.app}/<version>"
+
+    def signature(self) -> tuple[object, ...]:
+        """What the refusal is about, without details that change on every look
+        (ages, pids): a waiting gate repeats itself only when this changes."""
+        bad = [*self.outside, *self.unparsable]
+        return (
+            self.observed,
+            tuple(sorted((o.version, o.source, o.instance or "") for o in bad)),
+            tuple(sorted(f.source for f in self.failures)),
+        )
 
     def problem(self) -> str:
         """What stops the gate, in one sentence ('' when nothing does)."""
@@ -74,7 +89,7 @@ class GateDecision:
         if not self.observed and not self.failures:
             problems.append(
                 f"no live version of {self.app} was observed: no connection with "
-                f"application_name '{self.app}/<version>' in pg_stat_activity, no fresh "
+                f"application_name '{self._naming}' in pg_stat_activity, no fresh "
                 "heartbeat, no versions command output and no --live-version given; "
                 "phasegate fails closed"
             )
@@ -106,7 +121,7 @@ class GateDecision:
             fix = "Stop or upgrade those instances"
         else:
             fix = (
-                f"Connect the app with application_name '{self.app}/<version>', report "
+                f"Connect the app with application_name '{self._naming}', report "
                 "heartbeats, or pass --live-version V"
             )
         return f"gate {self.target}: refused — {problem}. {fix}, or pass --override-gate REASON"

@@ -107,8 +107,10 @@ CREATE TABLE IF NOT EXISTS phasegate.heartbeat (
     version text NOT NULL,
     first_seen timestamptz NOT NULL DEFAULT now(),
     last_seen timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (app, instance)
+    PRIMARY KEY (app, instance, version)
 );
+COMMENT ON TABLE phasegate.heartbeat IS
+    'one row per app instance and version: an in-place upgrade leaves the old row to expire';
 INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '3')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
@@ -464,14 +466,16 @@ def clear_checkpoints(db: Session, plan: str) -> int:
 # pyformat parameters: psycopg 3 and psycopg2 both take them, so the app-side helper can
 # run this very statement through SQLAlchemy's exec_driver_sql on either driver
 HEARTBEAT_UPSERT = """
-INSERT INTO phasegate.heartbeat AS h (app, instance, version)
+INSERT INTO phasegate.heartbeat (app, instance, version)
 VALUES (%(app)s, %(instance)s, %(version)s)
-ON CONFLICT (app, instance) DO UPDATE SET
-    version = excluded.version,
-    last_seen = now(),
-    first_seen = CASE WHEN h.version = excluded.version THEN h.first_seen ELSE now() END
+ON CONFLICT (app, instance, version) DO UPDATE SET last_seen = now()
 """
-HEARTBEAT_DELETE = "DELETE FROM phasegate.heartbeat WHERE app = %(app)s AND instance = %(instance)s"
+# every version of the instance, or only `version` when it is given
+HEARTBEAT_DELETE = """
+DELETE FROM phasegate.heartbeat
+WHERE app = %(app)s AND instance = %(instance)s
+  AND (version = %(version)s OR %(version)s::text IS NULL)
+"""
 
 
 @dataclass
@@ -488,8 +492,9 @@ def beat(db: Session, app: str, instance: str, version: str) -> None:
     db.execute(HEARTBEAT_UPSERT, {"app": app, "instance": instance, "version": version})
 
 
-def forget_heartbeat(db: Session, app: str, instance: str) -> bool:
-    return db.execute(HEARTBEAT_DELETE, {"app": app, "instance": instance}).rowcount > 0
+def forget_heartbeat(db: Session, app: str, instance: str, version: str | None = None) -> int:
+    params = {"app": app, "instance": instance, "version": version}
+    return db.execute(HEARTBEAT_DELETE, params).rowcount
 
 
 def heartbeats(db: Session, app: str | None, ttl_seconds: float) -> list[Heartbeat]:

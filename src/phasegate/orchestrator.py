@@ -466,9 +466,11 @@ class Orchestrator:
 
         An override passes at once: the operator has decided, waiting would only delay.
         """
-        started = time.monotonic()
-        deadline = started + self.options.wait
-        said, said_at = "", 0.0
+        deadline = time.monotonic() + self.options.wait
+        naming = self.options.config.application_name.format(
+            app=self.plan.app, version="<version>", instance="<instance>"
+        )
+        waited, said, said_at = 0.0, None, 0.0
         while True:
             sighting = sources.observe(
                 self.db, self.plan.app, self.options.live_versions, self.options.config
@@ -481,17 +483,18 @@ class Orchestrator:
                 self.options.override_gate,
                 sighting.failures,
             )
+            decision.waited, decision.naming = waited, naming
             now = time.monotonic()
-            decision.waited = now - started
             if decision.passed or now >= deadline:
                 return decision
-            problem = decision.problem()
-            if problem != said or now - said_at >= GATE_REMIND_SECONDS:
+            if decision.signature() != said or now - said_at >= GATE_REMIND_SECONDS:
                 left = format_duration(deadline - now)
-                self.notify(f"gate {target}: waiting, {left} left — {problem}")
-                said, said_at = problem, now
-            if self.options.backfill.stop.wait(min(GATE_POLL_SECONDS, deadline - now)):
+                self.notify(f"gate {target}: waiting, {left} left — {decision.problem()}")
+                said, said_at = decision.signature(), now
+            pause = min(GATE_POLL_SECONDS, deadline - now)
+            if self.options.backfill.stop.wait(pause):
                 return decision  # stopped by a signal: the refusal stands
+            waited += pause
 
     def _record_gate(self, phase: str, direction: str, decision: gates.GateDecision) -> None:
         ledger.ensure_schema(self.db)

@@ -20,7 +20,7 @@ from typing import Any
 
 from phasegate import ledger
 from phasegate.config import ProjectConfig
-from phasegate.db import Session
+from phasegate.db import URL_ENV_VARS, Session, scrub
 from phasegate.durations import format_duration
 
 SOURCE_PG_STAT_ACTIVITY = "pg_stat_activity"
@@ -77,7 +77,7 @@ def observe(db: Session, app: str, cli_versions: Iterable[str], config: ProjectC
         sighting.observations += connections(db, app, config.application_name)
         sighting.observations += heartbeat_observations(db, app, config.heartbeat_ttl)
     if config.versions_command is not None:
-        found, failure = run_command(app, config)
+        found, failure = run_command(app, config, secrets=(db.url,))
         sighting.observations += found
         if failure is not None:
             sighting.failures.append(failure)
@@ -103,9 +103,20 @@ def name_pattern(pattern: str, app: str | None) -> re.Pattern[str]:
     )
 
 
+def claims(pattern: str, app: str) -> re.Pattern[str] | None:
+    """Names that claim to be `app` (the pattern's text before {version}, or the bare app
+    name); such a name that does not match the whole pattern counts, as an unreadable
+    version, instead of being ignored."""
+    prefix = pattern.split("{version}", 1)[0]
+    prefix = re.escape(prefix.replace("{app}", app)) if "{instance}" not in prefix else ""
+    alternatives = [re.escape(app)] + ([prefix + ".*"] if prefix else [])
+    return re.compile("|".join(alternatives), re.DOTALL)
+
+
 def connections(db: Session, app: str | None, pattern: str) -> list[Observation]:
     """Connections to this database whose application_name names a version of `app`."""
     regex = name_pattern(pattern, app)
+    claimed = claims(pattern, app) if app is not None else None
     rows = db.dicts(
         """
         SELECT application_name AS name, pid, coalesce(host(client_addr), 'local socket') AS client
@@ -121,6 +132,8 @@ def connections(db: Session, app: str | None, pattern: str) -> list[Observation]
         if match:
             key = (match.group("version"), match.groupdict().get("instance"))
             groups.setdefault(key, []).append(row)
+        elif claimed is not None and claimed.fullmatch(row["name"]):
+            groups.setdefault((f"{row['name']!r} (not {pattern!r})", None), []).append(row)
     found = []
     for (version, instance), members in sorted(
         groups.items(), key=lambda g: (g[0][0], g[0][1] or "")
@@ -144,7 +157,8 @@ def apps_connected(db: Session, pattern: str) -> list[str]:
     regex = name_pattern(pattern, None)
     names = db.dicts(
         "SELECT DISTINCT application_name AS name FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND application_name NOT LIKE 'phasegate%'"  # phasegate's own sessions
     )
     return sorted({m.group("app") for r in names if (m := regex.fullmatch(r["name"] or ""))})
 
@@ -168,10 +182,23 @@ def heartbeat_observations(db: Session, app: str, ttl: float) -> list[Observatio
 # -- the configured command ------------------------------------------------------------------
 
 
-def run_command(app: str, config: ProjectConfig) -> tuple[list[Observation], SourceFailure | None]:
-    """Run the versions command for `app` (as $PHASEGATE_APP) and read what it prints."""
+def run_command(
+    app: str, config: ProjectConfig, secrets: Iterable[str | None] = ()
+) -> tuple[list[Observation], SourceFailure | None]:
+    """Run the versions command for `app` (as $PHASEGATE_APP) and read what it prints.
+
+    Printing nothing is a failure too: a pipe can hide a command that was not found.
+    It and what it prints are scrubbed of database passwords before anyone sees them.
+    """
+    secrets = [*secrets, *(os.environ.get(name) for name in URL_ENV_VARS)]
+
+    def clean(text: str) -> str:
+        for secret in secrets:
+            text = scrub(text, secret)
+        return text
+
     command = config.versions_command
-    shown = command if isinstance(command, str) else " ".join(command or [])
+    shown = clean(command if isinstance(command, str) else " ".join(command or []))
     label = f"{SOURCE_COMMAND} `{shown}`"
     try:
         done = subprocess.run(
@@ -189,15 +216,20 @@ def run_command(app: str, config: ProjectConfig) -> tuple[list[Observation], Sou
         return [], SourceFailure(SOURCE_COMMAND, f"{label} did not finish within {timeout}")
     except OSError as exc:
         return [], SourceFailure(SOURCE_COMMAND, f"{label} could not run: {exc.strerror}")
+    stderr = clean(done.stderr.strip()[-_STDERR_TAIL:]) or "(nothing on stderr)"
     if done.returncode != 0:
-        stderr = done.stderr.strip()[-_STDERR_TAIL:] or "(nothing on stderr)"
         return [], SourceFailure(
             SOURCE_COMMAND, f"{label} exited with {done.returncode}; its stderr: {stderr}"
         )
     try:
         entries = parse_command_output(done.stdout)
     except ValueError as exc:
-        return [], SourceFailure(SOURCE_COMMAND, f"{label} printed something unreadable: {exc}")
+        message = clean(f"{label} printed something unreadable: {exc}")
+        return [], SourceFailure(SOURCE_COMMAND, message)
+    if not entries:
+        return [], SourceFailure(
+            SOURCE_COMMAND, f"{label} printed no version; its stderr: {stderr}"
+        )
     return [
         Observation(
             version, SOURCE_COMMAND, f"instance {instance}" if instance else shown, instance
