@@ -737,3 +737,43 @@ def _mark_backfill_session(db: Session) -> None:
 
 def _regclass_text(db: Session, table: str) -> str:
     return quote_table(table).as_string(db.raw)
+
+
+# -- preview: a measured sample, rolled back ---------------------------------------------------
+
+
+@dataclass
+class Sample:
+    rows: int  # keys walked by the sample batch
+    seconds: float  # the batch statements' time
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def sample_batch(db: Session, work: BatchedWork, rows: int = 1000) -> Sample:
+    """Time one real batch of `work` at the start of its key range, then roll it back.
+
+    Nothing it wrote survives (sequences that its expressions advance excepted: PostgreSQL
+    never rolls those back); it holds row locks on `rows` rows for the batch's duration,
+    under a short lock_timeout and statement_timeout, and any sync trigger steps aside.
+    """
+    key = keys.resolve(db, work.table, work.key)
+    settings = BackfillSettings(lock_timeout="500ms", statement_timeout="5s")
+    db.ensure_idle()
+    transaction = db.connection.begin()
+    try:
+        row = db.execute(
+            sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+                key.as_text_array(), quote_table(work.table), key.order(descending=True)
+            )
+        ).fetchone()
+        upper = tuple(row[0]) if row else None
+        started = time.perf_counter()
+        reached, scanned = _next_bound(db, work, key, None, upper, rows, settings)
+        if scanned:
+            db.execute(*_update_range(db, work, key, None, reached))
+        return Sample(scanned, time.perf_counter() - started)
+    finally:
+        transaction.rollback()

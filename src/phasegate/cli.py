@@ -43,6 +43,7 @@ from phasegate.orchestrator import START, Options, Orchestrator, Outcome
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import PHASES, REVISION_PHASES, Plan, PlanError, load_plan
 from phasegate.plan_lint import lint_plan
+from phasegate.preview import PreviewOptions, preview
 from phasegate.progress import BarProgress, LogProgress
 from phasegate.revisions import AlembicProject
 
@@ -412,6 +413,123 @@ def gate(
     note = "" if view.phase == view.next else f"\nnote: the next phase is {view.next or 'none'}"
     emit(ctx, document, decision.message() + note)
     return EXIT_OK if decision.passed else EXIT_REFUSED
+
+
+# -- preview --------------------------------------------------------------------------------
+
+
+@cli.command("preview")
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--phase", type=click.Choice(PHASES), help="Only this phase (default: all pending).")
+@click.option(
+    "--exact", is_flag=True, help="Count each backfill table's rows instead of estimating."
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Use no database: SQL, locks and lint only (also when no database is configured).",
+)
+@click.option(
+    "--no-sample",
+    "no_sample",
+    is_flag=True,
+    help="Do not time a sample batch (it runs one real batch and rolls it back).",
+)
+@live_version_option
+@click.pass_obj
+@handle_errors
+def preview_command(
+    ctx: Context,
+    plan_path: str,
+    phase: str | None,
+    exact: bool,
+    offline: bool,
+    no_sample: bool,
+    live_versions: tuple[str, ...],
+) -> int:
+    """Dry run of PLAN: what each pending phase would do, for review before a deploy.
+
+    Per phase: the gate verdict now (with the live versions), each revision's SQL with the
+    lock each statement takes and on which table, the lint findings, the sync triggers
+    the backfill installs, and each backfill job's rows (pg_class.reltuples, or --exact),
+    batches and duration (timed on one sample batch that is rolled back). Changes
+    nothing: not the schema, not a row, not even the ledger.
+    """
+    project, plan = ctx.project(), load_plan(plan_path)
+    resolved = project.resolve(plan)
+    options = PreviewOptions(phase, exact, not no_sample, live_versions, ctx.settings())
+    url = None
+    if not offline:
+        try:
+            url = ctx.url(project)
+        except UsageError:
+            log("phasegate: no database configured: previewing SQL, locks and lint only")
+    if url is None:
+        document = preview(project, plan, resolved, None, options)
+    else:
+        with db.session(url, "phasegate preview") as conn:
+            document = preview(project, plan, resolved, conn, options)
+    emit(ctx, {"ok": True, **document}, _preview_text(document))
+    return EXIT_OK
+
+
+def _preview_text(doc: dict[str, Any]) -> str:
+    state = doc["state"]
+    where = (
+        "offline (no database)"
+        if doc["offline"]
+        else (f"at {state['phase'] or 'the start'} ({state['state']})")
+    )
+    counts = doc["lint"]
+    lines = [
+        f"# preview of plan {doc['plan']} (app {doc['app']}), {where}",
+        f"lint: {counts['errors']} error(s), {counts['warnings']} warning(s), "
+        f"{counts['waived']} waived",
+    ]
+    if doc["render_error"]:
+        lines.append(f"could not render the revisions offline: {doc['render_error']}")
+    if not doc["phases"]:
+        lines.append("nothing pending: the plan is complete")
+    for phase in doc["phases"]:
+        lines += ["", f"## {phase['phase']} (compatible {phase['compatible']})"]
+        if phase["gate"] is not None:
+            lines.append(phase["gate"]["message"])
+        for revision in phase.get("revisions", []):
+            lines.append(f"### revision {revision['revision']}: {revision['doc']}")
+            for statement in revision["statements"]:
+                locks = ", ".join(f"{k['mode']} on {k['table']}" for k in statement["locks"])
+                tx = "autocommit" if statement["transaction"] is None else "in transaction"
+                lines.append(f"  - [{locks or 'no table lock'}; {tx}]")
+                lines += [f"      {line}" for line in statement["sql"].splitlines()[:12]]
+            for finding in revision["lint"]:
+                waived = f" (waived: {finding['waived']})" if finding["waived"] else ""
+                lines.append(
+                    f"  ! {finding['severity']} {finding['rule']}{waived}: {finding['message']}"
+                )
+                lines.append(f"    safe: {finding['fix']}")
+        for trigger in phase.get("sync_triggers", []):
+            lines.append(f"### sync trigger of job {trigger['job']} on {trigger['table']}")
+            lines += [f"      {line}" for s in trigger["sql"] for line in s.splitlines()]
+        if phase.get("jobs"):
+            lines.append("### backfill jobs")
+            lines.append(
+                f"  {'job':<24} {'rows':>12} {'batches':>8} {'batch':>7} {'time':>10}  from"
+            )
+            for job in phase["jobs"]:
+                if job["kind"] == "sql":
+                    lines.append(f"  {job['name']:<24} {'one statement':>12}")
+                    continue
+                rows = job.get("estimated_rows")
+                seconds = job.get("seconds")
+                lines.append(
+                    f"  {job['name']:<24} {rows if rows is not None else '?':>12} "
+                    f"{job.get('batches', '?'):>8} {job.get('batch_size', '?'):>7} "
+                    f"{(format_duration(seconds) if seconds is not None else '?'):>10}  "
+                    f"{job.get('rows_from', 'no database')}"
+                )
+                if "sample" in job and "error" in job["sample"]:
+                    lines.append(f"      not timed: {job['sample']['error']}")
+    return "\n".join(lines)
 
 
 # -- versions, heartbeats, check-deploy -----------------------------------------------------

@@ -57,15 +57,15 @@ def function_sql(plan: str, job: Job) -> sql.Composed:
     )
 
 
-def install(db: Session, plan: str, job: Job) -> None:
-    """Create (or replace) the function and the trigger; run inside the caller's tx."""
+def install_statements(plan: str, job: Job) -> list[sql.Composed]:
+    """The statements that create (or replace) the job's function and trigger."""
     name = sql.Identifier(object_name(plan, job.name))
     table = quote_table(job.table or "")
-    db.execute(function_sql(plan, job))
-    db.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
     # The WHEN clause is checked before the function is entered, so the backfill's own
     # batches (which compute the new columns themselves) pay no plpgsql call per row.
-    db.execute(
+    return [
+        function_sql(plan, job),
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table),
         sql.SQL(
             "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
             "WHEN (current_setting({setting}, true) IS DISTINCT FROM 'on') "
@@ -75,8 +75,14 @@ def install(db: Session, plan: str, job: Job) -> None:
             table=table,
             setting=sql.Literal(BACKFILL_SETTING),
             schema=sql.Identifier("phasegate"),
-        )
-    )
+        ),
+    ]
+
+
+def install(db: Session, plan: str, job: Job) -> None:
+    """Create (or replace) the function and the trigger; run inside the caller's tx."""
+    for statement in install_statements(plan, job):
+        db.execute(statement)
 
 
 def drop(db: Session, plan: str, job: Job) -> None:

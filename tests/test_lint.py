@@ -1,0 +1,374 @@
+"""Each lint rule on real Alembic revision files rendered offline: a failing and a passing
+example per rule, waivers, and the lock table. No database."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from pglast import parse_sql
+
+from phasegate.cli import cli
+from phasegate.locks import locks_of
+
+from .conftest import ALEMBIC_INI, PLAN
+from .lint_project import Revision, build
+
+AUTOCOMMIT = "with op.get_context().autocommit_block():\n"
+ADD_CHECK = "ALTER TABLE bug ADD CONSTRAINT ck_score CHECK (score > 0) NOT VALID"
+
+
+def lint(tmp_path, *revisions: Revision) -> tuple[int, list[dict]]:
+    ini, plan = build(tmp_path, list(revisions))
+    result = CliRunner().invoke(
+        cli, ["--config", str(ini), "--json", "lint", str(plan)], catch_exceptions=False
+    )
+    document = json.loads(result.stdout)
+    return result.exit_code, document["findings"]
+
+
+def rules(findings: list[dict]) -> set[str]:
+    return {f["rule"] for f in findings}
+
+
+R = Revision
+# rule id -> (revisions that break it, revisions that do the same job safely)
+CASES: dict[str, tuple[list[Revision], list[Revision]]] = {
+    "create-index-blocking": (
+        [R("expand", 'op.create_index("ix_bug_score", "bug", ["score"])')],
+        [
+            R(
+                "expand",
+                AUTOCOMMIT + '    op.create_index("ix_bug_score", "bug", ["score"], '
+                "postgresql_concurrently=True)",
+            )
+        ],
+    ),
+    "drop-index-blocking": (
+        [R("contract", 'op.drop_index("ix_bug_title", table_name="bug")')],
+        [
+            R(
+                "contract",
+                AUTOCOMMIT + '    op.drop_index("ix_bug_title", table_name="bug", '
+                "postgresql_concurrently=True)",
+            )
+        ],
+    ),
+    "reindex-blocking": (
+        [R("switch", AUTOCOMMIT + '    op.execute("REINDEX INDEX ix_bug_title")')],
+        [R("switch", AUTOCOMMIT + '    op.execute("REINDEX INDEX CONCURRENTLY ix_bug_title")')],
+    ),
+    "constraint-validated-on-add": (
+        [R("switch", 'op.create_foreign_key("fk_owner", "bug", "owner", ["owner_id"], ["id"])')],
+        [
+            R(
+                "switch",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT fk_owner FOREIGN KEY (owner_id) '
+                'REFERENCES owner (id) NOT VALID")',
+            )
+        ],
+    ),
+    "validate-same-transaction": (
+        [
+            R(
+                "switch",
+                f"op.execute({ADD_CHECK!r})\n"
+                'op.execute("ALTER TABLE bug VALIDATE CONSTRAINT ck_score")',
+            )
+        ],
+        [
+            R(
+                "switch",
+                f"op.execute({ADD_CHECK!r})\n"
+                + AUTOCOMMIT
+                + '    op.execute("ALTER TABLE bug VALIDATE CONSTRAINT ck_score")',
+            )
+        ],
+    ),
+    "set-not-null-unchecked": (
+        [R("switch", 'op.alter_column("bug", "body", nullable=False)')],
+        [
+            R(
+                "switch",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_body CHECK (body IS NOT NULL) '
+                'NOT VALID")',
+            ),
+            R(
+                "switch",
+                'op.execute("ALTER TABLE bug VALIDATE CONSTRAINT ck_body")\n'
+                'op.alter_column("bug", "body", nullable=False)\n'
+                'op.drop_constraint("ck_body", "bug")',
+            ),
+        ],
+    ),
+    "add-column-not-null-no-default": (
+        [R("expand", 'op.add_column("bug", sa.Column("votes", sa.Integer, nullable=False))')],
+        [
+            R(
+                "expand",
+                'op.add_column("bug", sa.Column("votes", sa.Integer, nullable=False, '
+                'server_default="0"))',
+            )
+        ],
+    ),
+    "add-column-volatile-default": (
+        [
+            R(
+                "expand",
+                'op.add_column("bug", sa.Column("uid", postgresql.UUID, '
+                'server_default=sa.text("gen_random_uuid()")))',
+            )
+        ],
+        [
+            R(
+                "expand",
+                'op.add_column("bug", sa.Column("seen", sa.DateTime(timezone=True), '
+                'server_default=sa.text("now()")))',
+            )
+        ],
+    ),
+    "column-type-rewrite": (
+        [R("switch", 'op.alter_column("bug", "score", type_=sa.BigInteger)')],
+        [
+            R(
+                "switch",
+                'op.alter_column("bug", "title", type_=sa.String(50))\n'
+                'op.alter_column("bug", "price", type_=sa.Numeric(12, 2))',
+            )
+        ],
+    ),
+    "rename": (
+        [R("switch", 'op.alter_column("bug", "body", new_column_name="text")')],
+        [R("expand", 'op.add_column("bug", sa.Column("text", sa.Text))')],
+    ),
+    "drop-outside-contract": (
+        [R("expand", 'op.drop_column("bug", "meta")')],
+        [R("contract", 'op.drop_column("bug", "meta")')],
+    ),
+    "unique-constraint-in-place": (
+        [R("switch", 'op.create_unique_constraint("uq_title", "bug", ["title"])')],
+        [
+            R(
+                "expand",
+                AUTOCOMMIT + '    op.create_index("ux_title", "bug", ["title"], unique=True, '
+                "postgresql_concurrently=True)",
+            ),
+            R(
+                "switch",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT uq_title UNIQUE USING INDEX ux_title")',
+            ),
+        ],
+    ),
+    "identity-column-added": (
+        [R("expand", 'op.add_column("bug", sa.Column("seq", sa.BigInteger, sa.Identity()))')],
+        [
+            R(
+                "expand",
+                'op.create_table("tag", sa.Column("id", sa.BigInteger, sa.Identity(), '
+                "primary_key=True))",
+            )
+        ],
+    ),
+    "exclusion-constraint": (
+        [
+            R(
+                "switch",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ex_score EXCLUDE USING btree '
+                '(score WITH =)")',
+            )
+        ],
+        [
+            R(
+                "expand",
+                'op.execute("CREATE TABLE slot (n int, EXCLUDE USING btree (n WITH =))")',
+            )
+        ],
+    ),
+    "json-column": (
+        [R("expand", 'op.add_column("bug", sa.Column("extra", sa.JSON))')],
+        [R("expand", 'op.add_column("bug", sa.Column("extra", postgresql.JSONB))')],
+    ),
+    "unbatched-dml": (
+        [R("expand", 'op.execute("UPDATE bug SET score = 0 WHERE score IS NULL")')],
+        [
+            R(
+                "expand",
+                'op.create_table("tag", sa.Column("name", sa.Text))\n'
+                "op.execute(\"INSERT INTO tag VALUES ('x')\")\n"
+                "op.execute(\"UPDATE tag SET name = 'y'\")",
+            )
+        ],
+    ),
+    "drop-add-same-type": (
+        [
+            R(
+                "contract",
+                'op.drop_column("bug", "body")\nop.add_column("bug", sa.Column("text", sa.Text))',
+            )
+        ],
+        [
+            R(
+                "contract",
+                'op.drop_column("bug", "body")\n'
+                'op.add_column("bug", sa.Column("votes", sa.Integer))',
+            )
+        ],
+    ),
+    "tighten-outside-switch": (
+        [
+            R(
+                "expand",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_body CHECK (body IS NOT NULL) '
+                'NOT VALID")\n' + AUTOCOMMIT + '    op.execute("ALTER TABLE bug VALIDATE '
+                'CONSTRAINT ck_body")\n    op.alter_column("bug", "body", nullable=False)',
+            )
+        ],
+        [
+            R("expand", 'op.add_column("bug", sa.Column("text", sa.Text))'),
+            R(
+                "switch",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_text CHECK (text IS NOT NULL) '
+                'NOT VALID")\n' + AUTOCOMMIT + '    op.execute("ALTER TABLE bug VALIDATE '
+                'CONSTRAINT ck_text")\n    op.alter_column("bug", "text", nullable=False)',
+            ),
+        ],
+    ),
+    "constraint-on-old-column-in-expand": (
+        [
+            R(
+                "expand",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_score CHECK (score > 0) NOT VALID")',
+            )
+        ],
+        [
+            R(
+                "expand",
+                'op.add_column("bug", sa.Column("rank", sa.Integer))\n'
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_rank CHECK (rank > 0) NOT VALID")',
+            )
+        ],
+    ),
+    "drop-not-null-in-expand": (
+        [R("expand", 'op.execute("ALTER TABLE owner ALTER COLUMN id DROP NOT NULL")')],
+        [R("switch", 'op.execute("ALTER TABLE owner ALTER COLUMN name DROP NOT NULL")')],
+    ),
+    "table-maintenance": (
+        [R("switch", AUTOCOMMIT + '    op.execute("VACUUM FULL bug")')],
+        [R("switch", AUTOCOMMIT + '    op.execute("VACUUM (ANALYZE) bug")')],
+    ),
+    "add-column-default-unknown": (
+        [
+            R(
+                "expand",
+                'op.add_column("bug", sa.Column("slug", sa.Text, '
+                'server_default=sa.text("make_slug()")))',
+            )
+        ],
+        [
+            R(
+                "expand",
+                'op.add_column("bug", sa.Column("slug", sa.Text, server_default="none"))',
+            )
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(CASES))
+def test_rule_fails_the_unsafe_form_and_passes_the_safe_one(tmp_path, rule: str) -> None:
+    unsafe, safe = CASES[rule]
+    code, findings = lint(tmp_path / "unsafe", *unsafe)
+    hit = [f for f in findings if f["rule"] == rule]
+    assert hit, f"{rule} not reported; got {rules(findings)}"
+    finding = hit[0]
+    assert finding["path"].endswith(".py") and finding["fix"] and finding["message"]
+    assert finding["revision"].startswith("rev")
+    if finding["severity"] == "error":
+        assert code == 1
+    code, findings = lint(tmp_path / "safe", *safe)
+    assert rule not in rules(findings), findings
+    assert not [f for f in findings if f["severity"] == "error"], findings
+    assert code == 0
+
+
+def test_every_rule_has_a_failing_example() -> None:
+    from phasegate.lint import RULES
+
+    untested = (
+        set(RULES) - set(CASES) - {"unparsable-sql", "unknown-waiver", "offline-render-failed"}
+    )
+    assert untested == set()
+
+
+def test_a_finding_names_the_lock_table_statement_and_safe_rewrite(tmp_path) -> None:
+    _, findings = lint(tmp_path, R("expand", 'op.create_index("ix_bug_score", "bug", ["score"])'))
+    (finding,) = findings
+    assert (finding["lock"], finding["table"], finding["phase"]) == ("SHARE", "bug", "expand")
+    assert finding["statement"] == "CREATE INDEX ix_bug_score ON bug (score)"
+    assert "CONCURRENTLY" in finding["fix"]
+
+
+def test_a_waiver_turns_an_error_into_a_shown_reason(tmp_path) -> None:
+    waiver = 'phasegate_allow = {"unbatched-dml": "bug has 40 rows in every environment"}'
+    code, findings = lint(
+        tmp_path, R("expand", 'op.execute("UPDATE bug SET score = 0")', module=waiver)
+    )
+    assert code == 0
+    (finding,) = findings
+    assert finding["rule"] == "unbatched-dml"
+    assert finding["waived"] == "bug has 40 rows in every environment"
+    ini_dir = tmp_path
+    text = CliRunner().invoke(
+        cli, ["--config", str(ini_dir / "alembic.ini"), "lint", str(ini_dir / "plans" / "p.yaml")]
+    )
+    assert "(waived: bug has 40 rows in every environment)" in text.stdout
+    assert "0 error(s), 0 warning(s), 1 waived" in text.stdout
+
+
+def test_a_waiver_of_an_unknown_rule_is_reported(tmp_path) -> None:
+    code, findings = lint(
+        tmp_path, R("expand", "pass", module='phasegate_allow = {"no-such-rule": "x"}')
+    )
+    assert code == 0 and rules(findings) == {"unknown-waiver"}
+
+
+def test_lint_only_one_phase(tmp_path) -> None:
+    ini, plan = build(
+        tmp_path,
+        [
+            R("expand", 'op.execute("UPDATE bug SET score = 0")'),
+            R("contract", 'op.drop_index("ix_bug_title", table_name="bug")'),
+        ],
+    )
+    base = ["--config", str(ini), "--json", "lint", str(plan)]
+    result = CliRunner().invoke(cli, [*base, "--phase", "contract"])
+    assert rules(json.loads(result.stdout)["findings"]) == {"drop-index-blocking"}
+
+
+def test_the_seed_plan_is_clean() -> None:
+    result = CliRunner().invoke(cli, ["--config", str(ALEMBIC_INI), "lint", str(PLAN)])
+    assert result.exit_code == 0, result.output
+    assert "0 error(s), 0 warning(s), 0 waived" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        ("CREATE INDEX i ON t (a)", [("SHARE", "t")]),
+        ("CREATE INDEX CONCURRENTLY i ON t (a)", [("SHARE UPDATE EXCLUSIVE", "t")]),
+        ("ALTER TABLE t ADD COLUMN a int", [("ACCESS EXCLUSIVE", "t")]),
+        ("ALTER TABLE t VALIDATE CONSTRAINT c", [("SHARE UPDATE EXCLUSIVE", "t")]),
+        (
+            "ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES u (id) NOT VALID",
+            [("SHARE ROW EXCLUSIVE", "t"), ("SHARE ROW EXCLUSIVE", "u")],
+        ),
+        ("UPDATE s.t SET a = 1", [("ROW EXCLUSIVE", "s.t")]),
+        ("VACUUM FULL t", [("ACCESS EXCLUSIVE", "t")]),
+        ("LOCK TABLE t IN SHARE MODE", [("SHARE", "t")]),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'", []),
+    ],
+)
+def test_locks_of_statements(statement: str, expected: list[tuple[str, str]]) -> None:
+    found = locks_of(parse_sql(statement)[0].stmt)
+    assert [(lock.mode, lock.table) for lock in found] == expected
