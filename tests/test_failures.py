@@ -30,11 +30,21 @@ def test_failed_revision_is_recorded_and_the_phase_resumes(phasegate, engine, se
     )
     blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
     try:
-        result = phasegate("switch", P, "--live-version", "1", "--lock-timeout", "200ms", "--yes")
+        result = phasegate(
+            "switch",
+            P,
+            "--live-version",
+            "1",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "1",
+            "--yes",
+        )
     finally:
         blocker.close()
     assert result.exit_code == 3, result.output
-    assert "lock timeout" in result.stderr
+    assert "lock timeout (200ms) in revision a41c7e9d2b58" in result.stderr
     status = json.loads(phasegate("status", P, json_output=True).stdout)
     assert (status["state"], status["active_phase"], status["next"]) == (
         "failed",

@@ -39,6 +39,7 @@ from phasegate.errors import (
     PhasegateError,
     UsageError,
 )
+from phasegate.lockguard import LockPolicy
 from phasegate.orchestrator import START, Options, Orchestrator, Outcome
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import PHASES, REVISION_PHASES, Plan, PlanError, load_plan
@@ -705,10 +706,21 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--lock-timeout",
-            default=db.DEFAULT_LOCK_TIMEOUT,
-            show_default=True,
             callback=_check_duration,
-            help="lock_timeout for every statement phasegate runs, e.g. 500ms, 2s, 1min.",
+            help="lock_timeout of every statement phasegate runs, e.g. 500ms, 2s, 1min "
+            "(default: lock_timeout in phasegate.toml, else 2s).",
+        ),
+        click.option(
+            "--lock-retries",
+            type=click.IntRange(min=0),
+            help="Retries of a revision (or concurrent statement) that timed out waiting for "
+            "a lock, with backoff (default 8).",
+        ),
+        click.option(
+            "--lock-retry-time",
+            metavar="DURATION",
+            callback=_parse_wait,
+            help="Time budget of those retries, e.g. 2m (the default).",
         ),
         click.option("--actor", help="Who is acting, for the event log (default user@host)."),
         click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
@@ -730,8 +742,10 @@ def unsafe_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """A PostgreSQL duration, checked before anything connects."""
+    if value is None:
+        return None
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*", value):
         raise click.BadParameter(f"{value!r} is not a duration; write e.g. 500ms, 2s or 1min")
     return value.strip()
@@ -856,7 +870,9 @@ def stop_on_signals(settings: BackfillSettings) -> Iterator[None]:
 class GatedArgs:
     live_versions: tuple[str, ...]
     override_gate: str | None
-    lock_timeout: str
+    lock_timeout: str | None
+    lock_retries: int | None
+    lock_retry_time: float
     actor: str | None
     yes: bool
     wait: float
@@ -885,10 +901,24 @@ def orchestrating(
     )
     progress = BarProgress() if sys.stderr.isatty() and not ctx.as_json else LogProgress(sys.stderr)
     with (
-        db.locked_session(url, f"{what} {plan_path}", args.lock_timeout) as conn,
+        db.locked_session(url, f"{what} {plan_path}", _lock_policy(args, options.config)) as conn,
         stop_on_signals(args.backfill),
     ):
         yield Orchestrator(conn, project, plan, options, progress, notify=log)
+
+
+def _lock_policy(args: GatedArgs, settings: ProjectConfig) -> LockPolicy:
+    """Command line > phasegate.toml > built-in defaults."""
+    defaults = LockPolicy()
+    retries = args.lock_retries if args.lock_retries is not None else settings.lock_retries
+    return LockPolicy(
+        lock_timeout=args.lock_timeout or settings.lock_timeout or defaults.lock_timeout,
+        ddl_statement_timeout=settings.ddl_statement_timeout or defaults.ddl_statement_timeout,
+        statement_timeout=settings.statement_timeout or defaults.statement_timeout,
+        retries=retries if retries is not None else defaults.retries,
+        retry_time=args.lock_retry_time or settings.lock_retry_time or defaults.retry_time,
+        notify=log,
+    )
 
 
 def _confirm(yes: bool, action: str) -> None:

@@ -8,6 +8,7 @@ that names the file and the key, so a typo never silently turns a setting off.
 from __future__ import annotations
 
 import math
+import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ else:  # the same parser, from PyPI, before it joined the standard library
 DEFAULT_APPLICATION_NAME = "{app}/{version}"
 DEFAULT_HEARTBEAT_TTL = 300.0
 DEFAULT_COMMAND_TIMEOUT = 30.0
+PG_DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 
 _KEYS = {
     "plans": "directory of the project's plans, for check-deploy and versions (default plans)",
@@ -33,6 +35,11 @@ _KEYS = {
     "heartbeat_ttl": "heartbeats older than this are ignored, e.g. '5m' (the default)",
     "versions_command": "a command whose stdout lists the live versions (one per line, or JSON)",
     "versions_command_timeout": "how long the command may run, e.g. '30s' (the default)",
+    "lock_timeout": "lock_timeout of every statement, PostgreSQL syntax (default '2s')",
+    "ddl_statement_timeout": "statement_timeout of statements that block writes (default '5s')",
+    "statement_timeout": "statement_timeout of the rest, '0' for none (the default)",
+    "lock_retries": "retries of a step that timed out waiting for a lock (default 8)",
+    "lock_retry_time": "time budget of those retries, e.g. '2m' (the default)",
 }
 
 
@@ -47,6 +54,11 @@ class ProjectConfig:
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
     versions_command: str | list[str] | None = None
     versions_command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    lock_timeout: str | None = None  # None: the built-in default (or the command line's)
+    ddl_statement_timeout: str | None = None
+    statement_timeout: str | None = None
+    lock_retries: int | None = None
+    lock_retry_time: float | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,6 +116,11 @@ def _parse(table: Any, source: str, root: Path) -> ProjectConfig:
         versions_command_timeout=_duration(
             table, "versions_command_timeout", source, DEFAULT_COMMAND_TIMEOUT
         ),
+        lock_timeout=_pg_duration(table, "lock_timeout", source),
+        ddl_statement_timeout=_pg_duration(table, "ddl_statement_timeout", source),
+        statement_timeout=_pg_duration(table, "statement_timeout", source),
+        lock_retries=_count(table, "lock_retries", source),
+        lock_retry_time=_duration(table, "lock_retry_time", source, 0) or None,
         raw=dict(table),
     )
 
@@ -127,6 +144,26 @@ def _duration(table: dict[str, Any], key: str, source: str, default: float) -> f
     if not math.isfinite(seconds) or seconds <= 0:
         raise UsageError(f"{source}: {key} must be a finite duration above zero, e.g. '5m'")
     return seconds
+
+
+def _pg_duration(table: dict[str, Any], key: str, source: str) -> str | None:
+    """A PostgreSQL duration setting ('500ms', '2s', '1min', '0'), passed through as text."""
+    value = table.get(key)
+    if value is None:
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not PG_DURATION.fullmatch(text):
+        raise UsageError(f"{source}: {key} = {value!r} is not a duration; write e.g. '2s'")
+    return text
+
+
+def _count(table: dict[str, Any], key: str, source: str) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{source}: {key} must be a whole number, 0 or more")
+    return value
 
 
 def _check_pattern(pattern: str, source: str) -> None:

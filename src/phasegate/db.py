@@ -11,9 +11,9 @@ from plans pass through untouched (SQLAlchemy's driver-level execution would tre
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
@@ -21,7 +21,9 @@ from psycopg import sql
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import NullPool
 
+from phasegate import lockguard
 from phasegate.errors import Busy, RuntimeFailure, UsageError
+from phasegate.lockguard import LockPolicy
 
 URL_ENV_VARS = ("PHASEGATE_DATABASE_URL", "DATABASE_URL")
 DEFAULT_LOCK_TIMEOUT = "2s"
@@ -32,6 +34,7 @@ LOCK_NAMESPACE = 0x70676174
 LOCK_ORCHESTRATOR = 1
 
 Query = str | sql.Composable
+T = TypeVar("T")
 
 
 def resolve_url(explicit: str | None, ini_url: str | None = None) -> str:
@@ -142,6 +145,21 @@ class Session:
         if self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.raw.commit()
 
+    @property
+    def guard(self) -> lockguard.Guard | None:
+        return lockguard.guard_of(self.raw)
+
+    def retrying(self, what: str, step: Callable[[], T]) -> T:
+        """Run one transactional step again while it times out waiting for locks."""
+        return lockguard.retry_on_lock(self.guard, self.raw, what, step, self.reset)
+
+    def reset(self) -> None:
+        """Roll back whatever a failed step left open."""
+        if self.connection.in_transaction():
+            self.connection.rollback()
+        if self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self.raw.rollback()
+
     def set_timeouts(self, lock_timeout: str, statement_timeout: str | None = None) -> None:
         """Session-level, committed: survives later rolled-back transactions."""
         with self.tx():
@@ -154,11 +172,17 @@ class Session:
 
 
 @contextmanager
-def session(url: str, application_name: str = "phasegate") -> Iterator[Session]:
-    """Open one connection; raise RuntimeFailure (exit 3) with a masked URL if it fails."""
-    engine = sa.create_engine(
-        url, poolclass=NullPool, connect_args={"application_name": application_name[:63]}
-    )
+def session(
+    url: str, application_name: str = "phasegate", policy: LockPolicy | None = None
+) -> Iterator[Session]:
+    """Open one connection; raise RuntimeFailure (exit 3) with a masked URL if it fails.
+
+    With a `policy`, every statement on it runs by the lock guard (see lockguard).
+    """
+    connect_args: dict[str, Any] = {"application_name": application_name[:63]}
+    if policy is not None:
+        connect_args["cursor_factory"] = lockguard.GuardedCursor
+    engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:
         connection = engine.connect()
     except sa.exc.OperationalError as exc:
@@ -168,8 +192,11 @@ def session(url: str, application_name: str = "phasegate") -> Iterator[Session]:
             f"cannot connect to {mask_url(url)}: {reason}",
             database=mask_url(url),
         ) from None
+    session = Session(connection, url)
+    if policy is not None:
+        lockguard.install(session.raw, policy, url)
     try:
-        yield Session(connection, url)
+        yield session
     finally:
         connection.close()
         engine.dispose()
@@ -225,14 +252,11 @@ def quote_table(name: str) -> sql.Composable:
 
 
 @contextmanager
-def locked_session(
-    url: str, what: str, lock_timeout: str = DEFAULT_LOCK_TIMEOUT
-) -> Iterator[Session]:
-    """A session that holds the orchestrator lock, with phasegate's lock_timeout set."""
-    with session(url, f"phasegate {what}") as db:
+def locked_session(url: str, what: str, policy: LockPolicy | None = None) -> Iterator[Session]:
+    """A session that holds the orchestrator lock, every statement under the lock guard."""
+    with session(url, f"phasegate {what}", policy or LockPolicy()) as db:
         acquire_orchestrator_lock(db, f"phasegate {what}")
         try:
-            db.set_timeouts(lock_timeout)
             yield db
         finally:
             release_orchestrator_lock(db)

@@ -292,22 +292,29 @@ class Orchestrator:
         if phase == "backfill":
             return self._run_backfill()
         if phase == "contract":
-            with self.db.tx():
-                for job in self._sync_jobs():
-                    sync.drop(self.db, self.plan.name, job)
-                    # a later rollback must refill everything written from now on
-                    ledger.delete_checkpoint(self.db, self.plan.name, backfill.down_name(job))
-                    self.notify(f"dropped sync trigger of job {job.name!r} on {job.table}")
+
+            def drop_triggers() -> None:
+                with self.db.tx():
+                    for job in self._sync_jobs():
+                        sync.drop(self.db, self.plan.name, job)
+                        # a later rollback must refill everything written from now on
+                        ledger.delete_checkpoint(self.db, self.plan.name, backfill.down_name(job))
+
+            self.db.retrying("dropping the sync triggers", drop_triggers)
+            for job in self._sync_jobs():
+                self.notify(f"dropped sync trigger of job {job.name!r} on {job.table}")
         for revision in self.revisions.of(phase):
             self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
-            self.project.upgrade(self.db, revision, self._on_step(phase))
+            self.db.retrying(
+                f"revision {revision}",
+                lambda rev=revision: self.project.upgrade(self.db, rev, self._on_step(phase)),
+            )
         return []
 
     def _run_backfill(self) -> list[dict[str, Any]]:
-        with self.db.tx():
-            for job in self._sync_jobs():
-                sync.install(self.db, self.plan.name, job)
-                self.notify(f"installed sync trigger of job {job.name!r} on {job.table}")
+        self.db.retrying("installing the sync triggers", self._install_triggers)
+        for job in self._sync_jobs():
+            self.notify(f"installed sync trigger of job {job.name!r} on {job.table}")
         results = []
         for job in self.plan.jobs():
             if job.is_batched:
@@ -385,23 +392,29 @@ class Orchestrator:
 
     def _revert(self, phase: str, heads: tuple[str, ...]) -> list[dict[str, Any]]:
         if phase == "backfill":
-            with self.db.tx():
-                for job in self._sync_jobs():
-                    sync.drop(self.db, self.plan.name, job)
-                cleared = ledger.clear_checkpoints(self.db, self.plan.name)
+
+            def drop_triggers() -> int:
+                with self.db.tx():
+                    for job in self._sync_jobs():
+                        sync.drop(self.db, self.plan.name, job)
+                    return ledger.clear_checkpoints(self.db, self.plan.name)
+
+            cleared = self.db.retrying("dropping the sync triggers", drop_triggers)
             self.notify(f"dropped the sync triggers and {cleared} job checkpoint(s)")
             return []
         applied = self.project.applied(heads)
         if any(r in applied for r in self.revisions.of(phase)):
             target = self._before(phase)
             self.notify(f"downgrading to {target}")
-            self.project.downgrade(self.db, target, self._on_step(phase))
+            self.db.retrying(
+                f"the downgrade to {target}",
+                lambda: self.project.downgrade(self.db, target, self._on_step(phase)),
+            )
         if phase != "contract":
             return []
-        with self.db.tx():
-            for job in self._sync_jobs():
-                sync.install(self.db, self.plan.name, job)
-                self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
+        self.db.retrying("installing the sync triggers", self._install_triggers)
+        for job in self._sync_jobs():
+            self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
         results = []
         for job in self._sync_jobs():
             work = backfill.down_work(job)
@@ -414,6 +427,11 @@ class Orchestrator:
             for result in results:
                 ledger.delete_checkpoint(self.db, self.plan.name, result["name"])
         return results
+
+    def _install_triggers(self) -> None:
+        with self.db.tx():
+            for job in self._sync_jobs():
+                sync.install(self.db, self.plan.name, job)
 
     def _downgrade_refusal(self, phase: str, heads: tuple[str, ...]) -> str | None:
         """Why this phase cannot be undone safely, or None."""

@@ -1,0 +1,334 @@
+"""Lock-aware execution: every statement under a short lock_timeout, retried on 55P03.
+
+While phasegate waits for a lock, every query that arrives after it queues behind it, so
+the wait must be short: `lock_timeout` (default 2 s) on every transaction, set with
+`SET LOCAL` at its first statement, so it holds behind a transaction-mode pooler and is
+back after every rollback. A statement whose lock blocks the app's writes (SHARE or
+stronger) also gets a short statement_timeout; the others (CONCURRENTLY, VALIDATE, data
+work) get the long one. Which lock a statement takes comes from PostgreSQL's parser.
+
+A lock timeout is retried with exponential backoff and jitter, within a budget of
+attempts and time: a single statement of an autocommit block in place (after dropping the
+INVALID index a failed CREATE INDEX CONCURRENTLY leaves), a whole revision transaction by
+`retry_on_lock`. When the budget is spent, the error names who blocked us, as
+`pg_blocking_pids()` saw them while we waited.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+from pglast import ast, parse_sql
+from pglast.parser import ParseError
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from phasegate.errors import RuntimeFailure
+from phasegate.locks import locks_of
+
+T = TypeVar("T")
+_DDL_VERBS = {"ALTER", "CREATE", "DROP", "REINDEX", "VACUUM", "CLUSTER", "TRUNCATE", "LOCK"}
+WATCH_INTERVAL = 0.1  # seconds between looks at pg_blocking_pids() while we may wait
+
+
+@dataclass
+class LockPolicy:
+    lock_timeout: str = "2s"
+    ddl_statement_timeout: str = "5s"  # statements whose lock blocks writes
+    statement_timeout: str = "0"  # everything else (0: none)
+    retries: int = 8
+    retry_time: float = 120.0  # seconds, all attempts of one step together
+    notify: Callable[[str], None] = field(default=lambda message: None)
+
+    def backoff(self, attempt: int) -> float:
+        """0.25 s, 0.5 s, 1 s ... capped at 8 s, each with equal jitter."""
+        ceiling = min(8.0, 0.25 * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class LockBudgetSpent(RuntimeFailure):
+    """Every attempt timed out waiting for a lock (exit 3), with the blockers named."""
+
+
+class Guard:
+    """The policy and the bookkeeping of one connection."""
+
+    def __init__(self, policy: LockPolicy, url: str) -> None:
+        self.policy = policy
+        self.url = url
+        self.autocommit_statements = 0
+        self.watch: BlockerWatch | None = None
+
+    # -- called by GuardedCursor -------------------------------------------------------------
+
+    def execute(
+        self, cursor: psycopg.Cursor, run: Callable[[Any, Any], Any], query: Any, params: Any
+    ) -> Any:
+        connection = cursor.connection
+        parsed = _parse(connection, query, params)
+        timeout = self._timeout_for(parsed)
+        aux = psycopg.Cursor(connection)  # our own statements must not replace the results
+        if connection.autocommit:
+            return self._autocommit(aux, run, query, params, parsed, timeout)
+        if connection.info.transaction_status == TransactionStatus.IDLE:
+            aux.execute(
+                "SELECT set_config('lock_timeout', %s, true), "
+                "set_config('statement_timeout', %s, true)",
+                (self.policy.lock_timeout, self.policy.statement_timeout),
+            )
+        if timeout == self.policy.statement_timeout:
+            return run(query, params)
+        aux.execute("SELECT set_config('statement_timeout', %s, true)", (timeout,))
+        result = run(query, params)
+        aux.execute(
+            "SELECT set_config('statement_timeout', %s, true)", (self.policy.statement_timeout,)
+        )
+        return result
+
+    def _timeout_for(self, parsed: list[ast.Node] | None) -> str:
+        if parsed and any(lock.blocks_writes for node in parsed for lock in locks_of(node)):
+            return self.policy.ddl_statement_timeout
+        return self.policy.statement_timeout
+
+    def _autocommit(
+        self,
+        aux: psycopg.Cursor,
+        run: Callable[[Any, Any], Any],
+        query: Any,
+        params: Any,
+        parsed: list[ast.Node] | None,
+        timeout: str,
+    ) -> Any:
+        """Outside a transaction (Alembic's autocommit_block): session settings, and a
+        retry of this one statement, which nothing else shares a transaction with."""
+        aux.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('statement_timeout', %s, false)",
+            (self.policy.lock_timeout, timeout),
+        )
+        started, attempt = time.monotonic(), 0
+        self.autocommit_statements += 1  # from now on the step cannot be retried whole
+        with self.watching(aux.connection):
+            while True:
+                try:
+                    if attempt:
+                        self._drop_invalid_leftover(aux, parsed)
+                    return run(query, params)
+                except psycopg.errors.LockNotAvailable:
+                    attempt += 1
+                    what = _describe(aux.connection, query)
+                    self._check_budget(what, attempt, started)
+                    pause = self.policy.backoff(attempt)
+                    self.policy.notify(
+                        f"lock timeout ({self.policy.lock_timeout}) on {what}; "
+                        f"retry {attempt} of {self.policy.retries} in {pause:.1f}s"
+                        f"{self._blocked_by()}"
+                    )
+                    time.sleep(pause)
+
+    def _drop_invalid_leftover(self, aux: psycopg.Cursor, parsed: list[ast.Node] | None) -> None:
+        """A CREATE INDEX CONCURRENTLY that timed out may leave an INVALID index behind,
+        which IF NOT EXISTS would keep and a plain retry would collide with. Dropping it
+        waits for the same transactions, so its own lock timeout counts as an attempt."""
+        for node in parsed or ():
+            if not (isinstance(node, ast.IndexStmt) and node.concurrent and node.idxname):
+                continue
+            schema = node.relation.schemaname if node.relation is not None else None
+            name = sql.Identifier(schema, node.idxname) if schema else sql.Identifier(node.idxname)
+            invalid = aux.execute(
+                "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                (name.as_string(aux.connection),),
+            ).fetchone()
+            if invalid and invalid[0]:
+                self.policy.notify(
+                    f"dropping the INVALID index {node.idxname} a failed concurrent build left"
+                )
+                aux.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))
+
+    # -- budget, blockers ----------------------------------------------------------------------
+
+    def _check_budget(self, what: str, attempt: int, started: float) -> None:
+        spent = time.monotonic() - started
+        if attempt <= self.policy.retries and spent < self.policy.retry_time:
+            return
+        raise LockBudgetSpent(
+            f"{what} could not get its lock in {attempt} attempt(s) over {spent:.0f}s "
+            f"(lock_timeout {self.policy.lock_timeout} each){self._blocked_by()}. Nothing "
+            "of this step is half-done; run the same command again once the blocker is gone "
+            "(or raise --lock-retries / --lock-retry-time)",
+            blockers=self.watch.blockers if self.watch else [],
+        )
+
+    def _blocked_by(self) -> str:
+        blockers = self.watch.blockers if self.watch else []
+        if not blockers:
+            return ""
+        return "; blocked by " + "; ".join(describe_blocker(b) for b in blockers)
+
+    @contextmanager
+    def watching(self, connection: psycopg.Connection) -> Iterator[None]:
+        """Keep an eye on pg_blocking_pids() of this connection (nested scopes share it)."""
+        if self.watch is not None:
+            yield
+            return
+        self.watch = BlockerWatch(self.url, connection.info.backend_pid)
+        try:
+            yield
+        finally:
+            self.watch.stop()
+            self.watch = None
+
+
+class GuardedCursor(psycopg.Cursor):
+    """The cursor of phasegate's orchestrator connection: every execute goes by the guard."""
+
+    def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+        guard: Guard | None = getattr(self.connection, "_phasegate_guard", None)
+        if guard is None:
+            return super().execute(query, params, **kw)
+
+        def run(q: Any, p: Any) -> Any:
+            return psycopg.Cursor.execute(self, q, p, **kw)
+
+        return guard.execute(self, run, query, params)
+
+
+def install(connection: psycopg.Connection, policy: LockPolicy, url: str) -> Guard:
+    guard = Guard(policy, url)
+    connection._phasegate_guard = guard  # type: ignore[attr-defined]
+    return guard
+
+
+def guard_of(connection: psycopg.Connection) -> Guard | None:
+    return getattr(connection, "_phasegate_guard", None)
+
+
+def is_lock_timeout(exc: BaseException | None) -> bool:
+    """55P03 anywhere in the chain (SQLAlchemy wraps psycopg's error as .orig)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def retry_on_lock(
+    guard: Guard | None,
+    connection: psycopg.Connection,
+    what: str,
+    step: Callable[[], T],
+    reset: Callable[[], None],
+) -> T:
+    """Run `step` (one transaction: a revision, a trigger install) until it gets its locks.
+
+    `reset` brings the connection back to idle after a failed attempt. A step that
+    committed part of its work outside a transaction (an autocommit block) before the
+    timeout cannot be retried whole: that fails at once, blockers named.
+    """
+    if guard is None:
+        return step()
+    started, attempt = time.monotonic(), 0
+    with guard.watching(connection):
+        while True:
+            committed = guard.autocommit_statements
+            try:
+                return step()
+            except Exception as exc:
+                if not is_lock_timeout(exc):
+                    raise
+                reset()
+                attempt += 1
+                if guard.autocommit_statements != committed:
+                    raise LockBudgetSpent(
+                        f"{what} timed out waiting for a lock after it had committed "
+                        "statements of an autocommit block, so it cannot be retried whole"
+                        f"{guard._blocked_by()}. Finish it by hand or downgrade it, then run "
+                        "the same command again"
+                    ) from exc
+                guard._check_budget(what, attempt, started)
+                pause = guard.policy.backoff(attempt)
+                guard.policy.notify(
+                    f"lock timeout ({guard.policy.lock_timeout}) in {what}; retry {attempt} of "
+                    f"{guard.policy.retries} in {pause:.1f}s{guard._blocked_by()}"
+                )
+                time.sleep(pause)
+
+
+class BlockerWatch:
+    """A thread with its own connection that records who blocks `pid`, while it waits."""
+
+    QUERY = """
+        SELECT pid, application_name, state, usename,
+               extract(epoch FROM now() - xact_start)::int AS xact_seconds,
+               left(regexp_replace(query, '\\s+', ' ', 'g'), 300) AS query
+        FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(%s)) ORDER BY pid
+    """
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url, self.pid = url, pid
+        self.blockers: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="phasegate-blockers", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from phasegate.db import libpq_url  # late: db imports this module
+
+        try:
+            with psycopg.connect(
+                libpq_url(self.url), autocommit=True, application_name="phasegate blocker watch"
+            ) as conn:
+                while not self._stop.wait(WATCH_INTERVAL):
+                    cursor = conn.execute(self.QUERY, (self.pid,))
+                    rows = cursor.fetchall()
+                    if rows:  # keep the last blockers seen: after a timeout there are none
+                        names = [c.name for c in cursor.description or ()]
+                        self.blockers = [dict(zip(names, r, strict=True)) for r in rows]
+        except psycopg.Error:
+            return  # the watch is a courtesy: without it the error names no blocker
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def describe_blocker(b: dict[str, Any]) -> str:
+    age = f", transaction open {b['xact_seconds']}s" if b.get("xact_seconds") is not None else ""
+    return (
+        f"pid {b['pid']} (application {b['application_name'] or '-'!r}, user {b['usename']}, "
+        f"state {b['state']!r}{age}): {b['query'] or '-'}"
+    )
+
+
+def _text(connection: psycopg.Connection, query: Any) -> str:
+    if isinstance(query, sql.Composable):
+        return query.as_string(connection)
+    if isinstance(query, bytes):
+        return query.decode(errors="replace")
+    return str(query)
+
+
+def _parse(connection: psycopg.Connection, query: Any, params: Any) -> list[ast.Node] | None:
+    """The parse trees of a DDL statement, or None for everything else (and on doubt)."""
+    text = _text(connection, query)
+    head = text.lstrip().split(None, 1)
+    if not head or head[0].upper() not in _DDL_VERBS or params:
+        return None
+    try:
+        return [raw.stmt for raw in parse_sql(text)]
+    except ParseError:
+        return None
+
+
+def _describe(connection: psycopg.Connection, query: Any) -> str:
+    text = " ".join(_text(connection, query).split())
+    return f"`{text[:117]}...`" if len(text) > 120 else f"`{text}`"

@@ -1,0 +1,247 @@
+"""Lock-aware execution against a real PostgreSQL: retries on lock timeouts, the blocker
+named when they run out, what the application waits meanwhile, the INVALID index of a
+failed concurrent build, the DDL statement_timeout, and the lint gate on advance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.pool import NullPool
+
+from phasegate.db import libpq_url
+
+from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .lint_project import Revision, build
+from .test_failures import hold
+from .test_seed_story import scalar
+
+P = str(PLAN)
+
+
+def run_phasegate(url: str, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
+    env["PHASEGATE_DATABASE_URL"] = url
+    return subprocess.Popen(
+        [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_blocked_revision_retries_until_the_blocker_ends_and_the_app_barely_waits(
+    phasegate, seeded_url
+) -> None:
+    assert (
+        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
+    )
+    blocker = hold(seeded_url, "BEGIN; SELECT * FROM bug LIMIT 1")  # ACCESS SHARE, idle in tx
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def app() -> None:
+        with psycopg.connect(libpq_url(seeded_url), autocommit=True) as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.execute("SELECT count(*) FROM bug WHERE id = 1")
+                waits.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    worker = threading.Thread(target=app)
+    worker.start()
+    process = run_phasegate(
+        seeded_url,
+        "switch",
+        P,
+        "--live-version",
+        "1",
+        "--lock-timeout",
+        "500ms",
+        "--lock-retries",
+        "30",
+        "--yes",
+    )
+    time.sleep(4)  # several attempts time out meanwhile
+    blocker.close()
+    out, err = process.communicate(timeout=120)
+    stop.set()
+    worker.join()
+    assert process.returncode == 0, out + err
+    assert "lock timeout (500ms) in revision a41c7e9d2b58; retry 1 of 30" in err
+    assert "blocked by pid" in err and "application 'blocker'" in err
+    # the app queued behind phasegate's lock request, but never for much longer than 500ms
+    assert max(waits) > 0.3, max(waits)
+    assert max(waits) < 1.2, sorted(waits)[-5:]
+    assert scalar(phasegate_engine(seeded_url), "SELECT version_num FROM alembic_version") == (
+        "d7e2b9f4a613"
+    )
+
+
+def phasegate_engine(url: str) -> sa.Engine:
+    return sa.create_engine(url, poolclass=NullPool)
+
+
+def test_when_retries_run_out_the_blocker_is_named(phasegate, engine, seeded_url) -> None:
+    assert (
+        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
+    )
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker_pid = blocker.info.backend_pid
+    try:
+        result = phasegate(
+            "--json",
+            "switch",
+            P,
+            "--live-version",
+            "1",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "2",
+            "--yes",
+        )
+    finally:
+        blocker.close()
+    assert result.exit_code == 3, result.output
+    message = json.loads(result.stdout)["error"]["message"]
+    assert "could not get its lock in 3 attempt(s)" in message
+    assert f"blocked by pid {blocker_pid} (application 'blocker', user postgres, " in message
+    assert "state 'idle in transaction'" in message
+    assert "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE" in message
+    blockers = json.loads(result.stdout)["error"]["blockers"]
+    assert [b["pid"] for b in blockers] == [blocker_pid]
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "8f3a2d1c9b7e"
+
+
+# -- projects of our own ---------------------------------------------------------------------
+
+
+class Project:
+    """A generated Alembic project whose baseline is applied and seeded in `url`."""
+
+    def __init__(self, root: Path, url: str, revisions: list[Revision], rows: int = 200):
+        self.ini, self.plan = build(root, revisions)
+        self.url = url
+        config = Config(str(self.ini))
+        engine = sa.create_engine(url, poolclass=NullPool)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "base0000")
+            connection.execute(
+                sa.text(
+                    "INSERT INTO bug (title, score) "
+                    "SELECT 't' || n, n FROM generate_series(1, :n) AS n"
+                ),
+                {"n": rows},
+            )
+        engine.dispose()
+        self.run = Phasegate(url, self.ini)
+
+
+def test_an_invalid_index_left_by_a_timed_out_concurrent_build_is_dropped_before_the_retry(
+    tmp_path, database_url
+) -> None:
+    concurrent = (
+        "with op.get_context().autocommit_block():\n"
+        '    op.create_index("ix_bug_score", "bug", ["score"], postgresql_concurrently=True)'
+    )
+    project = Project(tmp_path, database_url, [Revision("expand", concurrent)])
+    # a writer's open transaction: CREATE INDEX CONCURRENTLY starts, then waits for it
+    writer = hold(database_url, "BEGIN; UPDATE bug SET score = score WHERE id = 1")
+    closer = threading.Timer(2.5, writer.close)
+    closer.start()
+    result = project.run(
+        "expand",
+        str(project.plan),
+        "--live-version",
+        "1",
+        "--lock-timeout",
+        "300ms",
+        "--lock-retries",
+        "30",
+        "--yes",
+    )
+    closer.join()
+    assert result.exit_code == 0, result.output
+    assert "dropping the INVALID index ix_bug_score a failed concurrent build left" in result.stderr
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_bug_score'::regclass"
+        ).fetchone()
+    assert valid == (True,)
+
+
+def test_ddl_that_blocks_writes_runs_under_the_short_statement_timeout(
+    tmp_path, database_url
+) -> None:
+    slow_check = (
+        'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_slow '
+        'CHECK (pg_sleep(0.01) IS NOT NULL AND score > 0)")'
+    )
+    project = Project(tmp_path, database_url, [Revision("switch", slow_check)], rows=100)
+    (tmp_path / "phasegate.toml").write_text('ddl_statement_timeout = "300ms"\n')
+    result = project.run(
+        "switch",
+        str(project.plan),
+        "--live-version",
+        "1",
+        "--allow-unsafe",
+        "testing the timeout",
+        "--yes",
+    )
+    assert result.exit_code == 3, result.output
+    assert "canceling statement due to statement timeout" in result.stderr
+    (tmp_path / "phasegate.toml").write_text('ddl_statement_timeout = "30s"\n')
+    result = project.run(
+        "switch",
+        str(project.plan),
+        "--live-version",
+        "1",
+        "--allow-unsafe",
+        "testing the timeout",
+        "--yes",
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_advance_lints_first_and_refuses_unless_allowed(tmp_path, database_url) -> None:
+    unsafe = 'op.create_index("ix_bug_score", "bug", ["score"])'
+    project = Project(tmp_path, database_url, [Revision("expand", unsafe)])
+    result = project.run("expand", str(project.plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 1
+    assert "lint found 1 error(s)" in result.stdout and "create-index-blocking" in result.stdout
+    result = project.run(
+        "expand", str(project.plan), "--live-version", "1", "--allow-unsafe", "  ", "--yes"
+    )
+    assert result.exit_code == 2
+    result = project.run(
+        "expand",
+        str(project.plan),
+        "--live-version",
+        "1",
+        "--allow-unsafe",
+        "bug has 200 rows",
+        "--yes",
+    )
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute(
+            "SELECT kind, detail->>'reason', detail->'findings'->0->>'rule' "
+            "FROM phasegate.event WHERE kind LIKE 'lint.%' ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        ("lint.refused", None, "create-index-blocking"),
+        ("lint.overridden", "bug has 200 rows", "create-index-blocking"),
+    ]
