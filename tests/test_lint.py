@@ -372,3 +372,11 @@ def test_the_seed_plan_is_clean() -> None:
 def test_locks_of_statements(statement: str, expected: list[tuple[str, str]]) -> None:
     found = locks_of(parse_sql(statement)[0].stmt)
     assert [(lock.mode, lock.table) for lock in found] == expected
+
+
+def test_the_readme_lists_every_rule_with_its_safe_rewrite() -> None:
+    from phasegate.lint import RULES
+
+    readme = (ALEMBIC_INI.parent / "README.md").read_text()
+    for rule in RULES.values():
+        assert f"| `{rule.id}` | {rule.severity} | {rule.title} | {rule.fix} |" in readme, rule.id
