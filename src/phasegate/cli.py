@@ -111,6 +111,12 @@ def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
         except (sa.exc.SQLAlchemyError, PsycopgError) as exc:
             original = getattr(exc, "orig", None) or exc
             message = ctx.scrub(str(original).strip())
+            if db.connection_lost(exc):
+                message = (
+                    f"lost the connection to the database ({message}): the server restarted, "
+                    "failed over, or ended this session. Everything committed is kept and the "
+                    "ledger records where to resume: run the same command again"
+                )
             _report_error(ctx, EXIT_FAILURE, {"kind": "database", "message": message})
             code = EXIT_FAILURE
         except Exception as exc:  # a bug of ours: still exit 3, never a bare traceback

@@ -37,6 +37,27 @@ Query = str | sql.Composable
 T = TypeVar("T")
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """The server went away (restart, failover, pg_terminate_backend), not a bad query."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    original = getattr(exc, "orig", None) or exc
+    if not isinstance(original, psycopg.OperationalError):
+        return False
+    text = str(original).lower()
+    return any(
+        sign in text
+        for sign in (
+            "connection is lost",
+            "server closed the connection",
+            "terminating connection",
+            "connection is closed",
+            "consuming input failed",
+            "connection refused",
+        )
+    )
+
+
 def resolve_url(explicit: str | None, ini_url: str | None = None) -> str:
     """--database-url > PHASEGATE_DATABASE_URL > DATABASE_URL > sqlalchemy.url of alembic.ini."""
     candidates = [

@@ -80,7 +80,7 @@ class Guard:
         if connection.info.transaction_status == TransactionStatus.IDLE:
             aux.execute(
                 "SELECT set_config('lock_timeout', %s, true), "
-                "set_config('statement_timeout', %s, true)",
+                "set_config('statement_timeout', %s, true)" + _client_check(connection, True),
                 (self.policy.lock_timeout, self.policy.statement_timeout),
             )
         if timeout == self.policy.statement_timeout:
@@ -110,7 +110,7 @@ class Guard:
         retry of this one statement, which nothing else shares a transaction with."""
         aux.execute(
             "SELECT set_config('lock_timeout', %s, false), "
-            "set_config('statement_timeout', %s, false)",
+            "set_config('statement_timeout', %s, false)" + _client_check(aux.connection, False),
             (self.policy.lock_timeout, timeout),
         )
         started, attempt = time.monotonic(), 0
@@ -307,6 +307,14 @@ def describe_blocker(b: dict[str, Any]) -> str:
         f"pid {b['pid']} (application {b['application_name'] or '-'!r}, user {b['usename']}, "
         f"state {b['state']!r}{age}): {b['query'] or '-'}"
     )
+
+
+def _client_check(connection: psycopg.Connection, local: bool) -> str:
+    """PostgreSQL 14+ notices within a second that our process died mid-statement (kill -9)
+    and ends the statement, so its locks, the orchestrator's among them, go at once."""
+    if connection.info.server_version < 140000:
+        return ""
+    return f", set_config('client_connection_check_interval', '1s', {str(local).lower()})"
 
 
 def _text(connection: psycopg.Connection, query: Any) -> str:

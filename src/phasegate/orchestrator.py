@@ -22,7 +22,7 @@ from alembic.runtime.migration import MigrationInfo
 
 from phasegate import backfill, gates, ledger, plan_lint, sources, sync
 from phasegate.config import ProjectConfig
-from phasegate.db import Session
+from phasegate.db import Session, quote_table
 from phasegate.durations import format_duration
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
 from phasegate.pacing import BackfillSettings
@@ -118,7 +118,7 @@ class Orchestrator:
             checkpoints = ledger.checkpoints(self.db, self.plan.name)
             now = self.db.scalar("SELECT now()")
         heads = self.project.current_heads(self.db)
-        drift = self.drift(state, heads)
+        drift = self.drift(state, heads) + self.schema_drift(state)
         phase_list = self.plan.phase_names()
         return {
             "plan": self.plan.name,
@@ -176,6 +176,58 @@ class Orchestrator:
                         f"`alembic downgrade {self._before(phase)}`"
                     )
         return problems
+
+    def schema_drift(self, state: ledger.PlanState) -> list[str]:
+        """Columns and sync triggers changed by hand: what the plan's state says must exist."""
+        names = self.plan.phase_names()
+        done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
+        active = state.active_phase if state.state in ("running", "failed") else None
+        # before the backfill has checked the plan's columns against the table, a missing
+        # column is more likely a typo in the plan: the backfill reports that (exit 2)
+        new_expected = "backfill" in done
+        old_expected = new_expected and "contract" not in done and active != "contract"
+        trigger_expected = "backfill" in done and "contract" not in done and active is None
+        problems = []
+        for job in self.plan.jobs():
+            if not job.is_batched:
+                continue
+            table = job.table or ""
+            columns = backfill.table_columns(self.db, table)
+            if columns is None:
+                if new_expected or old_expected:
+                    problems.append(f"table {table} of job {job.name!r} does not exist")
+                continue
+            expected = (job.new_columns if new_expected else []) + (
+                job.old_columns if old_expected else []
+            )
+            missing = [c for c in expected if c not in columns]
+            if missing:
+                problems.append(
+                    f"column(s) {', '.join(f'{table}.{c}' for c in missing)} of job "
+                    f"{job.name!r} are missing (dropped or renamed by hand?): restore them, "
+                    "or roll the plan back"
+                )
+            if trigger_expected and job.sync is not None and not self._trigger_exists(job):
+                problems.append(
+                    f"the sync trigger of job {job.name!r} on {table} is missing (dropped by "
+                    "hand?), so one code version's writes no longer reach the other's "
+                    "columns: run `phasegate rollback PLAN --to expand`, then `phasegate "
+                    "backfill PLAN`, which reinstalls it and sweeps every row again"
+                )
+        return problems
+
+    def _trigger_exists(self, job: Any) -> bool:
+        with self.db.tx():
+            return bool(
+                self.db.scalar(
+                    "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass(%(t)s) "
+                    "AND tgname = %(n)s)",
+                    {
+                        "t": quote_table(job.table).as_string(self.db.raw),
+                        "n": sync.object_name(self.plan.name, job.name),
+                    },
+                )
+            )
 
     def gate(self, phase: str | None = None) -> tuple[GateView, gates.GateDecision]:
         """Evaluate the gate for entering `phase` (default: the next one); changes nothing."""
@@ -469,7 +521,7 @@ class Orchestrator:
         with self.db.tx():
             state = ledger.get_state(self.db, self.plan.name)
         heads = self.project.current_heads(self.db)
-        drift = self.drift(state, heads)
+        drift = self.drift(state, heads) + self.schema_drift(state)
         if drift:
             raise Refused(
                 "the database has drifted from what phasegate recorded: "
@@ -562,7 +614,11 @@ class Orchestrator:
         self.notify(f"{phase}: {'done' if direction == 'advance' else 'rolled back'}")
 
     def _fail(self, phase: str, direction: str, exc: Exception) -> None:
-        message = exc.message if isinstance(exc, PhasegateError) else f"{type(exc).__name__}: {exc}"
+        original = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+        if isinstance(exc, PhasegateError):
+            message = exc.message
+        else:
+            message = f"{type(original).__name__}: {original}"
         message = message.strip()
         try:
             self.db.connection.rollback()
