@@ -367,6 +367,15 @@ def test_the_seed_plan_is_clean() -> None:
         ("VACUUM FULL t", [("ACCESS EXCLUSIVE", "t")]),
         ("LOCK TABLE t IN SHARE MODE", [("SHARE", "t")]),
         ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'", []),
+        ("DROP TRIGGER tr ON t", [("ACCESS EXCLUSIVE", "t")]),
+        ("CREATE POLICY p ON t USING (true)", [("ACCESS EXCLUSIVE", "t")]),
+        ("COMMENT ON COLUMN t.a IS 'x'", [("SHARE UPDATE EXCLUSIVE", "t")]),
+        ("ALTER TABLE t SET (fillfactor = 70)", [("SHARE UPDATE EXCLUSIVE", "t")]),
+        (
+            "ALTER TABLE p ATTACH PARTITION c FOR VALUES IN (1)",
+            [("SHARE UPDATE EXCLUSIVE", "p"), ("ACCESS EXCLUSIVE", "c")],
+        ),
+        ("DROP INDEX i", [("ACCESS EXCLUSIVE", "i's table")]),
     ],
 )
 def test_locks_of_statements(statement: str, expected: list[tuple[str, str]]) -> None:
@@ -380,3 +389,31 @@ def test_the_readme_lists_every_rule_with_its_safe_rewrite() -> None:
     readme = (ALEMBIC_INI.parent / "README.md").read_text()
     for rule in RULES.values():
         assert f"| `{rule.id}` | {rule.severity} | {rule.title} | {rule.fix} |" in readme, rule.id
+
+
+def test_constraints_declared_on_an_added_column(tmp_path) -> None:
+    """A CHECK is evaluated on every row; a FOREIGN KEY only when the column has a default."""
+    _, findings = lint(
+        tmp_path / "check",
+        R(
+            "switch",
+            'op.add_column("bug", sa.Column("n", sa.Integer, sa.CheckConstraint("n > 0")))',
+        ),
+    )
+    assert "constraint-validated-on-add" in rules(findings)
+    _, findings = lint(
+        tmp_path / "fk_default",
+        R("switch", 'op.execute("ALTER TABLE bug ADD COLUMN o bigint DEFAULT 1 REFERENCES owner")'),
+    )
+    assert "constraint-validated-on-add" in rules(findings)
+    _, findings = lint(
+        tmp_path / "fk",
+        R("switch", 'op.execute("ALTER TABLE bug ADD COLUMN o bigint REFERENCES owner")'),
+    )
+    assert "constraint-validated-on-add" not in rules(findings)
+
+
+def test_a_dropped_index_is_named_with_its_table(tmp_path) -> None:
+    _, findings = lint(tmp_path, R("contract", 'op.drop_index("ix_bug_title", table_name="bug")'))
+    (finding,) = findings
+    assert (finding["lock"], finding["table"]) == ("ACCESS EXCLUSIVE", "bug")

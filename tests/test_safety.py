@@ -245,3 +245,91 @@ def test_advance_lints_first_and_refuses_unless_allowed(tmp_path, database_url) 
         ("lint.refused", None, "create-index-blocking"),
         ("lint.overridden", "bug has 200 rows", "create-index-blocking"),
     ]
+
+
+def test_a_concurrent_build_that_runs_out_of_retries_leaves_no_invalid_index(
+    tmp_path, database_url
+) -> None:
+    concurrent = (
+        "with op.get_context().autocommit_block():\n"
+        '    op.create_index("ix_bug_score", "bug", ["score"], postgresql_concurrently=True)'
+    )
+    project = Project(tmp_path, database_url, [Revision("expand", concurrent)])
+    writer = hold(database_url, "BEGIN; UPDATE bug SET score = score WHERE id = 1")
+    try:
+        result = project.run(
+            "--json",
+            "expand",
+            str(project.plan),
+            "--live-version",
+            "1",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "1",
+            "--yes",
+        )
+    finally:
+        writer.close()
+    assert result.exit_code == 3, result.output
+    error = json.loads(result.stdout)["error"]
+    assert "could not get its lock in 2 attempt(s)" in error["message"]
+    assert [b["application_name"] for b in error["blockers"]] == ["blocker"]
+    assert "the next run drops it before building again" in error["message"]
+    with psycopg.connect(libpq_url(database_url)) as conn:  # the blocker stopped the cleanup
+        assert conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('ix_bug_score')"
+        ).fetchone() == (False,)
+    result = project.run("expand", str(project.plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "dropping the INVALID index ix_bug_score" in result.stderr
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        assert conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_bug_score'::regclass"
+        ).fetchone() == (True,)
+
+
+def test_a_revision_that_commits_by_itself_is_never_retried_whole(tmp_path, database_url) -> None:
+    body = (
+        "op.execute(\"INSERT INTO owner (name) VALUES ('once')\")\n"
+        'op.execute("COMMIT")\n'
+        'op.add_column("bug", sa.Column("votes", sa.Integer))'
+    )
+    project = Project(tmp_path, database_url, [Revision("expand", body)])
+    blocker = hold(database_url, "BEGIN; SELECT 1 FROM bug LIMIT 1")
+    try:
+        result = project.run(
+            "expand",
+            str(project.plan),
+            "--live-version",
+            "1",
+            "--lock-timeout",
+            "200ms",
+            "--yes",
+        )
+    finally:
+        blocker.close()
+    assert result.exit_code == 3, result.output
+    assert "cannot be retried whole" in result.stderr
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        assert conn.execute("SELECT count(*) FROM owner").fetchone() == (1,)
+
+
+def test_an_error_allowed_in_a_done_phase_is_not_judged_again(tmp_path, database_url) -> None:
+    project = Project(
+        tmp_path,
+        database_url,
+        [
+            Revision("expand", 'op.create_index("ix_bug_score", "bug", ["score"])'),
+            Revision(
+                "switch",
+                'op.execute("ALTER TABLE bug ADD CONSTRAINT ck_score CHECK (score > 0) NOT VALID")',
+            ),
+        ],
+    )
+    result = project.run(
+        "expand", str(project.plan), "--live-version", "1", "--allow-unsafe", "small", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    result = project.run("switch", str(project.plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output

@@ -10,6 +10,7 @@ from plans pass through untouched (SQLAlchemy's driver-level execution would tre
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -54,6 +55,9 @@ def connection_lost(exc: BaseException) -> bool:
             "connection is closed",
             "consuming input failed",
             "connection refused",
+            "the database system is shutting down",
+            "the database system is starting up",
+            "the database system is in recovery mode",
         )
     )
 
@@ -280,4 +284,6 @@ def locked_session(url: str, what: str, policy: LockPolicy | None = None) -> Ite
         try:
             yield db
         finally:
-            release_orchestrator_lock(db)
+            # a lost session took its session-level lock with it: nothing to release then
+            with contextlib.suppress(sa.exc.SQLAlchemyError, psycopg.Error):
+                release_orchestrator_lock(db)

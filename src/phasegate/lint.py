@@ -402,7 +402,7 @@ class _RevisionChecker:
         rule = RULES[rule_id]
         lock: Lock | None = None
         if self.statement is not None:
-            lock = strongest(locks_of(self.statement.node))
+            lock = strongest(locks_of(self.statement.node, self.schema.indexes))
         self.findings.append(
             Finding(
                 rule=rule.id,
@@ -491,11 +491,12 @@ class _RevisionChecker:
         for names in node.objects or ():
             name = _normal(".".join(n.sval for n in names))
             if kind == enums.ObjectType.OBJECT_INDEX:
-                table = self.schema.indexes.pop(name, None)
+                table = self.schema.indexes.get(name)
                 if not node.concurrent and (table is None or self._existing(table)):
                     self.report("drop-index-blocking", f"index {name}")
                 if self.phase != "contract" and (table is None or self._existing(table)):
                     self.report("drop-outside-contract", f"index {name} in {self.phase}")
+                self.schema.indexes.pop(name, None)
             else:
                 self.schema.tables.pop(name, None)
                 if self.phase != "contract" and self._existing(name):
@@ -606,17 +607,25 @@ class _RevisionChecker:
                     "add-column-default-unknown", f"{name} DEFAULT calls {', '.join(unknown)}"
                 )
         for constraint in constraints:
-            self._add_constraint(table, constraint, existing, column.colname)
+            self._add_constraint(table, constraint, existing, column.colname, default is not None)
 
     def _add_constraint(
-        self, table: str, constraint: ast.Constraint, existing: bool, column: str | None = None
+        self,
+        table: str,
+        constraint: ast.Constraint,
+        existing: bool,
+        column: str | None = None,
+        has_default: bool = False,
     ) -> None:
         kind = constraint.contype
         name = constraint.conname or "(unnamed)"
         if kind in (_CT.CONSTR_FOREIGN, _CT.CONSTR_CHECK):
+            # on a column added with no default, PostgreSQL skips checking a foreign key
+            # (every value is NULL), but not a CHECK, which it evaluates on every row
+            scanned = column is None or kind == _CT.CONSTR_CHECK or has_default
             if constraint.skip_validation:
                 self.not_valid[(table, name)] = self.statement.transaction  # type: ignore[union-attr]
-            elif existing and column is None:
+            elif existing and scanned:
                 what = "FOREIGN KEY" if kind == _CT.CONSTR_FOREIGN else "CHECK"
                 self.report("constraint-validated-on-add", f"{what} {name} on {table}")
             checked = _not_null_column(constraint)

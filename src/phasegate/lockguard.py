@@ -83,13 +83,18 @@ class Guard:
                 "set_config('statement_timeout', %s, true)" + _client_check(connection, True),
                 (self.policy.lock_timeout, self.policy.statement_timeout),
             )
-        if timeout == self.policy.statement_timeout:
-            return run(query, params)
-        aux.execute("SELECT set_config('statement_timeout', %s, true)", (timeout,))
+        if timeout != self.policy.statement_timeout:
+            aux.execute("SELECT set_config('statement_timeout', %s, true)", (timeout,))
         result = run(query, params)
-        aux.execute(
-            "SELECT set_config('statement_timeout', %s, true)", (self.policy.statement_timeout,)
-        )
+        if connection.info.transaction_status == TransactionStatus.IDLE:
+            # the statement ended the transaction itself (op.execute("COMMIT")): what came
+            # before it is committed, so the step must never be retried whole
+            self.autocommit_statements += 1
+        elif timeout != self.policy.statement_timeout:
+            aux.execute(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (self.policy.statement_timeout,),
+            )
         return result
 
     def _timeout_for(self, parsed: list[ast.Node] | None) -> str:
@@ -114,17 +119,27 @@ class Guard:
             (self.policy.lock_timeout, timeout),
         )
         started, attempt = time.monotonic(), 0
-        self.autocommit_statements += 1  # from now on the step cannot be retried whole
         with self.watching(aux.connection):
             while True:
                 try:
-                    if attempt:
-                        self._drop_invalid_leftover(aux, parsed)
-                    return run(query, params)
+                    # also a leftover of an earlier run, which IF NOT EXISTS would keep
+                    self._drop_invalid_leftover(aux, parsed)
+                    result = run(query, params)
+                    self.autocommit_statements += 1  # committed: never retried whole again
+                    return result
                 except psycopg.errors.LockNotAvailable:
                     attempt += 1
                     what = _describe(aux.connection, query)
-                    self._check_budget(what, attempt, started)
+                    if self._budget_spent(attempt, started):
+                        note = ""
+                        try:  # leave nothing half-built, if the blocker lets us
+                            self._drop_invalid_leftover(aux, parsed)
+                        except psycopg.Error:
+                            note = (
+                                " The INVALID index the build left could not be dropped while "
+                                "blocked; the next run drops it before building again."
+                            )
+                        raise self._spent(what, attempt, started, note) from None
                     pause = self.policy.backoff(attempt)
                     self.policy.notify(
                         f"lock timeout ({self.policy.lock_timeout}) on {what}; "
@@ -154,15 +169,17 @@ class Guard:
 
     # -- budget, blockers ----------------------------------------------------------------------
 
-    def _check_budget(self, what: str, attempt: int, started: float) -> None:
+    def _budget_spent(self, attempt: int, started: float) -> bool:
         spent = time.monotonic() - started
-        if attempt <= self.policy.retries and spent < self.policy.retry_time:
-            return
-        raise LockBudgetSpent(
+        return attempt > self.policy.retries or spent >= self.policy.retry_time
+
+    def _spent(self, what: str, attempt: int, started: float, note: str = "") -> LockBudgetSpent:
+        spent = time.monotonic() - started
+        return LockBudgetSpent(
             f"{what} could not get its lock in {attempt} attempt(s) over {spent:.0f}s "
             f"(lock_timeout {self.policy.lock_timeout} each){self._blocked_by()}. Nothing "
             "of this step is half-done; run the same command again once the blocker is gone "
-            "(or raise --lock-retries / --lock-retry-time)",
+            f"(or raise --lock-retries / --lock-retry-time).{note}",
             blockers=self.watch.blockers if self.watch else [],
         )
 
@@ -199,9 +216,25 @@ class GuardedCursor(psycopg.Cursor):
 
         return guard.execute(self, run, query, params)
 
+    def executemany(self, query: Any, params_seq: Any, **kw: Any) -> Any:  # type: ignore[override]
+        guard: Guard | None = getattr(self.connection, "_phasegate_guard", None)
+        if guard is None:
+            return super().executemany(query, params_seq, **kw)
+
+        def run(q: Any, p: Any) -> Any:
+            return psycopg.Cursor.executemany(self, q, p, **kw)
+
+        return guard.execute(self, run, query, params_seq)
+
 
 def install(connection: psycopg.Connection, policy: LockPolicy, url: str) -> Guard:
+    """Guard the connection; session-level lock_timeout too, as a backstop for what starts a
+    transaction without passing the cursor's execute (COPY, server-side cursors)."""
     guard = Guard(policy, url)
+    psycopg.Cursor(connection).execute(
+        "SELECT set_config('lock_timeout', %s, false)", (policy.lock_timeout,)
+    )
+    connection.commit()
     connection._phasegate_guard = guard  # type: ignore[attr-defined]
     return guard
 
@@ -214,6 +247,8 @@ def is_lock_timeout(exc: BaseException | None) -> bool:
     """55P03 anywhere in the chain (SQLAlchemy wraps psycopg's error as .orig)."""
     seen = 0
     while exc is not None and seen < 10:
+        if isinstance(exc, RuntimeFailure):  # ours, e.g. a spent budget: already decided
+            return False
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return True
         exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
@@ -254,7 +289,8 @@ def retry_on_lock(
                         f"{guard._blocked_by()}. Finish it by hand or downgrade it, then run "
                         "the same command again"
                     ) from exc
-                guard._check_budget(what, attempt, started)
+                if guard._budget_spent(attempt, started):
+                    raise guard._spent(what, attempt, started) from None
                 pause = guard.policy.backoff(attempt)
                 guard.policy.notify(
                     f"lock timeout ({guard.policy.lock_timeout}) in {what}; retry {attempt} of "

@@ -9,6 +9,7 @@ VALIDATE). The modes and which statement takes which are PostgreSQL's documented
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pglast import ast, enums
@@ -51,7 +52,14 @@ _ALTER_TABLE_LOCKS = {
     _ATT.AT_DisableTrig: SHARE_ROW_EXCLUSIVE,
     _ATT.AT_DisableTrigAll: SHARE_ROW_EXCLUSIVE,
     _ATT.AT_DisableTrigUser: SHARE_ROW_EXCLUSIVE,
+    _ATT.AT_SetRelOptions: SHARE_UPDATE_EXCLUSIVE,  # fillfactor, autovacuum_*, toast.*
+    _ATT.AT_ResetRelOptions: SHARE_UPDATE_EXCLUSIVE,
+    _ATT.AT_SetOptions: SHARE_UPDATE_EXCLUSIVE,  # a column's n_distinct
+    _ATT.AT_ResetOptions: SHARE_UPDATE_EXCLUSIVE,
 }
+_OT = enums.ObjectType
+# DROP of these takes ACCESS EXCLUSIVE on the table they belong to (the name's prefix)
+_DROP_ON_TABLE = {_OT.OBJECT_TRIGGER, _OT.OBJECT_POLICY, _OT.OBJECT_RULE}
 _LOCK_STMT_MODES = {i + 1: mode for i, mode in enumerate(MODES)}  # LOCK TABLE's mode numbers
 
 
@@ -87,9 +95,17 @@ def dotted(names: tuple[ast.String, ...] | None) -> str:
     return ".".join(n.sval for n in names or ())
 
 
-def locks_of(node: ast.Node) -> list[Lock]:
-    """The table locks `node` takes, strongest per table; [] for statements on no table."""
+def locks_of(node: ast.Node, index_tables: Mapping[str, str] | None = None) -> list[Lock]:
+    """The table locks `node` takes, strongest per table; [] for statements on no table.
+
+    `index_tables` maps index names to their tables (the linter knows them from the
+    history); without it, a dropped or reindexed index is named as "<index>'s table".
+    """
     found: dict[str, str] = {}
+    indexes = index_tables or {}
+
+    def table_of_index(name: str) -> str:
+        return indexes.get(name) or indexes.get(name.removeprefix("public.")) or f"{name}'s table"
 
     def take(table: str, mode: str) -> None:
         found[table] = stronger(found.get(table, mode), mode)
@@ -101,16 +117,25 @@ def locks_of(node: ast.Node) -> list[Lock]:
             referenced = _referenced_table(cmd)
             if referenced:
                 take(referenced, SHARE_ROW_EXCLUSIVE)
+            if cmd.subtype == _ATT.AT_AttachPartition and isinstance(cmd.def_, ast.PartitionCmd):
+                take(relation_name(cmd.def_.name), ACCESS_EXCLUSIVE)
     elif isinstance(node, ast.IndexStmt):
         take(relation_name(node.relation), SHARE_UPDATE_EXCLUSIVE if node.concurrent else SHARE)
     elif isinstance(node, ast.DropStmt):
         mode = SHARE_UPDATE_EXCLUSIVE if node.concurrent else ACCESS_EXCLUSIVE
-        if node.removeType in (enums.ObjectType.OBJECT_TABLE, enums.ObjectType.OBJECT_INDEX):
-            for names in node.objects or ():
+        for names in node.objects or ():
+            if node.removeType == _OT.OBJECT_TABLE:
                 take(dotted(names), mode)
+            elif node.removeType == _OT.OBJECT_INDEX:
+                take(table_of_index(dotted(names)), mode)
+            elif node.removeType in _DROP_ON_TABLE and isinstance(names, tuple):
+                take(dotted(names[:-1]), ACCESS_EXCLUSIVE)
     elif isinstance(node, ast.ReindexStmt):
         concurrently = any(p.defname == "concurrently" for p in node.params or ())
-        take(relation_name(node.relation), SHARE_UPDATE_EXCLUSIVE if concurrently else SHARE)
+        target = relation_name(node.relation)
+        if node.kind == enums.ReindexObjectType.REINDEX_OBJECT_INDEX:
+            target = table_of_index(target)
+        take(target, SHARE_UPDATE_EXCLUSIVE if concurrently else SHARE)
     elif isinstance(node, ast.RenameStmt) and node.relation is not None:
         take(relation_name(node.relation), ACCESS_EXCLUSIVE)
     elif isinstance(node, ast.CreateStmt):
@@ -133,8 +158,18 @@ def locks_of(node: ast.Node) -> list[Lock]:
     elif isinstance(node, ast.LockStmt):
         for relation in node.relations or ():
             take(relation_name(relation), _LOCK_STMT_MODES.get(node.mode, ACCESS_EXCLUSIVE))
-    elif isinstance(node, ast.CommentStmt) and node.objtype == enums.ObjectType.OBJECT_TABLE:
+    elif isinstance(node, ast.CommentStmt) and node.objtype == _OT.OBJECT_TABLE:
         take(dotted(node.object), SHARE_UPDATE_EXCLUSIVE)
+    elif isinstance(node, ast.CommentStmt) and node.objtype == _OT.OBJECT_COLUMN:
+        take(dotted(node.object[:-1]), SHARE_UPDATE_EXCLUSIVE)
+    elif isinstance(node, ast.CreatePolicyStmt):
+        take(relation_name(node.table), ACCESS_EXCLUSIVE)
+    elif isinstance(node, ast.RuleStmt):
+        take(relation_name(node.relation), ACCESS_EXCLUSIVE)
+    elif isinstance(node, ast.CreateStatsStmt):
+        for relation in node.relations or ():
+            if isinstance(relation, ast.RangeVar):
+                take(relation_name(relation), SHARE_UPDATE_EXCLUSIVE)
     return [Lock(mode, table) for table, mode in found.items()]
 
 

@@ -177,7 +177,7 @@ class Orchestrator:
                     )
         return problems
 
-    def schema_drift(self, state: ledger.PlanState) -> list[str]:
+    def schema_drift(self, state: ledger.PlanState, triggers: bool = True) -> list[str]:
         """Columns and sync triggers changed by hand: what the plan's state says must exist."""
         names = self.plan.phase_names()
         done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
@@ -186,7 +186,9 @@ class Orchestrator:
         # column is more likely a typo in the plan: the backfill reports that (exit 2)
         new_expected = "backfill" in done
         old_expected = new_expected and "contract" not in done and active != "contract"
-        trigger_expected = "backfill" in done and "contract" not in done and active is None
+        trigger_expected = (
+            triggers and "backfill" in done and "contract" not in done and active is None
+        )
         problems = []
         for job in self.plan.jobs():
             if not job.is_batched:
@@ -271,7 +273,8 @@ class Orchestrator:
                 Step(last, "advance", "noop", f"{self.plan.name} is already past {last}: no-op")
             )
             return Outcome(self.plan.name, steps, self.status())
-        refusal = self._lint_first(current)
+        pending = names[names.index(current) : names.index(last) + 1]
+        refusal = self._lint_first(current, pending)
         if refusal is not None:
             return Outcome(self.plan.name, [refusal], self.status())
         while current is not None and names.index(current) <= names.index(last):
@@ -285,9 +288,13 @@ class Orchestrator:
             current = self._next_phase(state)
         return Outcome(self.plan.name, steps, self.status())
 
-    def _lint_first(self, phase: str) -> Step | None:
-        """Lint the whole plan before it moves; errors refuse unless --allow-unsafe."""
-        findings = plan_lint.lint_plan(self.project, self.plan, self.revisions)
+    def _lint_first(self, phase: str, pending: list[str]) -> Step | None:
+        """Lint the phases about to run; errors refuse unless --allow-unsafe.
+
+        Phases already done are not judged again: an error allowed back then must not
+        force --allow-unsafe on every later command, hiding new errors with it.
+        """
+        findings = plan_lint.lint_plan(self.project, self.plan, self.revisions, pending)
         blocking = [f for f in findings if f.blocking]
         if not blocking:
             return None
@@ -399,7 +406,7 @@ class Orchestrator:
         names = self.plan.phase_names()
         if to not in (None, START):
             self.plan.phase(to or "")
-        state, heads = self._prepare()
+        state, heads = self._prepare(rolling_back=True)
         steps: list[Step] = []
         undo = self._phase_to_undo(state)
         if undo is None:
@@ -515,13 +522,17 @@ class Orchestrator:
 
     # -- shared steps -----------------------------------------------------------------------
 
-    def _prepare(self) -> tuple[ledger.PlanState, tuple[str, ...]]:
-        """Ledger ready, state read, no drift: the common start of every mutating command."""
+    def _prepare(self, rolling_back: bool = False) -> tuple[ledger.PlanState, tuple[str, ...]]:
+        """Ledger ready, state read, no drift: the common start of every mutating command.
+
+        A missing sync trigger does not stop a rollback: rolling back removes it anyway,
+        and that is the way out the drift message offers.
+        """
         ledger.ensure_schema(self.db)
         with self.db.tx():
             state = ledger.get_state(self.db, self.plan.name)
         heads = self.project.current_heads(self.db)
-        drift = self.drift(state, heads) + self.schema_drift(state)
+        drift = self.drift(state, heads) + self.schema_drift(state, triggers=not rolling_back)
         if drift:
             raise Refused(
                 "the database has drifted from what phasegate recorded: "

@@ -10,6 +10,7 @@ ledger inside that step's own transaction.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,6 +81,12 @@ class AlembicProject:
             walked = list(self.script.walk_revisions())
         except CommandError as exc:
             raise UsageError(f"{path}: Alembic cannot read its revisions: {exc}") from None
+        except Exception as exc:  # a revision file that fails to import
+            where = _failing_file(exc, str(path.parent))
+            raise UsageError(
+                f"{path}: Alembic cannot read its revisions: {where}raised "
+                f"{type(exc).__name__}: {exc}. Fix that file, then run the command again"
+            ) from None
         walked.reverse()  # base → head
         self.order: list[str] = [s.revision for s in walked]
         self.position = {rev: i for i, rev in enumerate(self.order)}
@@ -344,10 +351,15 @@ class AlembicProject:
             with environment:
                 self.script.run_env()
         except CommandError as exc:
+            db.reset()
             raise RuntimeFailure(f"Alembic refused: {exc}") from None
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                db.reset()
+            raise
         finally:
             self.config.attributes.pop("connection", None)
-            db.ensure_idle()
+        db.ensure_idle()
 
 
 def _force_phasegate_settings(
@@ -407,6 +419,18 @@ def _waivers(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
     return {str(rule): str(reason) for rule, reason in value.items()}
+
+
+def _failing_file(exc: BaseException, root: str) -> str:
+    """'file:line ' of the deepest frame in the project (a revision that raised)."""
+    found = ""
+    trace = exc.__traceback__
+    while trace is not None:
+        filename = trace.tb_frame.f_code.co_filename
+        if filename.startswith(str(Path(root).resolve())) or "/versions/" in filename:
+            found = f"{filename}:{trace.tb_lineno} "
+        trace = trace.tb_next
+    return found
 
 
 def _tag_line(path: str) -> int | None:
