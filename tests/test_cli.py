@@ -107,6 +107,41 @@ def test_demo_runs_the_whole_story(pg_server) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "contract refused, as it must be" in result.stdout
     assert "0 lost or wrong" in result.stdout and "(0 failed)" in result.stdout
+    assert "with SIGKILL after" in result.stdout and "backfill, resumed after the crash" in (
+        result.stdout
+    )
+    assert "time per step" in result.stdout and "summary" in result.stdout
+
+
+def test_demo_json_reports_the_crash_and_the_summary(pg_server) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phasegate",
+            "--database-url",
+            pg_server.url,
+            "--json",
+            "demo",
+            "--rows",
+            "3000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["crash"]["killed"] is True
+    assert 0 < report["crash"]["rows_done_at_kill"] < 3000
+    assert (report["app_failures"], report["lost_or_wrong_writes"]) == (0, 0)
+    steps = [t["step"] for t in report["timings"]]
+    assert steps[:3] == ["expand", "backfill until killed", "backfill, resumed after the crash"]
+    assert ("contract while v1 is still connected", "refused") in [
+        (t["step"], t["result"]) for t in report["timings"]
+    ]
 
 
 def test_click_usage_errors_honour_json() -> None:

@@ -1,16 +1,20 @@
 """`phasegate demo`: the seed story, end to end, on a throwaway PostgreSQL.
 
 It seeds the bug tracker, starts simulated v1 app instances (connected as
-`bugtracker/1.4.2`, so the gates see them in pg_stat_activity), walks the plan through
-expand and backfill, brings up v2 next to v1, runs switch, shows contract refused while
-v1 is still connected, drains v1, runs contract, and checks row by row that no app write
-was lost or garbled. Every gate decision is real; nothing is passed on the command line.
+`bugtracker/1.4.2`, so the gates see them in pg_stat_activity), runs expand, starts the
+backfill in a process of its own and kills it (`kill -9`) part-way, resumes it, brings up
+v2 next to v1, runs switch, shows contract refused while v1 is still connected, drains
+v1, runs contract, and checks row by row that no app write was lost or garbled. Every
+gate decision is real; nothing is passed on the command line. It ends with a summary:
+rows, app writes, failed queries, lost writes, worst write latency, time per phase.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +48,8 @@ class DemoReport:
     lost_or_wrong: int = 0
     worst_latency_ms: float = 0.0
     final_columns: list[str] = field(default_factory=list)
+    timings: list[tuple[str, str, float]] = field(default_factory=list)  # step, result, s
+    crash: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +62,11 @@ class DemoReport:
             "lost_or_wrong_writes": self.lost_or_wrong,
             "worst_write_latency_ms": round(self.worst_latency_ms, 1),
             "final_bug_columns": self.final_columns,
+            "crash": self.crash,
+            "timings": [
+                {"step": step, "result": result, "seconds": round(seconds, 2)}
+                for step, result, seconds in self.timings
+            ],
         }
 
 
@@ -139,6 +150,7 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
 
     def run(step: str, action: Any) -> Outcome:
         console.rule(step)
+        started = time.monotonic()
         with db.locked_session(url, f"demo {step}") as session:
             orchestrator = Orchestrator(
                 session, project, plan, options, progress, notify=lambda m: console.print(f"  {m}")
@@ -146,11 +158,20 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
             outcome: Outcome = action(orchestrator)
         for done in outcome.steps:
             report.steps.append(done.to_dict())
+        result = "refused" if outcome.refused else "done"
+        report.timings.append((step, result, time.monotonic() - started))
         return outcome
 
     try:
         _expect(run("expand", lambda o: o.advance(only="expand")), refused=False)
-        _expect(run("backfill", lambda o: o.advance(only="backfill")), refused=False)
+        console.rule("backfill, killed part-way (kill -9)")
+        started = time.monotonic()
+        report.crash = _crash_backfill(console, root, url, rows)
+        report.timings.append(("backfill until killed", "killed", time.monotonic() - started))
+        _expect(
+            run("backfill, resumed after the crash", lambda o: o.advance(only="backfill")),
+            refused=False,
+        )
 
         console.rule("deploy v2 next to v1")
         v2 = [app.AppInstance(url, V2, ops_per_second=15, seed=3)]
@@ -216,6 +237,7 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
         f"  {counts[0]:,} bugs, {counts[1]:,} with root_cause_id; {counts[2]} curated root "
         f"causes; {counts[3]} events in phasegate.event"
     )
+    _summary(console, report)
     if problems or report.app_failures:
         errors = [e for s in stats for e in s.errors][:3]
         raise RuntimeFailure(
@@ -223,6 +245,103 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
             f"or wrong rows: {'; '.join(errors)}"
         )
     console.rule("[bold green]done: four phases, zero failed or lost writes")
+
+
+def _crash_backfill(console: Console, root: Path, url: str, rows: int) -> dict[str, Any]:
+    """Run the backfill in a process of its own and SIGKILL it once a third is done."""
+    batch = max(100, rows // 40)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phasegate",
+            "--config",
+            str(root / "alembic.ini"),
+            "--database-url",
+            url,
+            "backfill",
+            str(root / PLAN_FILE),
+            "--yes",
+            "--batch-size",
+            str(batch),
+            "--pause",
+            "0.05",
+        ],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    console.print(f"  started `phasegate backfill` as pid {process.pid} ({batch} rows a batch)")
+    checkpoint = (
+        "SELECT rows_done, last_key, status FROM phasegate.job_checkpoint "
+        "WHERE plan = 'bug-root-cause' AND job = 'bug-root-cause-id'"
+    )
+    engine = sa.create_engine(url, poolclass=NullPool)
+    row = None
+    try:
+        with engine.connect() as connection:
+            while process.poll() is None:
+                try:
+                    row = connection.execute(sa.text(checkpoint)).first()
+                except sa.exc.ProgrammingError:
+                    row = None  # the ledger's tables are not there yet
+                connection.rollback()
+                if row is not None and row[0] >= rows / 3:
+                    break
+                time.sleep(0.02)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait()
+            row = connection.execute(sa.text(checkpoint)).first()
+            # the server notices the dead client within about a second; then its lock is free
+            for _ in range(100):
+                busy = connection.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND application_name LIKE 'phasegate backfill%'"
+                    )
+                ).scalar()
+                connection.rollback()
+                if not busy:
+                    break
+                time.sleep(0.05)
+    finally:
+        engine.dispose()
+    killed = process.returncode == -signal.SIGKILL
+    done = int(row[0]) if row else 0
+    if killed:
+        console.print(
+            f"  [bold]killed[/] pid {process.pid} with SIGKILL after {done:,} of {rows:,} rows "
+            f"(checkpoint at id {row[1] if row else '-'}, the ledger still says "
+            f"{row[2] if row else '-'})"
+        )
+    else:
+        console.print(f"  the backfill finished before it could be killed ({done:,} rows)")
+    return {"killed": killed, "pid": process.pid, "rows_done_at_kill": done}
+
+
+def _summary(console: Console, report: DemoReport) -> None:
+    table = Table(title="summary")
+    table.add_column("rows", justify="right")
+    table.add_column("app writes during the run", justify="right")
+    table.add_column("failed app queries", justify="right")
+    table.add_column("lost or wrong writes", justify="right")
+    table.add_column("worst app write latency", justify="right")
+    table.add_row(
+        f"{report.rows:,}",
+        f"{report.app_ops:,}",
+        str(report.app_failures),
+        str(report.lost_or_wrong),
+        f"{report.worst_latency_ms:.0f} ms",
+    )
+    console.print(table)
+    phases = Table(title="time per step")
+    for name in ("step", "result", "seconds"):
+        phases.add_column(name, justify="right" if name == "seconds" else "left")
+    for step, result, seconds in report.timings:
+        phases.add_row(step, result, f"{seconds:.2f}")
+    phases.add_row("total", "", f"{sum(t for _, _, t in report.timings):.2f}")
+    console.print(phases)
 
 
 def _expect(outcome: Outcome, refused: bool) -> None:
