@@ -210,35 +210,64 @@ def test_a_stale_lock_of_a_killed_orchestrator_does_not_block_the_next_run(seede
 # -- two orchestrators -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "second",
-    [
-        ("expand", P),
-        ("backfill", P),
-        ("switch", P),
-        ("contract", P),
-        ("advance", P),
-        ("rollback", P),
-        ("advance", str(ROOT / "tests" / "external_project" / "plans" / "customer_email.yaml")),
-    ],
-)
-def test_a_second_orchestrator_exits_4_at_once_naming_the_first(seeded_url, second) -> None:
-    assert Phasegate(seeded_url)("expand", P, *OVERRIDE, "--yes").exit_code == 0
+SECONDS = [
+    ("expand", P),
+    ("backfill", P),
+    ("switch", P),
+    ("contract", P),
+    ("advance", P),
+    ("rollback", P),
+    ("advance", str(ROOT / "tests" / "external_project" / "plans" / "customer_email.yaml")),
+]
+
+
+def _hold_with_backfill(url: str) -> subprocess.Popen[str]:
+    assert Phasegate(url)("expand", P, *OVERRIDE, "--yes").exit_code == 0
+    first = spawn(url, "backfill", P, *OVERRIDE, "--batch-size", "50", "--pause", "0.1", "--yes")
+    assert wait_for(lambda: ledger_says(url, MOMENTS["inside the backfill"]))
+    return first
+
+
+def _hold_with_blocked(url: str, *command: str) -> subprocess.Popen[str]:
+    """A holder that waits for a table lock, retrying: switch forward or back."""
     first = spawn(
-        seeded_url, "backfill", P, *OVERRIDE, "--batch-size", "50", "--pause", "0.1", "--yes"
+        url, *command, *OVERRIDE, "--lock-timeout", "200ms", "--lock-retries", "100", "--yes"
     )
+    kind = "rollback.started" if command[0] == "rollback" else "advance.started"
+    started = f"SELECT 1 FROM phasegate.event WHERE kind = '{kind}' AND phase = 'switch'"
+    assert wait_for(lambda: ledger_says(url, started))
+    return first
+
+
+@pytest.mark.parametrize("second", SECONDS, ids=[" ".join(s[:1]) for s in SECONDS])
+@pytest.mark.parametrize("holder", ["backfill", "switch", "rollback of switch"])
+def test_a_second_orchestrator_exits_4_at_once_naming_the_first(
+    seeded_url, holder: str, second: tuple[str, str]
+) -> None:
+    blocker = None
+    if holder == "backfill":
+        first = _hold_with_backfill(seeded_url)
+        command = "backfill"
+    else:
+        done_to = "backfill" if holder == "switch" else "switch"
+        result = Phasegate(seeded_url)("advance", P, "--to", done_to, *OVERRIDE, "--yes")
+        assert result.exit_code == 0, result.output
+        blocker = hold(seeded_url, "BEGIN; SELECT 1 FROM bug LIMIT 1")
+        command = "switch" if holder == "switch" else "rollback"
+        first = _hold_with_blocked(seeded_url, command, P)
     try:
-        assert wait_for(lambda: ledger_says(seeded_url, MOMENTS["inside the backfill"]))
         started = time.monotonic()
         result = Phasegate(seeded_url)(*second, *OVERRIDE, "--yes")
         elapsed = time.monotonic() - started
     finally:
+        if blocker is not None:
+            blocker.close()
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
     assert result.exit_code == 4, result.output
     assert elapsed < 5
     assert "another phasegate is running in this database: pid" in result.stderr
-    assert f"phasegate backfill {P}" in result.stderr  # the holder's command
+    assert f"phasegate {command} {PLAN.name}" in result.stderr  # the holder's command
 
 
 # -- a server restart ------------------------------------------------------------------------

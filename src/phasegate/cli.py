@@ -907,7 +907,9 @@ def orchestrating(
     )
     progress = BarProgress() if sys.stderr.isatty() and not ctx.as_json else LogProgress(sys.stderr)
     with (
-        db.locked_session(url, f"{what} {plan_path}", _lock_policy(args, options.config)) as conn,
+        db.locked_session(
+            url, f"{what} {Path(plan_path).name}", _lock_policy(args, options.config)
+        ) as conn,
         stop_on_signals(args.backfill),
     ):
         yield Orchestrator(conn, project, plan, options, progress, notify=log)
@@ -924,6 +926,7 @@ def _lock_policy(args: GatedArgs, settings: ProjectConfig) -> LockPolicy:
         retries=retries if retries is not None else defaults.retries,
         retry_time=args.lock_retry_time or settings.lock_retry_time or defaults.retry_time,
         notify=log,
+        stop=args.backfill.stop,
     )
 
 

@@ -46,6 +46,18 @@ class LockPolicy:
     retries: int = 8
     retry_time: float = 120.0  # seconds, all attempts of one step together
     notify: Callable[[str], None] = field(default=lambda message: None)
+    stop: threading.Event | None = None  # set by SIGINT/SIGTERM: stop waiting for locks
+
+    def pause(self, seconds: float, what: str) -> None:
+        """Sleep before the next attempt, unless asked to stop (then the step fails as a
+        whole: a rolled-back revision, or a statement that never ran)."""
+        if self.stop is not None and self.stop.wait(seconds):
+            raise RuntimeFailure(
+                f"stopped on request while {what} waited for a lock; nothing of it is "
+                "applied. Run the same command again to continue"
+            )
+        if self.stop is None:
+            time.sleep(seconds)
 
     def backoff(self, attempt: int) -> float:
         """0.25 s, 0.5 s, 1 s ... capped at 8 s, each with equal jitter."""
@@ -146,7 +158,7 @@ class Guard:
                         f"retry {attempt} of {self.policy.retries} in {pause:.1f}s"
                         f"{self._blocked_by()}"
                     )
-                    time.sleep(pause)
+                    self.policy.pause(pause, what)
 
     def _drop_invalid_leftover(self, aux: psycopg.Cursor, parsed: list[ast.Node] | None) -> None:
         """A CREATE INDEX CONCURRENTLY that timed out may leave an INVALID index behind,
@@ -296,7 +308,7 @@ def retry_on_lock(
                     f"lock timeout ({guard.policy.lock_timeout}) in {what}; retry {attempt} of "
                     f"{guard.policy.retries} in {pause:.1f}s{guard._blocked_by()}"
                 )
-                time.sleep(pause)
+                guard.policy.pause(pause, what)
 
 
 class BlockerWatch:
