@@ -33,10 +33,7 @@ SELECT json_build_object(
                 WHERE pronamespace NOT IN ('pg_catalog'::regnamespace,
                                            'information_schema'::regnamespace)),
   'schemas', (SELECT json_agg(nspname ORDER BY nspname) FROM pg_namespace),
-  'bug', (SELECT md5(string_agg(b::text, ',' ORDER BY b.id)) FROM bug b),
-  'root_cause', (SELECT CASE WHEN to_regclass('root_cause') IS NULL THEN NULL
-                 ELSE (xpath('/row/c/text()', query_to_xml(
-                       'SELECT count(*) AS c FROM root_cause', false, true, '')))[1]::text END)
+  'bug', (SELECT md5(string_agg(b::text, ',' ORDER BY b.id)) FROM bug b)
 )
 """
 
@@ -45,7 +42,12 @@ def snapshot(url: str) -> dict:
     """Schema, rows and ledger presence. Not sequences: a rolled-back sample may advance
     one (PostgreSQL never rolls sequences back); the README says so."""
     with psycopg.connect(libpq_url(url)) as conn:
-        return conn.execute(SNAPSHOT).fetchone()[0]
+        shot = conn.execute(SNAPSHOT).fetchone()[0]
+        if conn.execute("SELECT to_regclass('root_cause')").fetchone()[0] is not None:
+            shot["root_cause"] = conn.execute(
+                "SELECT md5(string_agg(r::text, ',' ORDER BY r.id)) FROM root_cause r"
+            ).fetchone()[0]
+        return shot
 
 
 def preview(url: str, *args: str) -> dict:
