@@ -42,10 +42,11 @@ SEED = 20261124
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def spawn(url: str, *args: str) -> subprocess.Popen[str]:
+def spawn(url: str, *args: str, failpoints: str = "") -> subprocess.Popen[str]:
     """The real CLI in its own process (so it can be killed), the database from the env."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["PHASEGATE_DATABASE_URL"] = url
+    env["PHASEGATE_FAILPOINTS"] = failpoints
     return subprocess.Popen(
         [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
         cwd=ROOT,
@@ -129,19 +130,44 @@ def plan_state(url: str) -> tuple:
 
 # -- kill -9 anywhere ------------------------------------------------------------------------
 
-# where to kill: a condition on the ledger, then a random extra delay
-MOMENTS = {
-    "inside expand": "SELECT 1 FROM phasegate.event WHERE kind = 'advance.started' "
-    "AND phase = 'expand'",
-    "between revisions": "SELECT 1 FROM phasegate.event WHERE kind = 'revision.applied' "
-    "AND detail->>'revision' = '6c55e0560fd4'",
-    "inside the backfill": "SELECT 1 FROM phasegate.job_checkpoint "
-    "WHERE job = 'bug-root-cause-id' AND rows_done > 0",
-    "inside switch": "SELECT 1 FROM phasegate.event WHERE kind = 'advance.started' "
-    "AND phase = 'switch'",
-    "inside contract": "SELECT 1 FROM phasegate.event WHERE kind = 'advance.started' "
-    "AND phase = 'contract'",
+# Where to kill: a failpoint makes the orchestrator pause right there (or the backfill is
+# slow enough by itself); a ledger condition says it got there; after the kill the ledger
+# must show that very place: (state, active phase) and Alembic's version.
+MOMENTS: dict[str, tuple[str, str, tuple[str, str], str]] = {
+    "inside expand": (
+        "before-revision:6c55e0560fd4=30",
+        "SELECT 1 FROM phasegate.event WHERE kind = 'advance.started' AND phase = 'expand'",
+        ("running", "expand"),
+        "bc25b5f8939f",
+    ),
+    "between revisions": (
+        "after-revision:6c55e0560fd4=30",
+        "SELECT 1 FROM phasegate.event WHERE kind = 'revision.applied' "
+        "AND detail->>'revision' = '6c55e0560fd4'",
+        ("running", "expand"),
+        "6c55e0560fd4",
+    ),
+    "inside the backfill": (
+        "",
+        "SELECT 1 FROM phasegate.job_checkpoint WHERE job = 'bug-root-cause-id' AND rows_done > 0",
+        ("running", "backfill"),
+        "8f3a2d1c9b7e",
+    ),
+    "inside switch": (
+        "after-revision:a41c7e9d2b58=30",
+        "SELECT 1 FROM phasegate.event WHERE kind = 'revision.applied' "
+        "AND detail->>'revision' = 'a41c7e9d2b58'",
+        ("running", "switch"),
+        "a41c7e9d2b58",
+    ),
+    "inside contract": (
+        "before-revision:e59b1f0c3d82=30",  # its sync triggers are already dropped
+        "SELECT 1 FROM phasegate.event WHERE kind = 'advance.started' AND phase = 'contract'",
+        ("running", "contract"),
+        "d7e2b9f4a613",
+    ),
 }
+BACKFILL_STARTED = MOMENTS["inside the backfill"][1]
 
 
 def ledger_says(url: str, sql: str) -> bool:
@@ -149,6 +175,11 @@ def ledger_says(url: str, sql: str) -> bool:
         return bool(query(url, sql))
     except psycopg.errors.UndefinedTable:
         return False
+
+
+def where_it_stopped(url: str) -> tuple[tuple[str, str], str]:
+    state = query(url, "SELECT state, active_phase FROM phasegate.plan_state")[0]
+    return (state[0], state[1]), query(url, "SELECT version_num FROM alembic_version")[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -164,21 +195,23 @@ def reference(pg_server, seeded_template) -> dict[str, dict]:
         pg_server.drop_database(url)
 
 
-def test_kill_9_at_random_points_then_the_next_command_finishes_the_job(
+def test_kill_9_at_seeded_points_then_the_next_command_finishes_the_job(
     pg_server, seeded_template, reference
 ) -> None:
     rng = random.Random(SEED)
-    hits: dict[str, int] = {}
+    landed: dict[str, int] = {}
     for point in range(KILL_POINTS):
         moment = list(MOMENTS)[point % len(MOMENTS)]
+        failpoint, reached, state, version = MOMENTS[moment]
         url = pg_server.create_database("pgfault", template=seeded_template)
         try:
-            process = spawn(url, "advance", P, *OVERRIDE, *SLOW, "--yes")
-            assert wait_for(lambda u=url, m=moment: ledger_says(u, MOMENTS[m]), timeout=60), moment
-            time.sleep(rng.uniform(0, 0.15))
+            process = spawn(url, "advance", P, *OVERRIDE, *SLOW, "--yes", failpoints=failpoint)
+            assert wait_for(lambda u=url, q=reached: ledger_says(u, q), timeout=60), moment
+            time.sleep(rng.uniform(0, 0.05))
             process.send_signal(signal.SIGKILL)
             process.wait()
-            hits[moment] = hits.get(moment, 0) + 1
+            assert where_it_stopped(url) == (state, version), moment
+            landed[moment] = landed.get(moment, 0) + 1
             assert wait_for(lambda u=url: no_phasegate_session(u), timeout=15)
             phasegate = Phasegate(url)
             if point % 2:  # undo everything, then do it all again
@@ -191,19 +224,28 @@ def test_kill_9_at_random_points_then_the_next_command_finishes_the_job(
             assert plan_state(url) == ("contract", "done")
         finally:
             pg_server.drop_database(url)
-    assert set(hits) == set(MOMENTS)
+    assert landed == {moment: KILL_POINTS // len(MOMENTS) for moment in MOMENTS}
 
 
-def test_a_stale_lock_of_a_killed_orchestrator_does_not_block_the_next_run(seeded_url) -> None:
-    assert Phasegate(seeded_url)("expand", P, *OVERRIDE, "--yes").exit_code == 0
-    holder = spawn(seeded_url, "backfill", P, *OVERRIDE, *SLOW, "--yes")
-    assert wait_for(lambda: ledger_says(seeded_url, MOMENTS["inside the backfill"]))
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-    killed_at = time.monotonic()
-    assert wait_for(lambda: no_phasegate_session(seeded_url), timeout=5)
-    assert time.monotonic() - killed_at < 3  # noticed within about a second
-    result = Phasegate(seeded_url)("backfill", P, *OVERRIDE, "--yes")
+def test_a_killed_orchestrator_waiting_for_a_lock_lets_go_within_seconds(seeded_url) -> None:
+    """Killed mid-statement (here: a lock wait), its session ends within about a second
+    (client_connection_check_interval), taking its advisory lock along."""
+    blocker = hold(seeded_url, "BEGIN; SELECT 1 FROM bug LIMIT 1")
+    try:
+        holder = spawn(seeded_url, "expand", P, *OVERRIDE, "--lock-timeout", "20s", "--yes")
+        waiting = (
+            "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'phasegate expand%' "
+            "AND wait_event_type = 'Lock'"
+        )
+        assert wait_for(lambda: ledger_says(seeded_url, waiting), timeout=30)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        killed_at = time.monotonic()
+        assert wait_for(lambda: no_phasegate_session(seeded_url), timeout=10)
+        assert time.monotonic() - killed_at < 2.5
+    finally:
+        blocker.close()
+    result = Phasegate(seeded_url)("expand", P, *OVERRIDE, "--yes")
     assert result.exit_code == 0, result.output
 
 
@@ -224,7 +266,7 @@ SECONDS = [
 def _hold_with_backfill(url: str) -> subprocess.Popen[str]:
     assert Phasegate(url)("expand", P, *OVERRIDE, "--yes").exit_code == 0
     first = spawn(url, "backfill", P, *OVERRIDE, "--batch-size", "50", "--pause", "0.1", "--yes")
-    assert wait_for(lambda: ledger_says(url, MOMENTS["inside the backfill"]))
+    assert wait_for(lambda: ledger_says(url, BACKFILL_STARTED))
     return first
 
 
@@ -307,7 +349,7 @@ def test_a_server_restart_mid_backfill_exits_3_and_the_next_run_resumes(private_
     url, restart = private_server
     assert Phasegate(url)("expand", P, *OVERRIDE, "--yes").exit_code == 0
     process = spawn(url, "backfill", P, *OVERRIDE, *SLOW, "--yes")
-    assert wait_for(lambda: ledger_says(url, MOMENTS["inside the backfill"]))
+    assert wait_for(lambda: ledger_says(url, BACKFILL_STARTED))
     restart()
     out, err = process.communicate(timeout=60)
     assert process.returncode == 3, out + err
@@ -328,7 +370,7 @@ def test_a_server_restart_mid_expand_exits_3_and_the_next_run_finishes(private_s
     url, restart = private_server
     blocker = hold(url, "BEGIN; SELECT 1 FROM bug LIMIT 1")  # expand waits and retries
     process = spawn(url, "expand", P, *OVERRIDE, "--lock-timeout", "300ms", "--yes")
-    assert wait_for(lambda: ledger_says(url, MOMENTS["inside expand"]))
+    assert wait_for(lambda: ledger_says(url, MOMENTS["inside expand"][1]))
     time.sleep(0.5)
     restart()
     out, err = process.communicate(timeout=60)

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,13 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
 
 def _crash_backfill(console: Console, root: Path, url: str, rows: int) -> dict[str, Any]:
     """Run the backfill in a process of its own and SIGKILL it once a third is done."""
+    with tempfile.TemporaryFile(mode="w+") as errors:  # a file, not a pipe: it never fills
+        return _kill_backfill(console, root, url, rows, errors)
+
+
+def _kill_backfill(
+    console: Console, root: Path, url: str, rows: int, errors: Any
+) -> dict[str, Any]:
     batch = max(100, rows // 40)
     process = subprocess.Popen(
         [
@@ -269,7 +277,7 @@ def _crash_backfill(console: Console, root: Path, url: str, rows: int) -> dict[s
         ],
         cwd=root,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=errors,
     )
     console.print(f"  started `phasegate backfill` as pid {process.pid} ({batch} rows a batch)")
     checkpoint = (
@@ -309,6 +317,13 @@ def _crash_backfill(console: Console, root: Path, url: str, rows: int) -> dict[s
         engine.dispose()
     killed = process.returncode == -signal.SIGKILL
     done = int(row[0]) if row else 0
+    errors.seek(0)
+    said = errors.read().strip()
+    if not killed and process.returncode != 0:
+        raise RuntimeFailure(
+            f"the demo's backfill process exited with {process.returncode} before it could be "
+            f"killed: {said[-800:] or '(nothing on stderr)'}"
+        )
     if killed:
         console.print(
             f"  [bold]killed[/] pid {process.pid} with SIGKILL after {done:,} of {rows:,} rows "
@@ -316,7 +331,10 @@ def _crash_backfill(console: Console, root: Path, url: str, rows: int) -> dict[s
             f"{row[2] if row else '-'})"
         )
     else:
-        console.print(f"  the backfill finished before it could be killed ({done:,} rows)")
+        console.print(
+            f"  [bold yellow]the backfill finished before it could be killed[/] ({done:,} rows;"
+            " too few rows to interrupt: try --rows 20000)"
+        )
     return {"killed": killed, "pid": process.pid, "rows_done_at_kill": done}
 
 
@@ -327,12 +345,14 @@ def _summary(console: Console, report: DemoReport) -> None:
     table.add_column("failed app queries", justify="right")
     table.add_column("lost or wrong writes", justify="right")
     table.add_column("worst app write latency", justify="right")
+    table.add_column("backfill killed, resumed", justify="right")
     table.add_row(
         f"{report.rows:,}",
         f"{report.app_ops:,}",
         str(report.app_failures),
         str(report.lost_or_wrong),
         f"{report.worst_latency_ms:.0f} ms",
+        "yes" if report.crash.get("killed") else "no",
     )
     console.print(table)
     phases = Table(title="time per step")

@@ -20,7 +20,7 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
-from phasegate import backfill, gates, ledger, plan_lint, sources, sync
+from phasegate import backfill, failpoints, gates, ledger, plan_lint, sources, sync
 from phasegate.config import ProjectConfig
 from phasegate.db import Session, quote_table
 from phasegate.durations import format_duration
@@ -182,6 +182,8 @@ class Orchestrator:
         names = self.plan.phase_names()
         done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
         active = state.active_phase if state.state in ("running", "failed") else None
+        if "contract" in done or state.state == "done":
+            return []  # the plan is over: later migrations may change its tables freely
         # before the backfill has checked the plan's columns against the table, a missing
         # column is more likely a typo in the plan: the backfill reports that (exit 2)
         new_expected = "backfill" in done
@@ -206,8 +208,8 @@ class Orchestrator:
             if missing:
                 problems.append(
                     f"column(s) {', '.join(f'{table}.{c}' for c in missing)} of job "
-                    f"{job.name!r} are missing (dropped or renamed by hand?): restore them, "
-                    "or roll the plan back"
+                    f"{job.name!r} are missing (dropped or renamed by hand?): restore them; "
+                    "phasegate refuses to move the plan either way until they are back"
                 )
             if trigger_expected and job.sync is not None and not self._trigger_exists(job):
                 problems.append(
@@ -363,11 +365,13 @@ class Orchestrator:
             for job in self._sync_jobs():
                 self.notify(f"dropped sync trigger of job {job.name!r} on {job.table}")
         for revision in self.revisions.of(phase):
+            failpoints.reach(f"before-revision:{revision}")
             self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
             self.db.retrying(
                 f"revision {revision}",
                 lambda rev=revision: self.project.upgrade(self.db, rev, self._on_step(phase)),
             )
+            failpoints.reach(f"after-revision:{revision}")
         return []
 
     def _run_backfill(self) -> list[dict[str, Any]]:
