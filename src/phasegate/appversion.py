@@ -60,6 +60,10 @@ class Reporter:
         self.params = {"app": app, "version": version, "instance": instance}
         self.interval = interval
         self._stopped = threading.Event()
+        # held while writing a heartbeat and while stopping: a write that started before
+        # stop() commits before stop() deletes the row, and none starts after (reentrant:
+        # a beat may open a connection, whose connect event writes too)
+        self._writing = threading.RLock()
         self._warned = False
         self._thread = threading.Thread(
             target=self._loop, name=f"phasegate-heartbeat-{app}", daemon=True
@@ -75,19 +79,23 @@ class Reporter:
 
     def beat(self) -> bool:
         """One heartbeat now; False (and a logged warning) when it could not be written."""
-        try:
-            with self.engine.begin() as connection:
-                connection.exec_driver_sql(HEARTBEAT_UPSERT, self.params)
-        except Exception as exc:  # never into the app
-            self._warn(exc)
-            return False
+        with self._writing:
+            if self._stopped.is_set():
+                return False
+            try:
+                with self.engine.begin() as connection:
+                    connection.exec_driver_sql(HEARTBEAT_UPSERT, self.params)
+            except Exception as exc:  # never into the app
+                self._warn(exc)
+                return False
         return True
 
     def stop(self, forget: bool = True) -> None:
         """Stop beating; with `forget`, delete the row so gates stop counting us at once."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        with self._writing:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
         atexit.unregister(self.stop)
         if self._thread.is_alive():  # a beat in flight must not write the row back
             self._thread.join()
@@ -99,17 +107,18 @@ class Reporter:
                 self._warn(exc)
 
     def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
-        if self._stopped.is_set():
-            return
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(HEARTBEAT_UPSERT, self.params)
-            dbapi_connection.commit()
-        except Exception as exc:
-            dbapi_connection.rollback()
-            self._warn(exc)
-        finally:
-            cursor.close()
+        with self._writing:
+            if self._stopped.is_set():
+                return
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(HEARTBEAT_UPSERT, self.params)
+                dbapi_connection.commit()
+            except Exception as exc:
+                dbapi_connection.rollback()
+                self._warn(exc)
+            finally:
+                cursor.close()
 
     def _loop(self) -> None:
         while not self._stopped.wait(self.interval):
