@@ -86,14 +86,16 @@ def test_python_dash_m_and_help() -> None:
     assert "--allow-data-loss" in result.stdout and "--live-version" in result.stdout
 
 
-def test_demo_runs_the_whole_story(pg_server) -> None:
-    result = subprocess.run(
+def run_demo(url: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """`phasegate demo` as a new user runs it, on a fresh database of the test server."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "phasegate",
             "--database-url",
-            pg_server.url,
+            url,
+            *options,
             "demo",
             "--rows",
             "3000",
@@ -104,6 +106,10 @@ def test_demo_runs_the_whole_story(pg_server) -> None:
         timeout=300,
         check=False,
     )
+
+
+def test_demo_runs_the_whole_story(pg_server) -> None:
+    result = run_demo(pg_server.url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "contract refused, as it must be" in result.stdout
     assert "0 lost or wrong" in result.stdout and "(0 failed)" in result.stdout
@@ -114,24 +120,7 @@ def test_demo_runs_the_whole_story(pg_server) -> None:
 
 
 def test_demo_json_reports_the_crash_and_the_summary(pg_server) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "phasegate",
-            "--database-url",
-            pg_server.url,
-            "--json",
-            "demo",
-            "--rows",
-            "3000",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
+    result = run_demo(pg_server.url, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["crash"]["killed"] is True

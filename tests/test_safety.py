@@ -150,16 +150,19 @@ class Project:
         self.run = Phasegate(url, self.ini)
 
 
+CONCURRENT_BUILD = (
+    "with op.get_context().autocommit_block():\n"
+    '    op.create_index("ix_bug_score", "bug", ["score"], postgresql_concurrently=True)'
+)
+# a writer's open transaction: CREATE INDEX CONCURRENTLY starts, then waits for it
+OPEN_WRITE = "BEGIN; UPDATE bug SET score = score WHERE id = 1"
+
+
 def test_an_invalid_index_left_by_a_timed_out_concurrent_build_is_dropped_before_the_retry(
     tmp_path, database_url
 ) -> None:
-    concurrent = (
-        "with op.get_context().autocommit_block():\n"
-        '    op.create_index("ix_bug_score", "bug", ["score"], postgresql_concurrently=True)'
-    )
-    project = Project(tmp_path, database_url, [Revision("expand", concurrent)])
-    # a writer's open transaction: CREATE INDEX CONCURRENTLY starts, then waits for it
-    writer = hold(database_url, "BEGIN; UPDATE bug SET score = score WHERE id = 1")
+    project = Project(tmp_path, database_url, [Revision("expand", CONCURRENT_BUILD)])
+    writer = hold(database_url, OPEN_WRITE)
     closer = threading.Timer(2.5, writer.close)
     closer.start()
     result = project.run(
@@ -247,15 +250,11 @@ def test_advance_lints_first_and_refuses_unless_allowed(tmp_path, database_url) 
     ]
 
 
-def test_a_concurrent_build_that_runs_out_of_retries_leaves_no_invalid_index(
+def test_an_invalid_index_a_spent_concurrent_build_left_is_dropped_by_the_next_run(
     tmp_path, database_url
 ) -> None:
-    concurrent = (
-        "with op.get_context().autocommit_block():\n"
-        '    op.create_index("ix_bug_score", "bug", ["score"], postgresql_concurrently=True)'
-    )
-    project = Project(tmp_path, database_url, [Revision("expand", concurrent)])
-    writer = hold(database_url, "BEGIN; UPDATE bug SET score = score WHERE id = 1")
+    project = Project(tmp_path, database_url, [Revision("expand", CONCURRENT_BUILD)])
+    writer = hold(database_url, OPEN_WRITE)
     try:
         result = project.run(
             "--json",

@@ -263,7 +263,7 @@ def lint_command(ctx: Context, plan_path: str | None, phase: str | None, list_ru
         raise UsageError("name a PLAN to lint (or pass --rules to list the rules)")
     project, plan = ctx.project(), load_plan(plan_path)
     resolved = project.resolve(plan)
-    findings = lint_plan(project, plan, resolved, [phase] if phase else None)
+    findings = lint_plan(project, resolved, [phase] if phase else None)
     errors = sum(1 for f in findings if f.blocking)
     waived = sum(1 for f in findings if f.waived)
     warnings = sum(1 for f in findings if f.severity == lint.WARNING and not f.waived)

@@ -296,7 +296,7 @@ class Orchestrator:
         Phases already done are not judged again: an error allowed back then must not
         force --allow-unsafe on every later command, hiding new errors with it.
         """
-        findings = plan_lint.lint_plan(self.project, self.plan, self.revisions, pending)
+        findings = plan_lint.lint_plan(self.project, self.revisions, pending)
         blocking = [f for f in findings if f.blocking]
         if not blocking:
             return None

@@ -7,18 +7,26 @@ by `preview`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from phasegate import lint
-from phasegate.plan import REVISION_PHASES, Plan
+from phasegate.plan import REVISION_PHASES
 from phasegate.revisions import AlembicProject, OfflineSQL, PlanRevisions
 
 
-def lint_plan(
-    project: AlembicProject,
-    plan: Plan,
-    resolved: PlanRevisions,
-    phases: list[str] | None = None,
-) -> list[lint.Finding]:
-    """Findings for the plan's revisions (of `phases`, default all), waivers applied."""
+@dataclass
+class RenderedPlan:
+    """The plan's revisions (of the phases asked for) and their offline SQL, rendered once."""
+
+    phases: dict[str, str]  # revision -> phase
+    sql: dict[str, str]  # every rendered revision (history included) -> its SQL
+    version_table: str
+    failure: str | None
+
+
+def render_plan(
+    project: AlembicProject, resolved: PlanRevisions, phases: list[str] | None = None
+) -> RenderedPlan:
     wanted = {
         revision: phase
         for phase in REVISION_PHASES
@@ -26,9 +34,24 @@ def lint_plan(
         if phases is None or phase in phases
     }
     if not wanted:
+        return RenderedPlan({}, {}, "alembic_version", None)
+    sql, version_table, failure = render(project, list(wanted))
+    return RenderedPlan(wanted, sql, version_table, failure)
+
+
+def lint_plan(
+    project: AlembicProject, resolved: PlanRevisions, phases: list[str] | None = None
+) -> list[lint.Finding]:
+    """Findings for the plan's revisions (of `phases`, default all), waivers applied."""
+    return lint_rendered(project, render_plan(project, resolved, phases))
+
+
+def lint_rendered(project: AlembicProject, rendered: RenderedPlan) -> list[lint.Finding]:
+    """Findings for a plan already rendered (preview shows the same SQL it lints)."""
+    wanted = rendered.phases
+    if not wanted:
         return []
-    rendered, version_table, failure = render(project, list(wanted))
-    if failure is not None:
+    if rendered.failure is not None:
         first = project.sort(wanted)[0]
         info = project.revisions[first]
         return [
@@ -39,7 +62,7 @@ def lint_plan(
                 path=info.path,
                 phase=wanted[first],
                 statement="",
-                message=f"{lint.RULES['offline-render-failed'].title}: {failure}",
+                message=f"{lint.RULES['offline-render-failed'].title}: {rendered.failure}",
                 fix=lint.RULES["offline-render-failed"].fix,
             )
         ]
@@ -51,9 +74,9 @@ def lint_plan(
             phase=wanted.get(revision),
             allow=project.revisions[revision].allow,
         )
-        for revision, sql in rendered.items()
+        for revision, sql in rendered.sql.items()
     ]
-    return lint.lint(revisions, version_table)
+    return lint.lint(revisions, rendered.version_table)
 
 
 def render(project: AlembicProject, revisions: list[str]) -> tuple[dict[str, str], str, str | None]:

@@ -20,7 +20,7 @@ from phasegate.db import Session, quote_table
 from phasegate.locks import locks_of
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import REVISION_PHASES, Plan
-from phasegate.plan_lint import lint_plan, render
+from phasegate.plan_lint import lint_rendered, render_plan
 from phasegate.revisions import AlembicProject, PlanRevisions
 
 EXACT_COUNT_PAGES = 1000  # tables up to ~8 MB are counted when their statistics are missing
@@ -45,9 +45,9 @@ def preview(
     """One document describing every pending phase (or `options.phase`)."""
     state = _state(db, plan)
     pending = _pending(plan, state, options.phase)
-    findings = lint_plan(project, plan, resolved)
-    wanted = [r for p in pending if p in REVISION_PHASES for r in resolved.of(p)]
-    rendered, version_table, failure = render(project, wanted) if wanted else ({}, "", None)
+    plan_sql = render_plan(project, resolved)  # once: shown and linted alike
+    findings = lint_rendered(project, plan_sql)
+    rendered, version_table, failure = plan_sql.sql, plan_sql.version_table, plan_sql.failure
     phases = []
     for phase in pending:
         entry: dict[str, Any] = {"phase": phase, "compatible": plan.phase(phase).compatible}
