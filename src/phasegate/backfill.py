@@ -13,12 +13,14 @@ last key. A job is done only when its `where` matches no row (verification).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import psycopg
 from psycopg import sql
 
 from phasegate import db as dbmod
@@ -26,11 +28,11 @@ from phasegate import keys, ledger
 from phasegate.db import Session, quote_table
 from phasegate.errors import RuntimeFailure
 from phasegate.keys import Key, KeyValue
+from phasegate.lockguard import client_check
 from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
 from phasegate.plan import Job, Plan, PlanError
 from phasegate.sync import BACKFILL_SETTING
 
-VERIFY_SAMPLE = 1000
 SAMPLE_ROWS = 20_000  # rows sampled to cut a job into slices
 
 Notify = Callable[[str], None]
@@ -314,13 +316,16 @@ def assist(
 
 
 def count_remaining(db: Session, table: str, where: sql.Composable) -> int:
-    """Rows that still match `where` (counted up to VERIFY_SAMPLE: zero is what matters)."""
+    """Rows that still match `where`: a whole-table scan however it ends.
+
+    A plain count, not one capped with LIMIT: the cap made the planner expect an early
+    stop and scan with one process, while this count may use parallel workers, which
+    halves the scan that ends every batched job (1M rows: 0.32 s to 0.16 s on 2 cores).
+    """
     with db.tx():
         return int(
             db.scalar(
-                sql.SQL(
-                    "SELECT count(*) FROM (SELECT 1 FROM {} AS new WHERE {} LIMIT {}) AS pending"
-                ).format(quote_table(table), where, sql.Literal(VERIFY_SAMPLE))
+                sql.SQL("SELECT count(*) FROM {} AS new WHERE {}").format(quote_table(table), where)
             )
         )
 
@@ -480,6 +485,7 @@ class _Walk:
 
     def _worker(self, db: Session, number: int) -> None:
         owner = f"{'assist' if self.assisting else 'worker'} {number}"
+        statements = BatchSQL(db, self.work, self.key, self.settings)
         sizer = BatchSizer(self.settings, self.work.batch_size)
         throttle = Throttle(self.settings)
         reported = time.monotonic()
@@ -497,7 +503,7 @@ class _Walk:
                     self.settings.stop.wait(0.5)  # others hold the rest; a crash frees it
                     continue
                 try:
-                    self._walk_slice(db, piece, sizer, throttle)
+                    self._walk_slice(db, statements, piece, sizer, throttle)
                 finally:
                     ledger.release_slice(db, piece)
         except BaseException as exc:
@@ -523,12 +529,19 @@ class _Walk:
         self.abort.set()
 
     def _walk_slice(
-        self, db: Session, piece: ledger.Slice, sizer: BatchSizer, throttle: Throttle
+        self,
+        db: Session,
+        statements: BatchSQL,
+        piece: ledger.Slice,
+        sizer: BatchSizer,
+        throttle: Throttle,
     ) -> None:
         upper = keys.decode(piece.upper_key, self.key)
         last = keys.decode(piece.last_key or piece.lower_key, self.key)
         while not self._halted():
-            elapsed, scanned, updated, last, done = self._batch(db, piece, sizer, last, upper)
+            elapsed, scanned, updated, last, done = self._batch(
+                db, statements, piece, sizer, last, upper
+            )
             sizer.observe(scanned, elapsed)
             with self.lock:
                 self.rows += updated
@@ -544,6 +557,7 @@ class _Walk:
     def _batch(
         self,
         db: Session,
+        statements: BatchSQL,
         piece: ledger.Slice,
         sizer: BatchSizer,
         last: KeyValue | None,
@@ -555,14 +569,8 @@ class _Walk:
             try:
                 with db.tx():
                     started = time.perf_counter()
-                    reached, scanned = _next_bound(
-                        db, self.work, self.key, last, upper, sizer.size, self.settings
-                    )
-                    updated = 0
-                    if scanned:
-                        updated = db.execute(
-                            *_update_range(db, self.work, self.key, last, reached)
-                        ).rowcount
+                    reached, scanned = statements.next_bound(db, last, upper, sizer.size)
+                    updated = statements.update(db, last, reached) if scanned else 0
                     elapsed = time.perf_counter() - started
                     done = not scanned or reached == upper
                     # staged on a copy: the slice changes only once the batch has committed
@@ -608,81 +616,112 @@ class _Walk:
                 self.settings.stop.wait(pause)
 
 
-def _bounds(
-    key: Key, last: KeyValue | None, upper: KeyValue, alias: str | None = None
-) -> tuple[sql.Composable, dict[str, str]]:
-    """`key > last AND key <= upper` with the values as parameters."""
+class BatchSQL:
+    """The statements of a batch, composed once per worker session.
+
+    Key values are typed parameters, so every batch sends the same text: nothing is
+    composed per batch, and psycopg prepares each statement after a few runs. Each text
+    comes in two forms, for a slice's first batch (no lower bound) and for the others.
+    """
+
+    def __init__(
+        self, db: Session, work: BatchedWork, key: Key, settings: BackfillSettings
+    ) -> None:
+        self.key = key
+        self.settings_params = _settings_params(settings)
+        table = quote_table(work.table)
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
+            for column, expression in work.assignments.items()
+        )
+        where = _with_params(work.where.as_string(db.raw))
+        text = functools.partial(_as_text, db)
+        self.settings = text(sql.SQL("SELECT {}").format(_settings_sql())) + client_check(
+            db.raw, local=True
+        )
+        self.bound, self.count, self.update_range = {}, {}, {}
+        for first in (True, False):
+            bounds = _range(key, first)
+            self.bound[first] = text(
+                sql.SQL(
+                    "SELECT (SELECT {last} FROM ("
+                    " SELECT {cols} FROM {table} WHERE {bounds} ORDER BY {order}"
+                    " OFFSET %(skip)s LIMIT 1) AS phasegate_bound)"
+                ).format(
+                    last=key.as_text_array(),
+                    cols=key.names(),
+                    table=table,
+                    bounds=bounds,
+                    order=key.order(),
+                )
+            )
+            self.count[first] = text(
+                sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds)
+            )
+            # A plain range predicate lets PostgreSQL walk the key's index straight into
+            # the update, as fast per row as one set-based UPDATE; joining the batch's keys
+            # back cost twice that. A row inserted into the range in between is updated
+            # too, which is harmless.
+            self.update_range[first] = text(
+                sql.SQL(
+                    "UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})"
+                ).format(
+                    table=table,
+                    assignments=assignments,
+                    bounds=_range(key, first, alias="new"),
+                    where=where,
+                )
+            )
+
+    def params(self, last: KeyValue | None, upper: KeyValue) -> dict[str, str]:
+        params = self.key.params("upper", upper)
+        if last is not None:
+            params |= self.key.params("last", last)
+        return params
+
+    def next_bound(
+        self, db: Session, last: KeyValue | None, upper: KeyValue | None, size: int
+    ) -> tuple[KeyValue | None, int]:
+        """Set the batch's limits, then find where it ends and how many keys it spans.
+
+        The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
+        sort). When fewer keys are left, the batch runs to the slice's end and counts them.
+        The transaction's BEGIN, its limits and this query travel in one round trip.
+        """
+        with db.raw.pipeline():
+            # its own statement: set_config inside a statement does not govern that
+            # statement (the timer starts before it runs, its locks are taken while
+            # planning). Unguarded: it sets this transaction's limits itself, so the lock
+            # guard adds none of its own (it adds them only to a transaction's first
+            # statement).
+            psycopg.Cursor(db.raw).execute(self.settings, self.settings_params)
+            if upper is None:
+                return last, 0
+            params = self.params(last, upper)
+            first = last is None
+            row = db.execute(self.bound[first], {**params, "skip": size - 1}).fetchone()
+        if row is not None and row[-1] is not None:
+            return tuple(row[-1]), size
+        left = db.scalar(self.count[first], params)
+        return (upper, int(left)) if left else (last, 0)
+
+    def update(self, db: Session, last: KeyValue | None, reached: KeyValue) -> int:
+        """Update the rows of the key range (last, reached] that still need it."""
+        cursor = db.execute(self.update_range[last is None], self.params(last, reached))
+        return cursor.rowcount
+
+
+def _range(key: Key, first: bool, alias: str | None = None) -> sql.Composable:
+    """`key > %(last)s AND key <= %(upper)s`, without the lower bound for a first batch."""
     column = key.tuple(alias)
     bounds = [sql.SQL("{} <= {}").format(column, key.placeholder("upper"))]
-    params = key.params("upper", upper)
-    if last is not None:
+    if not first:
         bounds.insert(0, sql.SQL("{} > {}").format(column, key.placeholder("last")))
-        params |= key.params("last", last)
-    return sql.SQL(" AND ").join(bounds), params
+    return sql.SQL(" AND ").join(bounds)
 
 
-def _next_bound(
-    db: Session,
-    work: BatchedWork,
-    key: Key,
-    last: KeyValue | None,
-    upper: KeyValue | None,
-    size: int,
-    settings: BackfillSettings,
-) -> tuple[KeyValue | None, int]:
-    """Set the batch's limits, then find where it ends and how many keys it spans.
-
-    The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
-    sort). When fewer keys are left, the batch runs to the slice's end and counts them.
-    """
-    # its own statement: set_config inside a statement does not govern that statement
-    # (the statement timer starts before it runs, and its locks are taken while planning)
-    db.execute(sql.SQL("SELECT {}").format(_settings_sql()), _settings_params(settings))
-    if upper is None:
-        return last, 0
-    table = quote_table(work.table)
-    bounds, params = _bounds(key, last, upper)
-    row = db.execute(
-        sql.SQL(
-            "SELECT (SELECT {last} FROM ("
-            " SELECT {cols} FROM {table} WHERE {bounds} ORDER BY {order}"
-            " OFFSET %(skip)s LIMIT 1) AS phasegate_bound)"
-        ).format(
-            last=key.as_text_array(),
-            cols=key.names(),
-            table=table,
-            bounds=bounds,
-            order=key.order(),
-        ),
-        {**params, "skip": size - 1},
-    ).fetchone()
-    if row is not None and row[-1] is not None:
-        return tuple(row[-1]), size
-    left = db.scalar(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds), params)
-    return (upper, int(left)) if left else (last, 0)
-
-
-def _update_range(
-    db: Session, work: BatchedWork, key: Key, last: KeyValue | None, batch_last: KeyValue
-) -> tuple[sql.Composed, dict[str, str]]:
-    """Update the rows of one key range that still need it.
-
-    A plain range predicate lets PostgreSQL walk the key's index straight into the update,
-    as fast per row as one set-based UPDATE; joining the batch's keys back cost twice that.
-    A row inserted into the range in between is updated too, which is harmless.
-    """
-    assignments = sql.SQL(", ").join(
-        sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
-        for column, expression in work.assignments.items()
-    )
-    bounds, params = _bounds(key, last, batch_last, alias="new")
-    statement = sql.SQL("UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})")
-    return statement.format(
-        table=quote_table(work.table),
-        assignments=assignments,
-        bounds=bounds,
-        where=_with_params(work.where.as_string(db.raw)),
-    ), params
+def _as_text(db: Session, statement: sql.Composable) -> str:
+    return statement.as_string(db.raw)
 
 
 def _with_params(expression: str) -> sql.Composable:
@@ -702,9 +741,8 @@ def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) ->
             current.verified_at = db.scalar("SELECT now()")
         ledger.save_checkpoint(db, current)
     if remaining:
-        more = "at least " if remaining >= VERIFY_SAMPLE else ""
         raise RuntimeFailure(
-            f"job {work.checkpoint!r}: verification failed, {more}{remaining} row(s) of "
+            f"job {work.checkpoint!r}: verification failed, {remaining:,} row(s) of "
             f"{work.table} still match `where` after the walk (does an expression in `set` "
             f"return NULL for them?). Inspect them with: SELECT * FROM {work.table} AS new "
             f"WHERE {work.where.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
@@ -770,10 +808,11 @@ def sample_batch(db: Session, work: BatchedWork, rows: int = 1000) -> Sample:
             )
         ).fetchone()
         upper = tuple(row[0]) if row else None
+        statements = BatchSQL(db, work, key, settings)
         started = time.perf_counter()
-        reached, scanned = _next_bound(db, work, key, None, upper, rows, settings)
+        reached, scanned = statements.next_bound(db, None, upper, rows)
         if scanned:
-            db.execute(*_update_range(db, work, key, None, reached))
+            statements.update(db, None, reached)
         return Sample(scanned, time.perf_counter() - started)
     finally:
         transaction.rollback()

@@ -92,7 +92,7 @@ class Guard:
         if connection.info.transaction_status == TransactionStatus.IDLE:
             aux.execute(
                 "SELECT set_config('lock_timeout', %s, true), "
-                "set_config('statement_timeout', %s, true)" + _client_check(connection, True),
+                "set_config('statement_timeout', %s, true)" + client_check(connection, True),
                 (self.policy.lock_timeout, self.policy.statement_timeout),
             )
         if timeout != self.policy.statement_timeout:
@@ -127,7 +127,7 @@ class Guard:
         retry of this one statement, which nothing else shares a transaction with."""
         aux.execute(
             "SELECT set_config('lock_timeout', %s, false), "
-            "set_config('statement_timeout', %s, false)" + _client_check(aux.connection, False),
+            "set_config('statement_timeout', %s, false)" + client_check(aux.connection, False),
             (self.policy.lock_timeout, timeout),
         )
         started, attempt = time.monotonic(), 0
@@ -357,7 +357,7 @@ def describe_blocker(b: dict[str, Any]) -> str:
     )
 
 
-def _client_check(connection: psycopg.Connection, local: bool) -> str:
+def client_check(connection: psycopg.Connection, local: bool) -> str:
     """PostgreSQL 14+ notices within a second that our process died mid-statement (kill -9)
     and ends the statement, so its locks, the orchestrator's among them, go at once."""
     if connection.info.server_version < 140000:
