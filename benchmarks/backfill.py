@@ -16,12 +16,14 @@ another's dirty buffers. Whole processes are timed (wall clock, start to exit):
 * set-based: psql (or ``python -c`` with psycopg when there is no psql) running the two
   statements, each in its own transaction.
 
-Targets: set-based / phasegate wall time ≥ 0.9 with one worker and > 1.0 with two; the worst
-p99 batch duration ≤ 100 ms; phasegate's peak RSS (one worker) at ``--rows`` within ±10 % of
-its peak RSS at ``--small-rows`` (memory flat in table size). Exit 0 when all are met, else 1.
+Targets: set-based / phasegate wall time ≥ 0.9 with one worker and > 1.0 with two; the
+worst p99 batch duration ≤ 100 ms, judged on the runs of at least 100 batches (in fewer,
+the 99th percentile is just the slowest batch; every run's max is printed too);
+phasegate's peak RSS (one worker) at ``--rows`` within ±10 % of its peak RSS at
+``--small-rows`` (memory flat in table size). Exit 0 when all are met, else 1.
 
-Why medians. A shared machine wanders by about a second on a 15-second run, more than the
-margin the targets care about. So the contestants run interleaved in ``--repeat`` rounds
+Why medians. A shared machine wanders by 10-20 % from one run to the next, more than
+the margin the targets care about. So the contestants run interleaved in ``--repeat`` rounds
 (set-based, phasegate 1 worker, phasegate 2 workers, then phasegate 1 worker on the small
 table), every run is printed, and the ratios are ratios of the medians: one slow run in
 either contestant moves nothing.
@@ -66,6 +68,7 @@ from phasegate.plan import Job, load_plan
 TARGET_RATIO_1 = 0.9  # set-based / phasegate with one worker: at least this
 TARGET_RATIO_2 = 1.0  # with two workers: more than this
 TARGET_P99_MS = 100.0
+P99_MIN_BATCHES = 100  # below this many batches, "p99" is simply the slowest batch
 TARGET_RSS_SPREAD = 0.10  # |RSS(rows) / RSS(small rows) - 1| at most this
 RUN_TIMEOUT_S = 3600
 OVERRIDE = ("--override-gate", "benchmark", "--yes")  # no app is connected: nothing to gate on
@@ -245,8 +248,11 @@ def summarize(runs: list[Run], rows: int, small_rows: int) -> dict[str, Any]:
     ratio_1 = set_s / pg1_s if set_s and pg1_s else None
     ratio_2 = set_s / pg2_s if set_s and pg2_s else None
     rss_ratio = rss_big / rss_small if rss_big and rss_small else None
-    p99s = [r.p99_ms for r in runs if r.is_phasegate and r.p99_ms is not None]
-    worst_p99 = max(p99s) if p99s else None
+    timed = [r for r in runs if r.is_phasegate and r.p99_ms is not None]
+    judged = [r for r in timed if (r.batches or 0) >= P99_MIN_BATCHES]
+    p99_scope = f"runs of >= {P99_MIN_BATCHES} batches" if judged else "all runs, each under 100"
+    judged = judged or timed
+    worst_p99 = max(r.p99_ms for r in judged) if judged else None
     failed = [r for r in runs if not r.ok]
     targets = {
         "ratio_1_worker": ratio_1 is not None and ratio_1 >= TARGET_RATIO_1,
@@ -260,6 +266,7 @@ def summarize(runs: list[Run], rows: int, small_rows: int) -> dict[str, Any]:
         "ratio_1_worker": ratio_1,
         "ratio_2_workers": ratio_2,
         "worst_p99_batch_ms": worst_p99,
+        "p99_judged_on": p99_scope,
         "median_peak_rss_kib": {str(rows): rss_big, str(small_rows): rss_small},
         "rss_ratio": rss_ratio,
         "targets_met": targets,
@@ -305,7 +312,8 @@ def render(context: dict[str, Any], runs: list[Run], summary: dict[str, Any]) ->
         f"(target >= {TARGET_RATIO_1})  {verdict('ratio_1_worker')}",
         f"set-based / phasegate, 2 workers: {fmt(summary['ratio_2_workers'], '.3f')} "
         f"(target > {TARGET_RATIO_2})  {verdict('ratio_2_workers')}",
-        f"worst p99 batch: {fmt(summary['worst_p99_batch_ms'], '.1f')} ms "
+        f"worst p99 batch ({summary['p99_judged_on']}): "
+        f"{fmt(summary['worst_p99_batch_ms'], '.1f')} ms "
         f"(target <= {TARGET_P99_MS:.0f} ms)  {verdict('p99_batch_ms')}",
         f"peak RSS, 1 worker: {fmt(rss_big and rss_big / 1024, '.1f')} MiB at "
         f"{context['rows']:,} rows, {fmt(rss_small and rss_small / 1024, '.1f')} MiB at "
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         default=100_000,
         help="bugs of the second table the peak RSS is compared with (default 100000)",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
     parser.add_argument(
         "--database-url",
         help="a PostgreSQL server to create the benchmark databases on (default: "
