@@ -510,3 +510,24 @@ def test_a_second_signal_aborts_with_exit_3_and_the_ledger_says_failed(
     result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
     assert result.exit_code == 0, result.output
     assert_all_agree(database_url, ROWS)
+
+
+def test_a_table_lock_between_batches_times_out_the_next_one_which_is_retried(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A batch's BEGIN, limits and bound query travel in one pipeline: a lock timeout there
+    (ACCESS EXCLUSIVE held by someone else) surfaces, rolls back and is retried like any."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    flags = ["--batch-size", "40", "--pause", "0.02", "--batch-lock-timeout", "200ms"]
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *flags)
+    wait_for_batches(database_url, 3)
+    with psycopg.connect(libpq_url(database_url)) as blocker:
+        blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        time.sleep(1.0)
+        blocker.rollback()
+    _out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "batch hit lock timeout; retrying" in err
+    assert checkpoint(database_url)["status"] == "done"
+    assert_all_agree(database_url, ROWS)
