@@ -1,0 +1,251 @@
+"""The command line's frame: the group, its context, output as text or JSON, exit codes.
+
+Exit codes (stable for pipelines): 0 done/pass · 1 refused · 2 usage or invalid plan ·
+3 database or runtime failure · 4 busy. With `--json`, stdout carries exactly one JSON
+document for every command, success or not; logs and progress go to stderr. The
+commands live beside this module, one module per kind, and register on `cli`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import getpass
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import sqlalchemy as sa
+from psycopg import Error as PsycopgError
+
+from phasegate import __version__, db
+from phasegate.config import ProjectConfig, load_config
+from phasegate.durations import parse_duration
+from phasegate.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PhasegateError
+from phasegate.pacing import BackfillSettings
+from phasegate.plan import Plan
+from phasegate.revisions import AlembicProject
+
+
+@dataclass
+class Context:
+    database_url: str | None
+    config_path: str
+    as_json: bool
+    resolved_url: str | None = None  # whichever URL was used, so errors can scrub it
+
+    def project(self) -> AlembicProject:
+        return AlembicProject(self.config_path)
+
+    def url(self, project: AlembicProject | None = None) -> str:
+        ini_url = project.ini_url if project else None
+        self.resolved_url = db.resolve_url(self.database_url, ini_url)
+        return self.resolved_url
+
+    def scrub(self, text: str) -> str:
+        return db.scrub(db.scrub(text, self.resolved_url), self.database_url)
+
+    def settings(self) -> ProjectConfig:
+        """phasegate.toml or [tool.phasegate] next to the Alembic config."""
+        return load_config(Path(self.config_path).resolve().parent)
+
+    def plan_paths(self) -> list[str]:
+        """Every plan in the project's plans directory."""
+        return sorted(str(p) for p in self.settings().plans_dir.glob("*.y*ml"))
+
+
+def emit(ctx: Context, document: dict[str, Any], text: str) -> None:
+    """Print the JSON document on stdout, or the human text."""
+    if ctx.as_json:
+        click.echo(json.dumps(document, indent=2, default=_json_default))
+    elif text:
+        click.echo(text)
+
+
+def log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
+    """Turn our exceptions (and database errors) into a message and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        ctx: Context = click.get_current_context().find_object(Context)  # type: ignore[assignment]
+        try:
+            code = fn(*args, **kwargs) or EXIT_OK
+        except PhasegateError as exc:
+            message = ctx.scrub(exc.message)
+            details = json.loads(ctx.scrub(json.dumps(exc.to_dict(), default=str)))
+            _report_error(ctx, exc.exit_code, {**details, "message": message})
+            code = exc.exit_code
+        except KeyboardInterrupt:
+            message = (
+                "aborted by a second signal; what was committed stays, and the ledger records "
+                "where to resume: run the same command again"
+            )
+            _report_error(ctx, EXIT_FAILURE, {"kind": "interrupted", "message": message})
+            code = EXIT_FAILURE
+        except (sa.exc.SQLAlchemyError, PsycopgError) as exc:
+            original = getattr(exc, "orig", None) or exc
+            message = ctx.scrub(str(original).strip())
+            if db.connection_lost(exc):
+                message = (
+                    f"lost the connection to the database ({message}): the server restarted, "
+                    "failed over, or ended this session. Everything committed is kept and the "
+                    "ledger records where to resume: run the same command again"
+                )
+            _report_error(ctx, EXIT_FAILURE, {"kind": "database", "message": message})
+            code = EXIT_FAILURE
+        except Exception as exc:  # a bug of ours: still exit 3, never a bare traceback
+            if os.environ.get("PHASEGATE_DEBUG"):
+                traceback.print_exc()
+            message = ctx.scrub(f"internal error: {type(exc).__name__}: {exc}")
+            _report_error(ctx, EXIT_FAILURE, {"kind": "internal", "message": message})
+            code = EXIT_FAILURE
+        sys.exit(code)
+
+    return wrapper
+
+
+def _report_error(ctx: Context, code: int, error: dict[str, Any]) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps({"ok": False, "exit_code": code, "error": error}, indent=2))
+    prefix = {1: "refused", 2: "error", 3: "failed", 4: "busy"}.get(code, "error")
+    log(f"phasegate: {prefix}: {error['message']}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="Target database. Default: $PHASEGATE_DATABASE_URL, then $DATABASE_URL, then "
+    "sqlalchemy.url in alembic.ini. postgresql:// URLs use psycopg 3.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default="alembic.ini",
+    show_default=True,
+    metavar="INI",
+    help="The Alembic config of the project whose revisions the plans tag.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.version_option(__version__, prog_name="phasegate")
+@click.pass_context
+def cli(click_ctx: click.Context, database_url: str | None, config_path: str, as_json: bool):
+    """phasegate: zero-downtime, multi-stage schema migrations for PostgreSQL apps on
+    SQLAlchemy and Alembic, gated on the app code versions that are running right now.
+
+    A plan (YAML) splits one schema change into expand → backfill → switch → contract.
+    Each phase runs only when every live app version works with the schema it leaves.
+
+    Exit codes: 0 done/pass, 1 refused (gate, drift), 2 usage or invalid plan,
+    3 database or runtime failure, 4 busy (another phasegate holds the lock).
+    """
+    click_ctx.obj = Context(database_url, config_path, as_json)
+
+
+def main() -> None:
+    """Entry point; click's own usage errors also honour --json and exit 2."""
+    try:
+        code = cli.main(prog_name="phasegate", standalone_mode=False)
+    except click.ClickException as exc:
+        if "--json" in sys.argv[1:]:
+            error = {"kind": "usage", "message": exc.format_message()}
+            click.echo(json.dumps({"ok": False, "exit_code": exc.exit_code, "error": error}))
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        log("phasegate: aborted")
+        sys.exit(EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def live_version_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--live-version",
+        "live_versions",
+        multiple=True,
+        metavar="V",
+        help="A version of the app that is running now (repeatable); added to the versions "
+        "seen in pg_stat_activity, heartbeats and the configured versions command.",
+    )(fn)
+
+
+def parse_wait(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--wait",
+        metavar="DURATION",
+        callback=parse_wait,
+        help="Poll a refused gate until it passes or DURATION (e.g. 90s, 10m) is up, "
+        "printing what it waits for; then exit 1. Not with --override-gate, which "
+        "proceeds at once.",
+    )(fn)
+
+
+def check_reason(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        flag = param.opts[0] if param.opts else "the option"
+        raise click.BadParameter(
+            f'{flag} needs a reason for the event log, e.g. {flag} "v1 drained by hand, '
+            'ticket OPS-42"'
+        )
+    return value.strip() if value is not None else None
+
+
+@contextmanager
+def stop_on_signals(settings: BackfillSettings) -> Iterator[None]:
+    """SIGINT/SIGTERM: finish the current batch, checkpoint, and stop; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if settings.stop.is_set():
+            raise KeyboardInterrupt(f"second {name}")
+        log(f"phasegate: {name}: finishing the current step, then stopping (again to abort)")
+        settings.stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, Plan):
+        return value.name
+    return str(value)

@@ -1,0 +1,172 @@
+"""Commands about live app versions: heartbeat, versions, check-deploy."""
+
+from __future__ import annotations
+
+import socket
+
+import click
+
+from phasegate import db, gates, ledger, sources
+from phasegate.cli.app import Context, cli, emit, handle_errors, live_version_option, log
+from phasegate.config import ProjectConfig
+from phasegate.durations import format_duration
+from phasegate.errors import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, UsageError
+from phasegate.plan import load_plan
+
+# -- versions, heartbeats, check-deploy -----------------------------------------------------
+
+
+@cli.command()
+@click.option("--app", required=True, help="The app, as plans name it in `app:`.")
+@click.option("--version", "version", metavar="V", help="Its code version (required to report).")
+@click.option(
+    "--instance",
+    metavar="NAME",
+    help="Which instance is reporting (default: this host's name); a row per instance and version.",
+)
+@click.option(
+    "--remove",
+    is_flag=True,
+    help="Delete the instance's heartbeats (of --version only, when given): it has stopped.",
+)
+@click.pass_obj
+@handle_errors
+def heartbeat(
+    ctx: Context, app: str, version: str | None, instance: str | None, remove: bool
+) -> int:
+    """Record that an instance of APP runs version V, now.
+
+    For apps that cannot name their connections: run it at start-up and then more often
+    than the heartbeat TTL (default 5 min, `heartbeat_ttl` in phasegate.toml), e.g. from
+    cron or a sidecar; gates ignore heartbeats older than the TTL. With --remove, the
+    row goes at once (on a clean shutdown). Python apps can use
+    phasegate.appversion.report_version instead.
+    """
+    if version is None and not remove:
+        raise UsageError("pass --version V (the version this instance runs), or --remove")
+    instance = instance or socket.gethostname()
+    with db.session(ctx.url(ctx.project()), "phasegate heartbeat") as conn:
+        with conn.tx():
+            ready = conn.scalar("SELECT to_regclass('phasegate.heartbeat') IS NOT NULL")
+        if not ready:  # an app's role may write heartbeats without owning the ledger
+            ledger.ensure_schema(conn)
+        with conn.tx():
+            if remove:
+                found = ledger.forget_heartbeat(conn, app, instance, version)
+            else:
+                ledger.beat(conn, app, instance, version or "")
+    ttl = format_duration(ctx.settings().heartbeat_ttl)
+    if remove:
+        text = f"heartbeats of {app} instance {instance}: {found} removed"
+    else:
+        text = f"heartbeat: {app} {version} on instance {instance}; counts for {ttl} unless renewed"
+        if gates.parse_version(version) is None:
+            log(
+                f"phasegate: warning: {version!r} is not a PEP 440 version; "
+                "every gate of this app will refuse while this heartbeat is fresh"
+            )
+    document = {"ok": True, "app": app, "version": version, "instance": instance}
+    emit(ctx, {**document, "removed": remove}, text)
+    return EXIT_OK
+
+
+@cli.command()
+@click.option(
+    "--app", help="Only this app (default: every app of the plans, heartbeats and connections)."
+)
+@live_version_option
+@click.pass_obj
+@handle_errors
+def versions(ctx: Context, app: str | None, live_versions: tuple[str, ...]) -> int:
+    """List every live app version, per source, with instance and when it was last seen.
+
+    Sources: connections named '<app>/<version>' (pattern: `application_name` in
+    phasegate.toml), fresh heartbeats, the configured `versions_command`, and --live-version.
+    Changes nothing. Exit 3 when a source failed (the list is then incomplete).
+    """
+    settings = ctx.settings()
+    with db.session(ctx.url(ctx.project()), "phasegate versions") as conn:
+        apps = [app] if app else _known_apps(ctx, conn, settings)
+        seen = {name: sources.observe(conn, name, live_versions, settings) for name in apps}
+    failed = any(s.failures for s in seen.values())
+    document = {
+        "ok": not failed,
+        "apps": [
+            {
+                "app": name,
+                "versions": sorted({o.version for o in sighting.observations}),
+                "observed": [o.to_dict() for o in sighting.observations],
+                "failures": [f.to_dict() for f in sighting.failures],
+            }
+            for name, sighting in seen.items()
+        ],
+    }
+    emit(ctx, document, _versions_text(seen) or "no app known: name one with --app")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _known_apps(ctx: Context, conn: db.Session, settings: ProjectConfig) -> list[str]:
+    names = {load_plan(path).app for path in ctx.plan_paths()}
+    with conn.tx():
+        names |= {b.app for b in ledger.heartbeats(conn, None, settings.heartbeat_ttl)}
+        names |= set(sources.apps_connected(conn, settings.application_name))
+    return sorted(names)
+
+
+def _versions_text(seen: dict[str, sources.Sighting]) -> str:
+    blocks = []
+    for name, sighting in seen.items():
+        live = ", ".join(sorted({o.version for o in sighting.observations}))
+        lines = [f"{name}: {live or 'nothing live'}"]
+        for o in sighting.observations:
+            where = f"  instance {o.instance}" if o.instance else ""
+            lines.append(f"  {o.version:<12} {o.source:<18} {o.detail}{'' if o.detail else where}")
+        lines += [f"  FAILED {f.source}: {f.message}" for f in sighting.failures]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+@cli.command("check-deploy")
+@click.option("--app-version", "version", required=True, metavar="V", help="The version to deploy.")
+@click.option("--app", help="The app (default: the one app of the plans).")
+@click.argument("plans", nargs=-1, type=click.Path(dir_okay=False))
+@click.pass_obj
+@handle_errors
+def check_deploy(ctx: Context, version: str, app: str | None, plans: tuple[str, ...]) -> int:
+    """May app version V be deployed now? Exit 0 yes, 1 no.
+
+    V must be inside the `compatible` range of the current state of every plan of the
+    app (every plan in plans/ when none is named); while a phase is running or failed
+    half-way, inside the ranges of both ends. Reads the ledger, changes nothing.
+    """
+    parsed = gates.parse_version(version)
+    if parsed is None:
+        raise UsageError(f"--app-version {version!r} is not a PEP 440 version, e.g. 2.0.1")
+    paths = list(plans) or ctx.plan_paths()
+    if not paths:
+        raise UsageError("no plans given and none found in plans/; pass PLAN files")
+    loaded = [load_plan(p) for p in paths]
+    apps = sorted({p.app for p in loaded})
+    if app is None and len(apps) > 1:
+        raise UsageError(f"the plans belong to several apps ({', '.join(apps)}): pass --app")
+    chosen = [p for p in loaded if app is None or p.app == app]
+    if not chosen:
+        raise UsageError(f"no plan of app {app!r} among {', '.join(paths)}")
+    with db.session(ctx.url(ctx.project()), "phasegate check-deploy") as conn, conn.tx():
+        checks = [gates.check_deploy(parsed, p, ledger.get_state(conn, p.name)) for p in chosen]
+    allowed = all(c.allowed for c in checks)
+    lines = [c.message(version) for c in checks]
+    verdict = "yes" if allowed else "no"
+    lines.append(f"check-deploy {chosen[0].app} {version}: {verdict}")
+    document = {
+        "ok": allowed,
+        "allowed": allowed,
+        "app": chosen[0].app,
+        "version": version,
+        "plans": [c.to_dict() for c in checks],
+    }
+    emit(ctx, document, "\n".join(lines))
+    if not allowed and ctx.as_json:
+        refusing = "; ".join(c.message(version) for c in checks if not c.allowed)
+        log(f"phasegate: refused: {refusing}")
+    return EXIT_OK if allowed else EXIT_REFUSED
