@@ -515,8 +515,9 @@ def test_a_second_signal_aborts_with_exit_3_and_the_ledger_says_failed(
 def test_a_table_lock_between_batches_times_out_the_next_one_which_is_retried(
     database_url: str, tmp_path: Path
 ) -> None:
-    """A batch's BEGIN, limits and bound query travel in one pipeline: a lock timeout there
-    (ACCESS EXCLUSIVE held by someone else) surfaces, rolls back and is retried like any."""
+    """The batch's lock_timeout governs its bound query too (the limits go by a plain cursor,
+    past the lock guard): ACCESS EXCLUSIVE held by someone else times the batch out, and it
+    is retried like any other."""
     seeded_table(database_url)
     plan = make_plan(tmp_path)
     flags = ["--batch-size", "40", "--pause", "0.02", "--batch-lock-timeout", "200ms"]

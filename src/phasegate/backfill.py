@@ -636,9 +636,7 @@ class BatchSQL:
         )
         where = _with_params(work.where.as_string(db.raw))
         text = functools.partial(_as_text, db)
-        self.settings = text(sql.SQL("SELECT {}").format(_settings_sql())) + client_check(
-            db.raw, local=True
-        )
+        self.settings = "SELECT " + text(_settings_sql()) + client_check(db.raw, local=True)
         self.bound, self.count, self.update_range = {}, {}, {}
         for first in (True, False):
             bounds = _range(key, first)
@@ -686,20 +684,19 @@ class BatchSQL:
 
         The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
         sort). When fewer keys are left, the batch runs to the slice's end and counts them.
-        The transaction's BEGIN, its limits and this query travel in one round trip.
+
+        The limits are a statement of their own: `set_config` in a statement does not
+        govern that statement (its locks are taken while it is planned), and the bound
+        query must wait no longer than the batch's lock_timeout. They go by a plain
+        cursor: they set the transaction's limits themselves, so the lock guard (which
+        adds its own to a transaction's first statement only) adds nothing to a batch.
         """
-        with db.raw.pipeline():
-            # its own statement: set_config inside a statement does not govern that
-            # statement (the timer starts before it runs, its locks are taken while
-            # planning). Unguarded: it sets this transaction's limits itself, so the lock
-            # guard adds none of its own (it adds them only to a transaction's first
-            # statement).
-            psycopg.Cursor(db.raw).execute(self.settings, self.settings_params)
-            if upper is None:
-                return last, 0
-            params = self.params(last, upper)
-            first = last is None
-            row = db.execute(self.bound[first], {**params, "skip": size - 1}).fetchone()
+        psycopg.Cursor(db.raw).execute(self.settings, self.settings_params)
+        if upper is None:
+            return last, 0
+        params = self.params(last, upper)
+        first = last is None
+        row = db.execute(self.bound[first], {**params, "skip": size - 1}).fetchone()
         if row is not None and row[-1] is not None:
             return tuple(row[-1]), size
         left = db.scalar(self.count[first], params)
