@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import psycopg
 import sqlalchemy as sa
@@ -150,3 +151,22 @@ def test_preview_of_one_phase_in_text(seeded_url) -> None:
     with engine.connect() as c:
         assert c.execute(sa.text("SELECT to_regnamespace('phasegate')")).scalar() is None
     engine.dispose()
+
+
+def test_a_locked_table_stops_preview_at_its_lock_timeout(phasegate, seeded_url) -> None:
+    """preview reads the table's size and times a sample batch: behind an ACCESS EXCLUSIVE
+    lock it gives up at its lock_timeout (exit 3, saying so) instead of waiting forever."""
+    assert phasegate("expand", P, "--live-version", "1.0", "--yes").exit_code == 0
+    with psycopg.connect(libpq_url(seeded_url)) as blocker:
+        blocker.execute("LOCK TABLE bug IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = CliRunner().invoke(
+            cli,
+            ["--database-url", seeded_url, "--config", str(ALEMBIC_INI), "preview", P],
+            env={"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None},
+        )
+        waited = time.monotonic() - started
+        blocker.rollback()
+    assert result.exit_code == 3, result.output
+    assert "lock timeout" in result.stderr
+    assert waited < 15

@@ -677,6 +677,10 @@ class BatchSQL:
             params |= self.key.params("last", last)
         return params
 
+    def set_limits(self, db: Session) -> None:
+        """The transaction's limits, by a plain cursor, past the lock guard (see next_bound)."""
+        psycopg.Cursor(db.raw).execute(self.settings, self.settings_params)
+
     def next_bound(
         self, db: Session, last: KeyValue | None, upper: KeyValue | None, size: int
     ) -> tuple[KeyValue | None, int]:
@@ -691,7 +695,7 @@ class BatchSQL:
         cursor: they set the transaction's limits themselves, so the lock guard (which
         adds its own to a transaction's first statement only) adds nothing to a batch.
         """
-        psycopg.Cursor(db.raw).execute(self.settings, self.settings_params)
+        self.set_limits(db)
         if upper is None:
             return last, 0
         params = self.params(last, upper)
@@ -799,13 +803,14 @@ def sample_batch(db: Session, work: BatchedWork, rows: int = 1000) -> Sample:
     db.ensure_idle()
     transaction = db.connection.begin()
     try:
+        statements = BatchSQL(db, work, key, settings)
+        statements.set_limits(db)  # before the first read of the table: it may be locked
         row = db.execute(
             sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
                 key.as_text_array(), quote_table(work.table), key.order(descending=True)
             )
         ).fetchone()
         upper = tuple(row[0]) if row else None
-        statements = BatchSQL(db, work, key, settings)
         started = time.perf_counter()
         reached, scanned = statements.next_bound(db, None, upper, rows)
         if scanned:

@@ -276,6 +276,8 @@ def preview_command(
         document = preview(project, plan, resolved, None, options)
     else:
         with db.session(url, "phasegate preview") as conn:
+            # a preview must never queue behind a lock (nor make others queue behind it)
+            conn.set_timeouts(ctx.settings().lock_timeout or db.DEFAULT_LOCK_TIMEOUT)
             document = preview(project, plan, resolved, conn, options)
     emit(ctx, {"ok": True, **document}, _preview_text(document))
     return EXIT_OK
