@@ -493,7 +493,7 @@ def test_a_second_signal_aborts_with_exit_3_and_the_ledger_says_failed(
         flags = ["--batch-size", "20", "--batch-lock-timeout", "60s"]
         process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *flags)
         deadline = time.monotonic() + 60
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name LIKE 'phasegate backfill%'"  # noqa: E501
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name LIKE 'phasegate backfill%'"  # noqa: E501
         while not fetch(database_url, waiting)[0][0]:
             assert time.monotonic() < deadline, "the batch never waited on the locked row"
             time.sleep(0.05)

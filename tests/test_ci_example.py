@@ -56,8 +56,8 @@ def test_the_pipeline_waits_for_v1_to_drain_then_contracts(seeded_url) -> None:
         with psycopg.connect(libpq_url(seeded_url), autocommit=True) as probe:
             while not drained.wait(0.3):
                 waiting = probe.execute(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name LIKE 'phasegate gate%'"
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'phasegate gate%'"
                 ).fetchone()[0]
                 if waiting:
                     drained.wait(1.5)  # a poll or two sees v1 still there

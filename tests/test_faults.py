@@ -235,7 +235,7 @@ def test_a_killed_orchestrator_waiting_for_a_lock_lets_go_within_seconds(seeded_
         holder = spawn(seeded_url, "expand", P, *OVERRIDE, "--lock-timeout", "20s", "--yes")
         waiting = (
             "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'phasegate expand%' "
-            "AND wait_event_type = 'Lock'"
+            "AND wait_event_type = 'Lock' AND datname = current_database()"
         )
         assert wait_for(lambda: ledger_says(seeded_url, waiting), timeout=30)
         holder.send_signal(signal.SIGKILL)

@@ -13,7 +13,6 @@ last key. A job is done only when its `where` matches no row (verification).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -628,15 +627,18 @@ class BatchSQL:
         self, db: Session, work: BatchedWork, key: Key, settings: BackfillSettings
     ) -> None:
         self.key = key
-        self.settings_params = _settings_params(settings)
+        self.limits_params = _settings_params(settings)
         table = quote_table(work.table)
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
             for column, expression in work.assignments.items()
         )
         where = _with_params(work.where.as_string(db.raw))
-        text = functools.partial(_as_text, db)
-        self.settings = "SELECT " + text(_settings_sql()) + client_check(db.raw, local=True)
+
+        def text(statement: sql.Composable) -> str:
+            return statement.as_string(db.raw)
+
+        self.limits = "SELECT " + text(_settings_sql()) + client_check(db.raw, local=True)
         self.bound, self.count, self.update_range = {}, {}, {}
         for first in (True, False):
             bounds = _range(key, first)
@@ -679,7 +681,7 @@ class BatchSQL:
 
     def set_limits(self, db: Session) -> None:
         """The transaction's limits, by a plain cursor, past the lock guard (see next_bound)."""
-        psycopg.Cursor(db.raw).execute(self.settings, self.settings_params)
+        psycopg.Cursor(db.raw).execute(self.limits, self.limits_params)
 
     def next_bound(
         self, db: Session, last: KeyValue | None, upper: KeyValue | None, size: int
@@ -719,10 +721,6 @@ def _range(key: Key, first: bool, alias: str | None = None) -> sql.Composable:
     if not first:
         bounds.insert(0, sql.SQL("{} > {}").format(column, key.placeholder("last")))
     return sql.SQL(" AND ").join(bounds)
-
-
-def _as_text(db: Session, statement: sql.Composable) -> str:
-    return statement.as_string(db.raw)
 
 
 def _with_params(expression: str) -> sql.Composable:
