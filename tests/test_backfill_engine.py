@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
-from phasegate import db, provision
+from phasegate import db, keys, provision
 from phasegate.db import libpq_url
 from phasegate.orchestrator import Options, Orchestrator
 from phasegate.pacing import BackfillSettings
@@ -121,7 +121,7 @@ def test_composite_primary_key_walks_as_a_row(database_url: str, tmp_path: Path)
     execute(
         database_url,
         "CREATE TABLE t (a int, b text, val int NOT NULL, doubled int, PRIMARY KEY (a, b))",
-        f"INSERT INTO t SELECT g % 7, md5(g::text), g FROM generate_series(1, {ROWS}) g",
+        f"INSERT INTO t SELECT g % 7, md5(g::text) || 'ü\"', g FROM generate_series(1, {ROWS}) g",
     )
     result = Phasegate(database_url)(
         "backfill", make_plan(tmp_path), "--live-version", "1", "--batch-size", "50", "--yes"
@@ -132,6 +132,9 @@ def test_composite_primary_key_walks_as_a_row(database_url: str, tmp_path: Path)
     assert checkpoint(database_url)["walked"] == ROWS
     [(last_key,)] = fetch(database_url, "SELECT last_key FROM phasegate.job_checkpoint")
     assert json.loads(last_key)[0] == "6"  # the largest (a, b) pair, stored as a JSON row
+    # the batch statement writes it in SQL; Python's encoding of the same key is identical
+    [largest] = fetch(database_url, "SELECT a::text, b FROM t ORDER BY a DESC, b DESC LIMIT 1")
+    assert last_key == keys.encode(largest)
 
 
 def test_without_primary_key_a_unique_not_null_column_is_used(
@@ -515,9 +518,9 @@ def test_a_second_signal_aborts_with_exit_3_and_the_ledger_says_failed(
 def test_a_table_lock_between_batches_times_out_the_next_one_which_is_retried(
     database_url: str, tmp_path: Path
 ) -> None:
-    """The batch's lock_timeout governs its bound query too (the limits go by a plain cursor,
-    past the lock guard): ACCESS EXCLUSIVE held by someone else times the batch out, and it
-    is retried like any other."""
+    """The batch's lock_timeout governs the whole batch statement, the locks it takes while
+    it is planned included (the walk session's limits are set before its first batch):
+    ACCESS EXCLUSIVE held by someone else times the batch out, and it is retried."""
     seeded_table(database_url)
     plan = make_plan(tmp_path)
     flags = ["--batch-size", "40", "--pause", "0.02", "--batch-lock-timeout", "200ms"]
@@ -532,3 +535,24 @@ def test_a_table_lock_between_batches_times_out_the_next_one_which_is_retried(
     assert "batch hit lock timeout; retrying" in err
     assert checkpoint(database_url)["status"] == "done"
     assert_all_agree(database_url, ROWS)
+
+
+def test_a_batch_whose_slice_was_taken_over_writes_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A batch writes its rows only while its slice is still its worker's: once the ledger
+    says otherwise (the job was re-cut or cleared meanwhile), the next batch changes no row
+    and the worker stops with the reason; the checkpoint still matches the data."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    slow = ["--batch-size", "40", "--pause", "0.3"]
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *slow)
+    wait_for_batches(database_url, 2)
+    execute(database_url, "UPDATE phasegate.job_slice SET owner_pid = NULL")
+    [(updated_then,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 3, err
+    assert "is no longer this worker's" in err
+    [(updated,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
+    [(rows_done,)] = fetch(database_url, "SELECT rows_done FROM phasegate.job_slice")
+    assert 0 < updated == updated_then == rows_done < ROWS

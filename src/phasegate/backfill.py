@@ -12,7 +12,6 @@ last key. A job is done only when its `where` matches no row (verification).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -450,6 +449,7 @@ class _Walk:
         self.single_slice = settings.slice_count() == 1
 
     def run(self, db: Session) -> None:
+        """Walk with every worker on a session of its own; worker 0 in this thread."""
         self._url = db.url
         threads = [
             threading.Thread(target=self._own_session, args=(n,), daemon=True)
@@ -457,7 +457,7 @@ class _Walk:
         ]
         for thread in threads:
             thread.start()
-        self._worker(db, 0)
+        self._own_session(0)
         for thread in threads:
             thread.join()
 
@@ -475,16 +475,19 @@ class _Walk:
         return self.settings.stop.is_set() or self.abort.is_set()
 
     def _own_session(self, number: int) -> None:
+        """A walk session: it runs nothing but this worker's claims and batches, so the
+        batch limits and the trigger's step-aside mark hold for its whole life."""
         try:
             with dbmod.session(self._url, f"phasegate backfill worker {number}") as session:
-                session.set_timeouts(self.settings.lock_timeout, self.settings.statement_timeout)
+                with session.tx():
+                    set_limits(session, self.settings, local=False)
                 self._worker(session, number)
         except BaseException as exc:  # surfaced by run_batched
             self._fail(exc)
 
     def _worker(self, db: Session, number: int) -> None:
         owner = f"{'assist' if self.assisting else 'worker'} {number}"
-        statements = BatchSQL(db, self.work, self.key, self.settings)
+        statements = BatchSQL(db, self.work, self.key, checkpoint=True)
         sizer = BatchSizer(self.settings, self.work.batch_size)
         throttle = Throttle(self.settings)
         reported = time.monotonic()
@@ -562,30 +565,28 @@ class _Walk:
         last: KeyValue | None,
         upper: KeyValue | None,
     ) -> tuple[float, int, int, KeyValue | None, bool]:
-        """One batch in one transaction, retried smaller on timeouts, deadlocks and the like."""
+        """One batch, one statement in its own transaction (autocommit), retried smaller on
+        timeouts, deadlocks and the like."""
+        checkpoint = ledger.checkpoint_params(piece, self.single_slice)
         attempt = 0
         while True:
             try:
-                with db.tx():
+                assert upper is not None  # a slice always has an upper key
+                with db.autocommit():
                     started = time.perf_counter()
-                    reached, scanned = statements.next_bound(db, last, upper, sizer.size)
-                    updated = statements.update(db, last, reached) if scanned else 0
+                    outcome = statements.run(db, last, upper, sizer.size, checkpoint)
                     elapsed = time.perf_counter() - started
-                    done = not scanned or reached == upper
-                    # staged on a copy: the slice changes only once the batch has committed
-                    staged = dataclasses.replace(
-                        piece,
-                        last_key=keys.encode(reached),
-                        rows_done=piece.rows_done + updated,
-                        batches=piece.batches + (1 if scanned else 0),
-                        status="done" if done else "running",
+                if not outcome.owned:
+                    raise RuntimeFailure(
+                        f"slice {piece.slice} of job {piece.job!r} is no longer this worker's "
+                        "(the job was restarted or cleared meanwhile); its last batch wrote "
+                        "nothing"
                     )
-                    ledger.save_batch(
-                        db, staged, updated, scanned, staged.last_key if self.single_slice else None
-                    )
-                piece.__dict__.update(staged.__dict__)
-                last = reached
-                return elapsed, scanned, updated, last, done
+                piece.last_key = keys.encode(outcome.reached)
+                piece.rows_done += outcome.updated
+                piece.batches += 1 if outcome.scanned else 0
+                piece.status = "done" if outcome.done else "running"
+                return elapsed, outcome.scanned, outcome.updated, outcome.reached, outcome.done
             except Exception as exc:
                 reason = retry_reason(exc)
                 if reason is not None and self.settings.stop.is_set():
@@ -615,108 +616,121 @@ class _Walk:
                 self.settings.stop.wait(pause)
 
 
-class BatchSQL:
-    """The statements of a batch, composed once per worker session.
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one batch statement did."""
 
-    Key values are typed parameters, so every batch sends the same text: nothing is
-    composed per batch, and psycopg prepares each statement after a few runs. Each text
-    comes in two forms, for a slice's first batch (no lower bound) and for the others.
+    reached: KeyValue  # the batch's last key: the next batch starts after it
+    scanned: int  # keys in the batch's range
+    updated: int  # rows the UPDATE changed (those that matched `where`)
+    done: bool  # the batch reached the end of the range
+    owned: bool = True  # the slice was still this worker's (always True without a ledger)
+
+
+class BatchSQL:
+    """A batch as one statement, composed once per worker session.
+
+    The statement finds where the batch ends (the `size`-th key straight off the index:
+    OFFSET over an index-only scan; the range's end when fewer keys are left), updates the
+    rows of the key range up to there that still match `where`, and on a walk writes the
+    slice's checkpoint and the job's totals (ledger.checkpoint_ctes). Run in autocommit on a
+    walk session whose limits are set for its whole life (`set_limits`), it is
+    its own transaction: one round trip a batch, and the checkpoint commits with the rows.
+
+    Key values are typed parameters, so every batch sends the same text and psycopg
+    prepares it after a few runs. The text comes in two forms: for a range's first batch
+    (no lower bound) and for the others.
     """
 
-    def __init__(
-        self, db: Session, work: BatchedWork, key: Key, settings: BackfillSettings
-    ) -> None:
+    def __init__(self, db: Session, work: BatchedWork, key: Key, checkpoint: bool) -> None:
         self.key = key
-        self.limits_params = _settings_params(settings)
         table = quote_table(work.table)
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
             for column, expression in work.assignments.items()
         )
         where = _with_params(work.where.as_string(db.raw))
-
-        def text(statement: sql.Composable) -> str:
-            return statement.as_string(db.raw)
-
-        self.limits = "SELECT " + text(_settings_sql()) + client_check(db.raw, local=True)
-        self.bound, self.count, self.update_range = {}, {}, {}
+        owned = sql.SQL(" AND EXISTS (SELECT FROM phasegate_owned)") if checkpoint else sql.SQL("")
+        self.statement: dict[bool, str] = {}
         for first in (True, False):
             bounds = _range(key, first)
-            self.bound[first] = text(
+            # A plain range predicate lets PostgreSQL walk the key's index straight into the
+            # update, as fast per row as one set-based UPDATE; joining the batch's keys back
+            # cost twice that. A row inserted into the range in between is updated too,
+            # which is harmless.
+            ctes = [
                 sql.SQL(
-                    "SELECT (SELECT {last} FROM ("
-                    " SELECT {cols} FROM {table} WHERE {bounds} ORDER BY {order}"
-                    " OFFSET %(skip)s LIMIT 1) AS phasegate_bound)"
+                    "phasegate_hit AS ("
+                    "(SELECT {cols}, true AS phasegate_full FROM {table} WHERE {bounds}"
+                    " ORDER BY {order} OFFSET %(skip)s::bigint LIMIT 1)"
+                    " UNION ALL SELECT {upper}, false LIMIT 1)"
                 ).format(
-                    last=key.as_text_array(),
                     cols=key.names(),
                     table=table,
                     bounds=bounds,
                     order=key.order(),
-                )
-            )
-            self.count[first] = text(
-                sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, bounds)
-            )
-            # A plain range predicate lets PostgreSQL walk the key's index straight into
-            # the update, as fast per row as one set-based UPDATE; joining the batch's keys
-            # back cost twice that. A row inserted into the range in between is updated
-            # too, which is harmless.
-            self.update_range[first] = text(
+                    upper=key.placeholders("upper"),
+                ),
                 sql.SQL(
-                    "UPDATE {table} AS new SET {assignments} WHERE {bounds} AND ({where})"
+                    "phasegate_rows AS (UPDATE {table} AS new SET {assignments}"
+                    " WHERE {lower}{column} <= (SELECT {cols} FROM phasegate_hit)"
+                    " AND ({where}){owned} RETURNING 1)"
                 ).format(
                     table=table,
                     assignments=assignments,
-                    bounds=_range(key, first, alias="new"),
+                    lower=sql.SQL("")
+                    if first
+                    else sql.SQL("{} > {} AND ").format(key.tuple("new"), key.placeholder("last")),
+                    column=key.tuple("new"),
+                    cols=key.names(),
                     where=where,
-                )
+                    owned=owned,
+                ),
+                sql.SQL(
+                    "phasegate_batch AS (SELECT {reached} AS reached,"
+                    " CASE WHEN phasegate_full THEN %(skip)s::bigint + 1"
+                    " ELSE (SELECT count(*) FROM {table} WHERE {bounds}) END AS scanned,"
+                    " (SELECT count(*) FROM phasegate_rows) AS updated,"
+                    " NOT phasegate_full OR {column} = {upper} AS done FROM phasegate_hit)"
+                ).format(
+                    reached=key.as_text_array(),
+                    table=table,
+                    bounds=bounds,
+                    column=key.tuple(),
+                    upper=key.placeholder("upper"),
+                ),
+            ]
+            result = sql.SQL("b.reached, b.scanned, b.updated, b.done")
+            if checkpoint:
+                ctes.insert(0, ledger.SLICE_OWNED)
+                ctes.append(ledger.checkpoint_ctes(key.stored(sql.SQL("b.reached"))))
+                result = sql.SQL("{}, EXISTS (SELECT FROM phasegate_slice)").format(result)
+            self.statement[first] = (
+                sql.SQL("WITH {ctes} SELECT {result} FROM phasegate_batch AS b")
+                .format(ctes=sql.SQL(", ").join(ctes), result=result)
+                .as_string(db.raw)
             )
 
-    def params(self, last: KeyValue | None, upper: KeyValue) -> dict[str, str]:
-        params = self.key.params("upper", upper)
+    def run(
+        self,
+        db: Session,
+        last: KeyValue | None,
+        upper: KeyValue,
+        size: int,
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> BatchOutcome:
+        """One batch of up to `size` keys after `last`, never past `upper`."""
+        params: dict[str, Any] = {**self.key.params("upper", upper), "skip": size - 1}
         if last is not None:
             params |= self.key.params("last", last)
-        return params
-
-    def set_limits(self, db: Session) -> None:
-        """The transaction's limits, by a plain cursor, past the lock guard (see next_bound)."""
-        psycopg.Cursor(db.raw).execute(self.limits, self.limits_params)
-
-    def next_bound(
-        self, db: Session, last: KeyValue | None, upper: KeyValue | None, size: int
-    ) -> tuple[KeyValue | None, int]:
-        """Set the batch's limits, then find where it ends and how many keys it spans.
-
-        The `size`-th key comes straight off the index (OFFSET over an index-only scan, no
-        sort). When fewer keys are left, the batch runs to the slice's end and counts them.
-
-        The limits are a statement of their own: `set_config` in a statement does not
-        govern that statement (its locks are taken while it is planned), and the bound
-        query must wait no longer than the batch's lock_timeout. They go by a plain
-        cursor: they set the transaction's limits themselves, so the lock guard (which
-        adds its own to a transaction's first statement only) adds nothing to a batch.
-        """
-        self.set_limits(db)
-        if upper is None:
-            return last, 0
-        params = self.params(last, upper)
-        first = last is None
-        row = db.execute(self.bound[first], {**params, "skip": size - 1}).fetchone()
-        if row is not None and row[-1] is not None:
-            return tuple(row[-1]), size
-        left = db.scalar(self.count[first], params)
-        return (upper, int(left)) if left else (last, 0)
-
-    def update(self, db: Session, last: KeyValue | None, reached: KeyValue) -> int:
-        """Update the rows of the key range (last, reached] that still need it."""
-        cursor = db.execute(self.update_range[last is None], self.params(last, reached))
-        return cursor.rowcount
+        row = db.execute(self.statement[last is None], {**params, **(checkpoint or {})}).fetchone()
+        assert row is not None  # phasegate_hit always has its one row
+        return BatchOutcome(tuple(row[0]), int(row[1]), int(row[2]), bool(row[3]), *row[4:])
 
 
-def _range(key: Key, first: bool, alias: str | None = None) -> sql.Composable:
+def _range(key: Key, first: bool) -> sql.Composable:
     """`key > %(last)s AND key <= %(upper)s`, without the lower bound for a first batch."""
-    column = key.tuple(alias)
+    column = key.tuple()
     bounds = [sql.SQL("{} <= {}").format(column, key.placeholder("upper"))]
     if not first:
         bounds.insert(0, sql.SQL("{} > {}").format(column, key.placeholder("last")))
@@ -751,20 +765,25 @@ def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) ->
         )
 
 
-def _settings_sql() -> sql.Composable:
-    """Per-batch limits, the trigger's step-aside mark, and no wait for the WAL flush.
+def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
+    """A batch's limits, the trigger's step-aside mark, and no wait for the WAL flush.
+
+    `local`: for the current transaction only (preview's sample); otherwise for the
+    session's life (a walk session, which runs nothing but its walk). Set in a statement
+    of their own: `set_config` in a statement does not govern that statement (its locks
+    are taken while it is planned), and a batch must wait no longer than its lock_timeout.
 
     synchronous_commit off is safe here: the checkpoint commits in the same transaction
     as the batch, so a crash loses both together and the resume simply redoes that batch.
     """
-    return sql.SQL(
-        "set_config('statement_timeout', %(s)s, true), set_config('lock_timeout', %(l)s, true),"
-        " set_config('synchronous_commit', 'off', true), set_config(%(mark)s, 'on', true)"
+    flag = "true" if local else "false"
+    psycopg.Cursor(db.raw).execute(
+        f"SELECT set_config('statement_timeout', %(s)s, {flag}),"
+        f" set_config('lock_timeout', %(l)s, {flag}),"
+        f" set_config('synchronous_commit', 'off', {flag}), set_config(%(mark)s, 'on', {flag})"
+        + client_check(db.raw, local=local),
+        {"s": settings.statement_timeout, "l": settings.lock_timeout, "mark": BACKFILL_SETTING},
     )
-
-
-def _settings_params(settings: BackfillSettings) -> dict[str, str]:
-    return {"s": settings.statement_timeout, "l": settings.lock_timeout, "mark": BACKFILL_SETTING}
 
 
 def _mark_backfill_session(db: Session) -> None:
@@ -801,18 +820,17 @@ def sample_batch(db: Session, work: BatchedWork, rows: int = 1000) -> Sample:
     db.ensure_idle()
     transaction = db.connection.begin()
     try:
-        statements = BatchSQL(db, work, key, settings)
-        statements.set_limits(db)  # before the first read of the table: it may be locked
+        statements = BatchSQL(db, work, key, checkpoint=False)
+        set_limits(db, settings, local=True)  # before the first read of the table: it may be locked
         row = db.execute(
             sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
                 key.as_text_array(), quote_table(work.table), key.order(descending=True)
             )
         ).fetchone()
-        upper = tuple(row[0]) if row else None
+        if row is None:
+            return Sample(0, 0.0)
         started = time.perf_counter()
-        reached, scanned = statements.next_bound(db, None, upper, rows)
-        if scanned:
-            statements.update(db, None, reached)
-        return Sample(scanned, time.perf_counter() - started)
+        outcome = statements.run(db, None, tuple(row[0]), rows)
+        return Sample(outcome.scanned, time.perf_counter() - started)
     finally:
         transaction.rollback()

@@ -146,6 +146,17 @@ class Session:
         with self.connection.begin():
             yield self
 
+    @contextmanager
+    def autocommit(self) -> Iterator[Session]:
+        """Each statement its own transaction: one round trip, no BEGIN and no COMMIT."""
+        self.ensure_idle()
+        self.raw.autocommit = True
+        try:
+            yield self
+        finally:
+            with contextlib.suppress(psycopg.Error):  # a lost connection keeps its error
+                self.raw.autocommit = False
+
     def execute(self, query: Query, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
         cursor = self.raw.cursor()
         cursor.execute(query, params)

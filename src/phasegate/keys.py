@@ -55,13 +55,16 @@ class Key:
 
     def placeholder(self, name: str) -> sql.Composable:
         """The key value as typed parameters, so repeated batches share one prepared plan."""
-        parts = [
+        if len(self.columns) == 1:
+            return self.placeholders(name)
+        return sql.SQL("ROW({})").format(self.placeholders(name))
+
+    def placeholders(self, name: str) -> sql.Composable:
+        """`%(name0)s::bigint, %(name1)s::text`: the key value as a select list."""
+        return sql.SQL(", ").join(
             sql.SQL("{}::{}").format(sql.Placeholder(f"{name}{i}"), sql.SQL(type_))
             for i, type_ in enumerate(self.types)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return sql.SQL("ROW({})").format(sql.SQL(", ").join(parts))
+        )
 
     def params(self, name: str, value: KeyValue) -> dict[str, str]:
         return {f"{name}{i}": text for i, text in enumerate(value)}
@@ -90,15 +93,25 @@ class Key:
                 parts.append(sql.SQL("{}::text").format(ref))
         return sql.SQL("json_build_array({})").format(sql.SQL(", ").join(parts))
 
+    def stored(self, text_array: sql.Composable) -> sql.Composable:
+        """SQL that turns an `as_text_array()` value into the ledger's text, as `encode` does."""
+        if len(self.columns) == 1:
+            return sql.SQL("({} ->> 0)").format(text_array)
+        return sql.SQL("({})::text").format(text_array)
+
     def describe(self) -> str:
         return f"{', '.join(self.columns)} ({self.source})"
 
 
 def encode(value: KeyValue | None) -> str | None:
-    """How a key value is stored in the ledger: plain text for one column, JSON for more."""
+    """How a key value is stored in the ledger: plain text for one column, JSON for more.
+
+    The JSON is written as PostgreSQL's `json_build_array(...)::text` writes it (see
+    `Key.stored`), so a key stored by a batch's statement reads the same as one from here.
+    """
     if value is None:
         return None
-    return value[0] if len(value) == 1 else json.dumps(list(value))
+    return value[0] if len(value) == 1 else json.dumps(list(value), ensure_ascii=False)
 
 
 def decode(stored: str | None, key: Key) -> KeyValue | None:

@@ -16,7 +16,6 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from phasegate.db import LOCK_NAMESPACE, Session
-from phasegate.errors import RuntimeFailure
 
 SCHEMA = "phasegate"
 SCHEMA_VERSION = 3
@@ -303,46 +302,52 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
     )
 
 
-def save_batch(db: Session, piece: Slice, rows: int, walked: int, job_last_key: str | None) -> None:
-    """A batch's slice checkpoint and the job's totals: one statement, the batch's transaction.
+# A batch writes its checkpoint in its own statement (backfill.BatchSQL), so batch and
+# checkpoint commit together in one round trip. These are that statement's ledger CTEs.
+# `SLICE_OWNED` locks the slice's row if it is still this session's: the batch's UPDATE
+# runs only if it found it, so a worker whose slice was taken over (the job was re-cut or
+# cleared meanwhile) writes nothing. `checkpoint_ctes` then writes the slice's progress and
+# the job's totals from the batch's outcome, the CTE `phasegate_batch` (reached, scanned,
+# updated, done). Parameters: plan, job, slice, single_slice.
+SLICE_OWNED = sql.SQL(
+    "phasegate_owned AS ("
+    " SELECT FROM phasegate.job_slice"
+    " WHERE plan = %(plan)s AND job = %(job)s AND slice = %(slice)s"
+    " AND owner_pid = pg_backend_pid() FOR UPDATE)"
+)
 
-    Only the slice's owner may write it: if the slice row is gone or taken over (a new run
-    re-cut the job), nothing is written and the caller abandons the batch.
-    """
-    cursor = db.execute(
-        """
-        WITH piece AS (
-            UPDATE phasegate.job_slice
-            SET last_key = %(last)s, status = %(status)s, rows_done = %(slice_rows)s,
-                batches = %(slice_batches)s, updated_at = now()
-            WHERE plan = %(p)s AND job = %(j)s AND slice = %(n)s
-              AND owner_pid = pg_backend_pid()
-            RETURNING 1
-        )
-        UPDATE phasegate.job_checkpoint
-        SET rows_done = rows_done + %(rows)s, batches = batches + %(counted)s,
-            walked = walked + %(walked)s, last_key = %(job_last)s, updated_at = now()
-        WHERE plan = %(p)s AND job = %(j)s AND EXISTS (SELECT 1 FROM piece)
-        """,
-        {
-            "last": piece.last_key,
-            "status": piece.status,
-            "slice_rows": piece.rows_done,
-            "slice_batches": piece.batches,
-            "p": piece.plan,
-            "j": piece.job,
-            "n": piece.slice,
-            "rows": rows,
-            "counted": 1 if walked else 0,
-            "walked": walked,
-            "job_last": job_last_key,
-        },
-    )
-    if cursor.rowcount != 1:
-        raise RuntimeFailure(
-            f"slice {piece.slice} of job {piece.job!r} is no longer this worker's (the job was "
-            "restarted or cleared meanwhile); its last batch was rolled back"
-        )
+
+def checkpoint_ctes(last_key: sql.Composable) -> sql.Composable:
+    """The slice's and the job's checkpoint writes; `last_key` is the reached key as text."""
+    return sql.SQL(
+        "phasegate_slice AS ("
+        " UPDATE phasegate.job_slice AS s"
+        " SET last_key = {last}, status = CASE WHEN b.done THEN 'done' ELSE 'running' END,"
+        " rows_done = s.rows_done + b.updated, batches = s.batches + (b.scanned > 0)::int,"
+        " updated_at = now()"
+        " FROM phasegate_batch AS b"
+        " WHERE s.plan = %(plan)s AND s.job = %(job)s AND s.slice = %(slice)s"
+        " AND s.owner_pid = pg_backend_pid()"
+        " RETURNING s.slice"
+        "), phasegate_job AS ("
+        " UPDATE phasegate.job_checkpoint AS c"
+        " SET rows_done = c.rows_done + b.updated, batches = c.batches + (b.scanned > 0)::int,"
+        " walked = c.walked + b.scanned,"
+        " last_key = CASE WHEN %(single_slice)s THEN {last} END, updated_at = now()"
+        " FROM phasegate_batch AS b"
+        " WHERE c.plan = %(plan)s AND c.job = %(job)s AND EXISTS (SELECT FROM phasegate_slice)"
+        " RETURNING c.job)"
+    ).format(last=last_key)
+
+
+def checkpoint_params(piece: Slice, single_slice: bool) -> dict[str, Any]:
+    """The parameters of `SLICE_OWNED` and `checkpoint_ctes` for one slice."""
+    return {
+        "plan": piece.plan,
+        "job": piece.job,
+        "slice": piece.slice,
+        "single_slice": single_slice,
+    }
 
 
 def replace_slices(db: Session, plan: str, job: str, bounds: list[tuple[str | None, str]]) -> None:
@@ -374,18 +379,26 @@ def claim_slice(db: Session, plan: str, job: str, owner: str) -> Slice | None:
     to see (other roles' pg_stat_activity rows hide their backend_start).
     """
     with db.tx():
-        rows = db.dicts(
-            """
-            SELECT * FROM phasegate.job_slice s
-            WHERE plan = %(p)s AND job = %(j)s AND status <> 'done'
-            ORDER BY slice
-            FOR UPDATE SKIP LOCKED
-            """,
-            {"p": plan, "j": job},
-        )
-        claimed = next((Slice(**r) for r in rows if _try_hold(db, Slice(**r))), None)
-        if claimed is None:
-            return None
+        # One row at a time: locking every candidate at once left a worker that claimed
+        # at the same moment as another with nothing (all rows locked) but a pause.
+        tried: list[int] = []
+        while True:
+            rows = db.dicts(
+                """
+                SELECT * FROM phasegate.job_slice s
+                WHERE plan = %(p)s AND job = %(j)s AND status <> 'done'
+                  AND slice <> ALL(%(tried)s::int[])
+                ORDER BY slice LIMIT 1
+                FOR UPDATE SKIP LOCKED
+                """,
+                {"p": plan, "j": job, "tried": tried},
+            )
+            if not rows:
+                return None
+            claimed = Slice(**rows[0])
+            if _try_hold(db, claimed):
+                break
+            tried.append(claimed.slice)  # held by a live worker that claimed it before
         db.execute(
             """
             UPDATE phasegate.job_slice

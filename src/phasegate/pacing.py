@@ -38,7 +38,7 @@ class BackfillSettings:
     pause: float = 0.0  # seconds between batches
     pause_ratio: float = 0.0  # sleep this multiple of the last batch's time
     max_replica_lag: float | None = 10.0  # seconds of replay lag before backing off
-    statement_timeout: str = "30s"  # per batch: SET LOCAL, re-applied on every retry
+    statement_timeout: str = "30s"  # per batch statement: set on each walk session
     lock_timeout: str = "1s"
     retries: int = 8
     workers: int = 1
