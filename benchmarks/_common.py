@@ -6,6 +6,7 @@ sibling module, not as part of a package.
 
 from __future__ import annotations
 
+import compileall
 import os
 import sys
 import warnings
@@ -64,6 +65,18 @@ def make_template(
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
     return url
+
+
+def compile_bytecode() -> None:
+    """Compile phasegate and the example's migrations to bytecode, as an installed copy has.
+
+    pip compiles a package's modules when it installs it; an editable install compiles
+    nothing, and where PYTHONDONTWRITEBYTECODE is set (as on this project's machines) every
+    timed process would compile phasegate's ~40 files from source again: ~0.1 s that no
+    installed copy pays. The files land in the ignored __pycache__ directories.
+    """
+    for folder in (ROOT / "src" / "phasegate", ROOT / "migrations"):
+        compileall.compile_dir(folder, quiet=1)
 
 
 def server_version(url: str) -> str:

@@ -7,7 +7,9 @@ table of ``--rows`` rows, against the same two jobs written as single set-based 
 composed from its ``table``/``set``/``where``). Every run gets its own clone (CREATE DATABASE
 ... TEMPLATE) of one template that is seeded, through the plan's expand phase and
 ``VACUUM ANALYZE``-ed, and the server is CHECKPOINTed before each run so no run pays for
-another's dirty buffers. Whole processes are timed (wall clock, start to exit):
+another's dirty buffers. phasegate's modules are compiled to bytecode first, as an
+installed copy's are (see ``_common.compile_bytecode``). Whole processes are timed (wall
+clock, start to exit):
 
 * phasegate: ``python -m phasegate backfill PLAN --override-gate benchmark --yes`` with 1 and
   with 2 workers (it also installs the sync trigger and verifies that no row is left); its
@@ -58,7 +60,16 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from _common import PLAN, ROOT, child_env, drop_all, make_template, note, phasegate_argv
+from _common import (
+    PLAN,
+    ROOT,
+    child_env,
+    compile_bytecode,
+    drop_all,
+    make_template,
+    note,
+    phasegate_argv,
+)
 from _common import server_version as version_of
 
 from phasegate import provision
@@ -352,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.monotonic()
     statements = [set_based_statements(job) for job in load_plan(PLAN).jobs()]
+    compile_bytecode()
     server = provision.start(args.database_url)
     created: list[str] = []
     runs: list[Run] = []

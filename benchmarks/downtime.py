@@ -50,6 +50,7 @@ from _common import (
     PLAN,
     ROOT,
     child_env,
+    compile_bytecode,
     drop_all,
     load_example,
     make_template,
@@ -544,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ops-per-second must be > 0")
 
     began = time.monotonic()
+    compile_bytecode()
     server = provision.start(args.database_url)
     created: list[str] = []
     try:
