@@ -15,15 +15,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from phasegate import db, keys, provision
+from phasegate import backfill, db, keys, provision
 from phasegate.db import libpq_url
 from phasegate.orchestrator import Options, Orchestrator
 from phasegate.pacing import BackfillSettings
@@ -556,3 +558,95 @@ def test_a_batch_whose_slice_was_taken_over_writes_nothing(
     [(updated,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
     [(rows_done,)] = fetch(database_url, "SELECT rows_done FROM phasegate.job_slice")
     assert 0 < updated == updated_then == rows_done < ROWS
+
+
+@contextmanager
+def walk_statements(
+    url: str, tmp_path: Path
+) -> Iterator[tuple[db.Session, backfill.BatchSQL, tuple]]:
+    """A session with the plan's batch statement (no ledger CTEs) and the table's largest key."""
+    job = next(j for j in load_plan(make_plan(tmp_path)).jobs() if j.is_batched)
+    work = backfill.up_work(job)
+    with db.session(db.normalize_url(url), "test walk") as session:
+        key = keys.resolve(session, work.table, work.key)
+        statements = backfill.BatchSQL(session, work, key, checkpoint=False)
+        with session.tx():
+            row = session.execute(
+                sql.SQL("SELECT {} FROM t ORDER BY k DESC LIMIT 1").format(key.as_text_array())
+            ).fetchone()
+        yield session, statements, tuple(row[0])
+
+
+def test_a_batch_marks_its_own_transaction_only(database_url: str, tmp_path: Path) -> None:
+    """The trigger's mark and synchronous_commit off are the batch statement's own: a
+    server connection a pooler hands on afterwards carries neither."""
+    seeded_table(database_url)
+    with (
+        walk_statements(database_url, tmp_path) as (session, statements, upper),
+        session.autocommit(),
+    ):
+        outcome = statements.run(session, None, upper, 100)
+        mark = session.scalar("SELECT current_setting('phasegate.backfill', true)")
+        commit = session.scalar("SHOW synchronous_commit")
+    assert (outcome.scanned, outcome.updated, outcome.done) == (100, 100, False)
+    assert mark in (None, "") and commit == "on"
+    [(filled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 2")
+    assert filled == 100
+
+
+def test_a_slice_first_batch_walks_the_index_on_a_walk_session(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A first batch has no lower key and its upper key is found at run time, so the
+    planner sees a third of the table; the walk session's limits keep it on the index
+    (a sequential scan would read every row of a large table for each first batch)."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k uuid PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT md5(g::text)::uuid, g FROM generate_series(1, {ROWS}) g",
+        "ANALYZE t",
+    )
+    with walk_statements(database_url, tmp_path) as (session, statements, upper):
+        params = {**statements.key.params("upper", upper), "skip": 99}
+        explain = "EXPLAIN " + statements.statement[True]
+        with session.tx():
+            plain = "\n".join(r[0] for r in session.all(explain, params))
+        with session.tx():
+            backfill.set_limits(session, BackfillSettings(), local=True)
+            limited = "\n".join(r[0] for r in session.all(explain, params))
+    assert "Seq Scan on t" in plain  # what the estimate alone picks on this table
+    assert "Seq Scan on t" not in limited and "Index" in limited
+
+
+def test_the_orchestrator_session_is_kept_alive_and_its_loss_stops_the_walk(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers walk on their own sessions while the orchestrator's, which holds its lock,
+    waits: it is pinged meanwhile, and when it is gone the walk stops after its batch
+    instead of finishing a job nobody can verify."""
+    monkeypatch.setattr(backfill._Walk, "KEEPALIVE_EVERY", 0.1)
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    orchestrator = (
+        "SELECT pid, extract(epoch FROM now() - state_change) FROM pg_stat_activity"
+        " WHERE datname = current_database()"
+        " AND application_name = 'phasegate backfill engine.yaml'"
+    )
+    idle_for: list[float] = []
+
+    def terminate_the_orchestrator() -> None:
+        wait_for_batches(database_url, 3)
+        time.sleep(1.0)  # the walk has run for over a second
+        [(pid, idle)] = fetch(database_url, orchestrator)
+        idle_for.append(float(idle))
+        execute(database_url, f"SELECT pg_terminate_backend({pid})")
+
+    killer = threading.Thread(target=terminate_the_orchestrator)
+    killer.start()
+    slow = ["--batch-size", "40", "--pause", "0.05"]
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes", *slow)
+    killer.join()
+    assert idle_for and idle_for[0] < 0.5  # pinged, not idle since the walk began
+    assert result.exit_code == 3, result.output
+    assert "lost the connection" in result.stderr
+    assert checkpoint(database_url)["walked"] < ROWS  # stopped, not walked to the end

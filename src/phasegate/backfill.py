@@ -12,6 +12,7 @@ last key. A job is done only when its `where` matches no row (verification).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -427,7 +428,7 @@ class _Locked:
 
 
 class _Walk:
-    """The workers of one job in this process: worker 0 on the caller's session."""
+    """The workers of one job in this process, each on a session of its own."""
 
     def __init__(
         self,
@@ -446,20 +447,36 @@ class _Walk:
         self.error: BaseException | None = None
         self.rows = self.batches = self.walked = 0
         self.durations: list[float] = []
-        self.single_slice = settings.slice_count() == 1
+
+    KEEPALIVE_EVERY = 30.0  # seconds between pings of the caller's session during a walk
 
     def run(self, db: Session) -> None:
-        """Walk with every worker on a session of its own; worker 0 in this thread."""
+        """Walk with every worker in a thread on a session of its own.
+
+        Meanwhile the caller's session (the orchestrator's, holding its lock) would sit idle
+        for the whole walk, long enough for a load balancer's or NAT's idle timeout to drop
+        it; so it is pinged every `KEEPALIVE_EVERY` seconds. A signal still reaches this
+        thread at once: joins with a timeout are interruptible.
+        """
         self._url = db.url
         threads = [
             threading.Thread(target=self._own_session, args=(n,), daemon=True)
-            for n in range(1, max(self.settings.workers, 1))
+            for n in range(max(self.settings.workers, 1))
         ]
         for thread in threads:
             thread.start()
-        self._own_session(0)
         for thread in threads:
-            thread.join()
+            thread.join(self.KEEPALIVE_EVERY)
+            while thread.is_alive():
+                self._keep_alive(db)
+                thread.join(self.KEEPALIVE_EVERY)
+
+    def _keep_alive(self, db: Session) -> None:
+        try:
+            with db.tx():
+                db.scalar("SELECT 1")
+        except Exception as exc:  # the orchestrator's session is gone: stop the walk
+            self._fail(exc)
 
     def percentiles(self) -> dict[str, float]:
         if not self.durations:
@@ -476,12 +493,15 @@ class _Walk:
 
     def _own_session(self, number: int) -> None:
         """A walk session: it runs nothing but this worker's claims and batches, so the
-        batch limits and the trigger's step-aside mark hold for its whole life."""
+        batch timeouts hold for its whole life (the trigger's mark is each batch's own)."""
         try:
             with dbmod.session(self._url, f"phasegate backfill worker {number}") as session:
                 with session.tx():
                     set_limits(session, self.settings, local=False)
-                self._worker(session, number)
+                try:
+                    self._worker(session, number)
+                finally:
+                    reset_limits(session)
         except BaseException as exc:  # surfaced by run_batched
             self._fail(exc)
 
@@ -567,7 +587,7 @@ class _Walk:
     ) -> tuple[float, int, int, KeyValue | None, bool]:
         """One batch, one statement in its own transaction (autocommit), retried smaller on
         timeouts, deadlocks and the like."""
-        checkpoint = ledger.checkpoint_params(piece, self.single_slice)
+        checkpoint = ledger.checkpoint_params(piece)
         attempt = 0
         while True:
             try:
@@ -650,7 +670,13 @@ class BatchSQL:
             for column, expression in work.assignments.items()
         )
         where = _with_params(work.where.as_string(db.raw))
-        owned = sql.SQL(" AND EXISTS (SELECT FROM phasegate_owned)") if checkpoint else sql.SQL("")
+        # The mark and synchronous_commit are the statement's own transaction's (set_config
+        # with is_local): they end with it, so a pooled server connection never keeps them.
+        # The UPDATE's one-time filter reads this CTE before its first row, so the trigger's
+        # WHEN sees the mark from the first row on.
+        gates = sql.SQL(" AND EXISTS (SELECT FROM phasegate_mark)")
+        if checkpoint:
+            gates = sql.SQL("{} AND EXISTS (SELECT FROM phasegate_owned)").format(gates)
         self.statement: dict[bool, str] = {}
         for first in (True, False):
             bounds = _range(key, first)
@@ -659,6 +685,10 @@ class BatchSQL:
             # cost twice that. A row inserted into the range in between is updated too,
             # which is harmless.
             ctes = [
+                sql.SQL(
+                    "phasegate_mark AS (SELECT set_config({mark}, 'on', true),"
+                    " set_config('synchronous_commit', 'off', true))"
+                ).format(mark=sql.Literal(BACKFILL_SETTING)),
                 sql.SQL(
                     "phasegate_hit AS ("
                     "(SELECT {cols}, true AS phasegate_full FROM {table} WHERE {bounds}"
@@ -674,7 +704,7 @@ class BatchSQL:
                 sql.SQL(
                     "phasegate_rows AS (UPDATE {table} AS new SET {assignments}"
                     " WHERE {lower}{column} <= (SELECT {cols} FROM phasegate_hit)"
-                    " AND ({where}){owned} RETURNING 1)"
+                    " AND ({where}){gates} RETURNING 1)"
                 ).format(
                     table=table,
                     assignments=assignments,
@@ -684,7 +714,7 @@ class BatchSQL:
                     column=key.tuple("new"),
                     cols=key.names(),
                     where=where,
-                    owned=owned,
+                    gates=gates,
                 ),
                 sql.SQL(
                     "phasegate_batch AS (SELECT {reached} AS reached,"
@@ -766,24 +796,37 @@ def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) ->
 
 
 def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
-    """A batch's limits, the trigger's step-aside mark, and no wait for the WAL flush.
+    """A batch's timeouts, and no sequential scan for its statement.
 
     `local`: for the current transaction only (preview's sample); otherwise for the
-    session's life (a walk session, which runs nothing but its walk). Set in a statement
-    of their own: `set_config` in a statement does not govern that statement (its locks
-    are taken while it is planned), and a batch must wait no longer than its lock_timeout.
+    session's life (a walk session, which runs nothing but its claims and batches). Set
+    before the batch statement: a `set_config` inside a statement governs neither its
+    planning (the locks it takes then, so a batch must wait no longer than its
+    lock_timeout) nor its statement_timeout, armed when it starts.
 
-    synchronous_commit off is safe here: the checkpoint commits in the same transaction
-    as the batch, so a crash loses both together and the resume simply redoes that batch.
+    enable_seqscan off: the batch's upper key is a value the planner sees only at run time
+    (the statement finds it), so a slice's first batch, bounded on one side only, looks
+    like a third of the table; on a large table with an uncorrelated key (uuid, text)
+    that estimate can pick a sequential scan over every row. With it off the planner
+    walks the key's index, which is what the batch does at any size.
     """
     flag = "true" if local else "false"
     psycopg.Cursor(db.raw).execute(
         f"SELECT set_config('statement_timeout', %(s)s, {flag}),"
         f" set_config('lock_timeout', %(l)s, {flag}),"
-        f" set_config('synchronous_commit', 'off', {flag}), set_config(%(mark)s, 'on', {flag})"
-        + client_check(db.raw, local=local),
-        {"s": settings.statement_timeout, "l": settings.lock_timeout, "mark": BACKFILL_SETTING},
+        f" set_config('enable_seqscan', 'off', {flag})" + client_check(db.raw, local=local),
+        {"s": settings.statement_timeout, "l": settings.lock_timeout},
     )
+
+
+def reset_limits(db: Session) -> None:
+    """Undo `set_limits(local=False)` before a walk session closes (a pooler may keep the
+    server connection); best effort: a lost connection has nothing left to undo."""
+    with contextlib.suppress(Exception):
+        db.reset()
+        with db.autocommit():
+            for name in ("statement_timeout", "lock_timeout", "enable_seqscan"):
+                psycopg.Cursor(db.raw).execute(f"RESET {name}")
 
 
 def _mark_backfill_session(db: Session) -> None:

@@ -308,7 +308,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
 # runs only if it found it, so a worker whose slice was taken over (the job was re-cut or
 # cleared meanwhile) writes nothing. `checkpoint_ctes` then writes the slice's progress and
 # the job's totals from the batch's outcome, the CTE `phasegate_batch` (reached, scanned,
-# updated, done). Parameters: plan, job, slice, single_slice.
+# updated, done). Parameters: plan, job, slice.
 SLICE_OWNED = sql.SQL(
     "phasegate_owned AS ("
     " SELECT FROM phasegate.job_slice"
@@ -333,21 +333,17 @@ def checkpoint_ctes(last_key: sql.Composable) -> sql.Composable:
         " UPDATE phasegate.job_checkpoint AS c"
         " SET rows_done = c.rows_done + b.updated, batches = c.batches + (b.scanned > 0)::int,"
         " walked = c.walked + b.scanned,"
-        " last_key = CASE WHEN %(single_slice)s THEN {last} END, updated_at = now()"
+        " last_key = CASE WHEN (SELECT count(*) FROM phasegate.job_slice"
+        " WHERE plan = %(plan)s AND job = %(job)s) = 1 THEN {last} END, updated_at = now()"
         " FROM phasegate_batch AS b"
         " WHERE c.plan = %(plan)s AND c.job = %(job)s AND EXISTS (SELECT FROM phasegate_slice)"
         " RETURNING c.job)"
     ).format(last=last_key)
 
 
-def checkpoint_params(piece: Slice, single_slice: bool) -> dict[str, Any]:
+def checkpoint_params(piece: Slice) -> dict[str, Any]:
     """The parameters of `SLICE_OWNED` and `checkpoint_ctes` for one slice."""
-    return {
-        "plan": piece.plan,
-        "job": piece.job,
-        "slice": piece.slice,
-        "single_slice": single_slice,
-    }
+    return {"plan": piece.plan, "job": piece.job, "slice": piece.slice}
 
 
 def replace_slices(db: Session, plan: str, job: str, bounds: list[tuple[str | None, str]]) -> None:
