@@ -650,3 +650,32 @@ def test_the_orchestrator_session_is_kept_alive_and_its_loss_stops_the_walk(
     assert result.exit_code == 3, result.output
     assert "lost the connection" in result.stderr
     assert checkpoint(database_url)["walked"] < ROWS  # stopped, not walked to the end
+
+
+def test_a_table_with_an_update_rule_is_refused_before_anything_is_installed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL refuses an UPDATE inside WITH (a batch) on a table with rules: the
+    refusal names the plan's line, the rule and what to do, and nothing is touched."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        "CREATE TABLE t_log (k bigint)",
+        "INSERT INTO t SELECT g, g FROM generate_series(1, 10) g",
+        'CREATE RULE "Log updates" AS ON UPDATE TO t DO ALSO INSERT INTO t_log VALUES (new.k)',
+    )
+    plan = make_plan(tmp_path)
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    line = Path(plan).read_text().splitlines().index("        table: t") + 1
+    assert f"{plan}:{line}: phases.backfill.jobs[0].table:" in result.stderr
+    assert "table 't' has ON UPDATE rule(s) Log updates" in result.stderr
+    assert 'DROP RULE "Log updates" ON "t"' in result.stderr
+    assert fetch(database_url, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass") == [
+        (0,)
+    ]
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL") == [(0,)]
+    preview = Phasegate(database_url)("preview", plan, "--live-version", "1", json_output=True)
+    assert preview.exit_code == 0, preview.output
+    [job] = json.loads(preview.stdout)["phases"][0]["jobs"]
+    assert "has ON UPDATE rule(s) Log updates" in job["sample"]["error"]

@@ -168,8 +168,42 @@ def check_columns(db: Session, plan: Plan) -> None:
                         f"columns there: {', '.join(sorted(columns))}",
                     )
                 )
+        rules = update_rules(db, job.table or "")
+        if rules:
+            message, hint = rules_refusal(job.table or "", rules)
+            issues.append(plan.issue((*loc, "table"), message, hint))
     if issues:
         raise PlanError(issues)
+
+
+def update_rules(db: Session, table: str) -> list[str]:
+    """The table's ON UPDATE rules (pg_rewrite.ev_type '2'), by name.
+
+    A batch is one statement whose UPDATE sits inside WITH, and PostgreSQL refuses that on
+    a table with DO ALSO, conditional or multi-action DO INSTEAD rules (an unconditional
+    single DO INSTEAD would run its action instead of the batch's UPDATE): the walk
+    cannot run on such a table, so it is refused before anything is installed.
+    """
+    with db.tx():
+        rows = db.all(
+            "SELECT rulename FROM pg_rewrite WHERE ev_class = to_regclass(%(t)s)"
+            " AND ev_type = '2' ORDER BY rulename",
+            {"t": _regclass_text(db, table)},
+        )
+    return [r[0] for r in rows]
+
+
+def rules_refusal(table: str, rules: list[str]) -> tuple[str, str]:
+    """What to say about a table with ON UPDATE rules, and what to do about it."""
+    names = ", ".join(rules)
+    return (
+        f"table {table!r} has ON UPDATE rule(s) {names}: a backfill batch is an UPDATE "
+        f"inside WITH, which PostgreSQL refuses on a table with rules (and a DO INSTEAD "
+        f"rule would replace the batch's UPDATE)",
+        f"replace the rule(s) with a trigger, or drop them for the backfill and recreate "
+        f"them after it: DROP RULE {sql.Identifier(rules[0]).as_string(None)} ON "
+        f"{quote_table(table).as_string(None)}",
+    )
 
 
 def table_columns(db: Session, table: str) -> set[str] | None:

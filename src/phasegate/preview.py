@@ -159,7 +159,10 @@ def _job(db: Session | None, job: Any, options: PreviewOptions) -> dict[str, Any
     rows, source = _rows(db, job.table or "", options.exact)
     entry |= {"estimated_rows": rows, "rows_from": source}
     settings = BackfillSettings()
-    if options.sample and rows:
+    rules = backfill.update_rules(db, job.table or "") if source != "table missing" else []
+    if rules:
+        entry["sample"] = {"error": " ".join(backfill.rules_refusal(job.table or "", rules))}
+    elif options.sample and rows:
         try:
             sample = backfill.sample_batch(db, backfill.up_work(job))
         except Exception as exc:  # a column that expand has yet to add, a lock, ...
