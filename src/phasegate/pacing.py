@@ -96,6 +96,7 @@ class Throttle:
     def __init__(self, settings: BackfillSettings) -> None:
         self.settings = settings
         self.lag_checked = float("-inf")
+        self.lag_hidden_said = False
 
     def after_batch(self, db: Session, batch_seconds: float, notify) -> None:
         pause = self.settings.pause + self.settings.pause_ratio * batch_seconds
@@ -109,19 +110,44 @@ class Throttle:
         delay = 0.5
         while not self.settings.stop.is_set():
             lag = replica_lag(db)
-            if lag is None or lag <= limit:
+            if lag.hidden_from is not None:
+                if not self.lag_hidden_said:
+                    self.lag_hidden_said = True
+                    notify(
+                        f"replica replay lag is hidden from role {lag.hidden_from} "
+                        f"(pg_stat_replication shows a replica's details only to members of "
+                        f"pg_read_all_stats): the walk cannot back off on --max-replica-lag. "
+                        f"GRANT pg_read_all_stats (or pg_monitor) TO {lag.hidden_from}, or "
+                        f"pass --max-replica-lag 0 to say that is intended"
+                    )
                 return
-            notify(f"replica replay lag {lag:.1f}s > {limit:.1f}s: pausing {delay:.1f}s")
+            if lag.seconds is None or lag.seconds <= limit:
+                return
+            notify(f"replica replay lag {lag.seconds:.1f}s > {limit:.1f}s: pausing {delay:.1f}s")
             self.settings.stop.wait(delay)
             delay = min(delay * 2, 30.0)
 
 
-def replica_lag(db: Session) -> float | None:
-    """The worst replay lag among streaming replicas (None: no replicas)."""
+@dataclass(frozen=True)
+class ReplicaLag:
+    seconds: float | None  # the worst replay lag; None: no replica reports one
+    hidden_from: str | None = None  # this role, when a replica's details are hidden from it
+
+
+def replica_lag(db: Session) -> ReplicaLag:
+    """The worst replay lag among streaming replicas, as this role may see it.
+
+    A role outside pg_read_all_stats sees another role's walsender as a row with only its
+    pid: every other column NULL, so the lag would read as "no replica" and the walk would
+    never back off. That case is told apart (state IS NULL) and reported.
+    """
     with db.tx():
-        return db.scalar(
-            "SELECT extract(epoch FROM max(replay_lag))::float8 FROM pg_stat_replication"
-        )
+        row = db.execute(
+            "SELECT bool_or(state IS NULL), extract(epoch FROM max(replay_lag))::float8,"
+            " current_user::text FROM pg_stat_replication"
+        ).fetchone()
+    hidden, seconds, role = row if row else (None, None, None)
+    return ReplicaLag(seconds, role if hidden else None)
 
 
 def retry_reason(exc: BaseException) -> str | None:
