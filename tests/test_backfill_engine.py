@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from phasegate import backfill, db, keys, provision
+from phasegate import backfill, batch, db, keys, provision
 from phasegate.db import libpq_url
 from phasegate.orchestrator import Options, Orchestrator
 from phasegate.pacing import BackfillSettings
@@ -561,15 +561,13 @@ def test_a_batch_whose_slice_was_taken_over_writes_nothing(
 
 
 @contextmanager
-def walk_statements(
-    url: str, tmp_path: Path
-) -> Iterator[tuple[db.Session, backfill.BatchSQL, tuple]]:
+def walk_statements(url: str, tmp_path: Path) -> Iterator[tuple[db.Session, batch.BatchSQL, tuple]]:
     """A session with the plan's batch statement (no ledger CTEs) and the table's largest key."""
     job = next(j for j in load_plan(make_plan(tmp_path)).jobs() if j.is_batched)
     work = backfill.up_work(job)
     with db.session(db.normalize_url(url), "test walk") as session:
         key = keys.resolve(session, work.table, work.key)
-        statements = backfill.BatchSQL(session, work, key, checkpoint=False)
+        statements = batch.BatchSQL(session, work, key, checkpoint=False)
         with session.tx():
             row = session.execute(
                 sql.SQL("SELECT {} FROM t ORDER BY k DESC LIMIT 1").format(key.as_text_array())
@@ -594,19 +592,56 @@ def test_a_batch_marks_its_own_transaction_only(database_url: str, tmp_path: Pat
     assert filled == 100
 
 
-def test_a_slice_first_batch_walks_the_index_on_a_walk_session(
-    database_url: str, tmp_path: Path
-) -> None:
-    """A first batch has no lower key and its upper key is found at run time, so the
-    planner sees a third of the table; the walk session's limits keep it on the index
-    (a sequential scan would read every row of a large table for each first batch)."""
+def uuid_table(url: str) -> None:
     execute(
-        database_url,
+        url,
         "CREATE TABLE t (k uuid PRIMARY KEY, val int NOT NULL, doubled int)",
         f"INSERT INTO t SELECT md5(g::text)::uuid, g FROM generate_series(1, {ROWS}) g",
         "ANALYZE t",
     )
+
+
+def role_without_temporary(url: str) -> str:
+    """The URL of a role that owns the database (so it can run a backfill) but may not
+    create temporary objects, whose batches are therefore one SQL statement of CTEs."""
+    database = make_url(url).database
+    execute(url, "DROP ROLE IF EXISTS phasegate_notemp", "CREATE ROLE phasegate_notemp LOGIN")
+    execute(
+        url,
+        f'ALTER DATABASE "{database}" OWNER TO phasegate_notemp',
+        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, phasegate_notemp',
+    )
+    return make_url(url).set(username="phasegate_notemp").render_as_string(hide_password=False)
+
+
+def test_a_slice_first_batch_walks_the_index(database_url: str, tmp_path: Path) -> None:
+    """A first batch has no lower key: its upper key, found by the batch, reaches the
+    UPDATE as a parameter of the session's batch function, so the planner sees the real
+    range and walks the index (a sequential scan would read every row of a large table
+    for each first batch)."""
+    uuid_table(database_url)
     with walk_statements(database_url, tmp_path) as (session, statements, upper):
+        assert "pg_temp.\"phasegate_batch_" in statements.statement[True]
+        params = {**statements.key.params("upper", upper), "skip": 99}
+        with session.tx():
+            backfill.set_limits(session, BackfillSettings(), local=True)
+            session.execute(statements.statement[True], params)
+            scans = session.all(
+                "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 't'"
+            )
+    [(seq_scans, index_scans)] = scans
+    assert seq_scans == 0 and index_scans >= 2  # the batch's end, then the UPDATE
+
+
+def test_without_the_function_a_first_batch_walks_the_index_on_a_walk_session(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The one-statement form finds the upper key at run time, so the planner sees a third
+    of the table; the walk session's limits keep it on the index."""
+    url = role_without_temporary(database_url)
+    uuid_table(url)
+    with walk_statements(url, tmp_path) as (session, statements, upper):
+        assert "pg_temp" not in statements.statement[True]
         params = {**statements.key.params("upper", upper), "skip": 99}
         explain = "EXPLAIN " + statements.statement[True]
         with session.tx():
@@ -616,6 +651,26 @@ def test_a_slice_first_batch_walks_the_index_on_a_walk_session(
             limited = "\n".join(r[0] for r in session.all(explain, params))
     assert "Seq Scan on t" in plain  # what the estimate alone picks on this table
     assert "Seq Scan on t" not in limited and "Index" in limited
+
+
+def test_a_role_without_temporary_backfills_with_one_statement_a_batch(
+    database_url: str, tmp_path: Path
+) -> None:
+    url = role_without_temporary(database_url)
+    execute(
+        url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    assert fetch(url, "SELECT has_database_privilege(current_database(), 'TEMPORARY')") == [
+        (False,)
+    ]
+    result = Phasegate(url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--yes", "--batch-size", "300"
+    )
+    assert result.exit_code == 0, result.output
+    assert_all_agree(url, ROWS)
+    assert checkpoint(url) == {"status": "done", "walked": ROWS, "rows": ROWS, "batches": 7}
 
 
 def test_the_orchestrator_session_is_kept_alive_and_its_loss_stops_the_walk(

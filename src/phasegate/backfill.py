@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from psycopg import sql
 
 from phasegate import db as dbmod
 from phasegate import keys, ledger
+from phasegate.batch import BatchedWork, BatchSQL
 from phasegate.db import Session, quote_table
 from phasegate.errors import RuntimeFailure
 from phasegate.keys import Key, KeyValue
@@ -91,18 +92,6 @@ class JobResult:
             "workers": self.workers,
             "batch_ms": self.batch_ms,
         }
-
-
-@dataclass(frozen=True)
-class BatchedWork:
-    """What one batched walk does; the backfill (up) and the contract refill (down)."""
-
-    checkpoint: str  # name in the ledger
-    table: str
-    key: list[str] | None
-    assignments: Mapping[str, str]
-    where: sql.Composable
-    batch_size: int | None  # the job's fixed size, if any
 
 
 def up_work(job: Job) -> BatchedWork:
@@ -179,10 +168,11 @@ def check_columns(db: Session, plan: Plan) -> None:
 def update_rules(db: Session, table: str) -> list[str]:
     """The table's ON UPDATE rules (pg_rewrite.ev_type '2'), by name.
 
-    A batch is one statement whose UPDATE sits inside WITH, and PostgreSQL refuses that on
-    a table with DO ALSO, conditional or multi-action DO INSTEAD rules (an unconditional
-    single DO INSTEAD would run its action instead of the batch's UPDATE): the walk
-    cannot run on such a table, so it is refused before anything is installed.
+    A rule rewrites the batch's UPDATE: DO INSTEAD would run its action in place of the
+    batch (which then leaves rows behind or writes elsewhere), DO ALSO adds the app's
+    action to every batch, and PostgreSQL refuses either on an UPDATE inside WITH, the
+    form a batch takes for a role without TEMPORARY. So such a table is refused before
+    anything is installed.
     """
     with db.tx():
         rows = db.all(
@@ -197,9 +187,9 @@ def rules_refusal(table: str, rules: list[str]) -> tuple[str, str]:
     """What to say about a table with ON UPDATE rules, and what to do about it."""
     names = ", ".join(rules)
     return (
-        f"table {table!r} has ON UPDATE rule(s) {names}: a backfill batch is an UPDATE "
-        f"inside WITH, which PostgreSQL refuses on a table with rules (and a DO INSTEAD "
-        f"rule would replace the batch's UPDATE)",
+        f"table {table!r} has ON UPDATE rule(s) {names}: a rule rewrites every backfill "
+        f"batch's UPDATE (DO INSTEAD replaces it, DO ALSO adds to it, and PostgreSQL "
+        f"refuses either inside WITH, the form a batch takes without TEMPORARY)",
         f"replace the rule(s) with a trigger, or drop them for the backfill and recreate "
         f"them after it: DROP RULE {sql.Identifier(rules[0]).as_string(None)} ON "
         f"{quote_table(table).as_string(None)}",
@@ -541,7 +531,8 @@ class _Walk:
 
     def _worker(self, db: Session, number: int) -> None:
         owner = f"{'assist' if self.assisting else 'worker'} {number}"
-        statements = BatchSQL(db, self.work, self.key, checkpoint=True)
+        with db.tx():  # its function is created for this session
+            statements = BatchSQL(db, self.work, self.key, checkpoint=True)
         sizer = BatchSizer(self.settings, self.work.batch_size)
         throttle = Throttle(self.settings)
         reported = time.monotonic()
@@ -668,142 +659,6 @@ class _Walk:
                 )
                 attempt += 1
                 self.settings.stop.wait(pause)
-
-
-@dataclass(frozen=True)
-class BatchOutcome:
-    """What one batch statement did."""
-
-    reached: KeyValue  # the batch's last key: the next batch starts after it
-    scanned: int  # keys in the batch's range
-    updated: int  # rows the UPDATE changed (those that matched `where`)
-    done: bool  # the batch reached the end of the range
-    owned: bool = True  # the slice was still this worker's (always True without a ledger)
-
-
-class BatchSQL:
-    """A batch as one statement, composed once per worker session.
-
-    The statement finds where the batch ends (the `size`-th key straight off the index:
-    OFFSET over an index-only scan; the range's end when fewer keys are left), updates the
-    rows of the key range up to there that still match `where`, and on a walk writes the
-    slice's checkpoint and the job's totals (ledger.checkpoint_ctes). Run in autocommit on a
-    walk session whose limits are set for its whole life (`set_limits`), it is
-    its own transaction: one round trip a batch, and the checkpoint commits with the rows.
-
-    Key values are typed parameters, so every batch sends the same text and psycopg
-    prepares it after a few runs. The text comes in two forms: for a range's first batch
-    (no lower bound) and for the others.
-    """
-
-    def __init__(self, db: Session, work: BatchedWork, key: Key, checkpoint: bool) -> None:
-        self.key = key
-        table = quote_table(work.table)
-        assignments = sql.SQL(", ").join(
-            sql.SQL("{} = ({})").format(sql.Identifier(column), _with_params(expression))
-            for column, expression in work.assignments.items()
-        )
-        where = _with_params(work.where.as_string(db.raw))
-        # The mark and synchronous_commit are the statement's own transaction's (set_config
-        # with is_local): they end with it, so a pooled server connection never keeps them.
-        # The UPDATE's one-time filter reads this CTE before its first row, so the trigger's
-        # WHEN sees the mark from the first row on.
-        gates = sql.SQL(" AND EXISTS (SELECT FROM phasegate_mark)")
-        if checkpoint:
-            gates = sql.SQL("{} AND EXISTS (SELECT FROM phasegate_owned)").format(gates)
-        self.statement: dict[bool, str] = {}
-        for first in (True, False):
-            bounds = _range(key, first)
-            # A plain range predicate lets PostgreSQL walk the key's index straight into the
-            # update, as fast per row as one set-based UPDATE; joining the batch's keys back
-            # cost twice that. A row inserted into the range in between is updated too,
-            # which is harmless.
-            ctes = [
-                sql.SQL(
-                    "phasegate_mark AS (SELECT set_config({mark}, 'on', true),"
-                    " set_config('synchronous_commit', 'off', true))"
-                ).format(mark=sql.Literal(BACKFILL_SETTING)),
-                sql.SQL(
-                    "phasegate_hit AS ("
-                    "(SELECT {cols}, true AS phasegate_full FROM {table} WHERE {bounds}"
-                    " ORDER BY {order} OFFSET %(skip)s::bigint LIMIT 1)"
-                    " UNION ALL SELECT {upper}, false LIMIT 1)"
-                ).format(
-                    cols=key.names(),
-                    table=table,
-                    bounds=bounds,
-                    order=key.order(),
-                    upper=key.placeholders("upper"),
-                ),
-                sql.SQL(
-                    "phasegate_rows AS (UPDATE {table} AS new SET {assignments}"
-                    " WHERE {lower}{column} <= (SELECT {cols} FROM phasegate_hit)"
-                    " AND ({where}){gates} RETURNING 1)"
-                ).format(
-                    table=table,
-                    assignments=assignments,
-                    lower=sql.SQL("")
-                    if first
-                    else sql.SQL("{} > {} AND ").format(key.tuple("new"), key.placeholder("last")),
-                    column=key.tuple("new"),
-                    cols=key.names(),
-                    where=where,
-                    gates=gates,
-                ),
-                sql.SQL(
-                    "phasegate_batch AS (SELECT {reached} AS reached,"
-                    " CASE WHEN phasegate_full THEN %(skip)s::bigint + 1"
-                    " ELSE (SELECT count(*) FROM {table} WHERE {bounds}) END AS scanned,"
-                    " (SELECT count(*) FROM phasegate_rows) AS updated,"
-                    " NOT phasegate_full OR {column} = {upper} AS done FROM phasegate_hit)"
-                ).format(
-                    reached=key.as_text_array(),
-                    table=table,
-                    bounds=bounds,
-                    column=key.tuple(),
-                    upper=key.placeholder("upper"),
-                ),
-            ]
-            result = sql.SQL("b.reached, b.scanned, b.updated, b.done")
-            if checkpoint:
-                ctes.insert(0, ledger.SLICE_OWNED)
-                ctes.append(ledger.checkpoint_ctes(key.stored(sql.SQL("b.reached"))))
-                result = sql.SQL("{}, EXISTS (SELECT FROM phasegate_slice)").format(result)
-            self.statement[first] = (
-                sql.SQL("WITH {ctes} SELECT {result} FROM phasegate_batch AS b")
-                .format(ctes=sql.SQL(", ").join(ctes), result=result)
-                .as_string(db.raw)
-            )
-
-    def run(
-        self,
-        db: Session,
-        last: KeyValue | None,
-        upper: KeyValue,
-        size: int,
-        checkpoint: Mapping[str, Any] | None = None,
-    ) -> BatchOutcome:
-        """One batch of up to `size` keys after `last`, never past `upper`."""
-        params: dict[str, Any] = {**self.key.params("upper", upper), "skip": size - 1}
-        if last is not None:
-            params |= self.key.params("last", last)
-        row = db.execute(self.statement[last is None], {**params, **(checkpoint or {})}).fetchone()
-        assert row is not None  # phasegate_hit always has its one row
-        return BatchOutcome(tuple(row[0]), int(row[1]), int(row[2]), bool(row[3]), *row[4:])
-
-
-def _range(key: Key, first: bool) -> sql.Composable:
-    """`key > %(last)s AND key <= %(upper)s`, without the lower bound for a first batch."""
-    column = key.tuple()
-    bounds = [sql.SQL("{} <= {}").format(column, key.placeholder("upper"))]
-    if not first:
-        bounds.insert(0, sql.SQL("{} > {}").format(column, key.placeholder("last")))
-    return sql.SQL(" AND ").join(bounds)
-
-
-def _with_params(expression: str) -> sql.Composable:
-    """Author SQL inside a statement that has parameters: a literal `%` must be doubled."""
-    return sql.SQL(expression.replace("%", "%%"))
 
 
 def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) -> None:

@@ -78,15 +78,33 @@ class Key:
             for c in self.columns
         )
 
-    def as_text_array(self, alias: str | None = None) -> sql.Composable:
-        """A json array of the key's columns as text: how a key value reaches Python.
+    def variables(self, prefix: str) -> sql.Composable:
+        """`prefix0` or `(prefix0, prefix1)`: a key value held in PL/pgSQL variables."""
+        parts = [sql.Identifier(f"{prefix}{i}") for i in range(len(self.columns))]
+        if len(parts) == 1:
+            return parts[0]
+        return sql.SQL("({})").format(sql.SQL(", ").join(parts))
+
+    def declarations(self, prefix: str) -> sql.Composable:
+        """`prefix0 bigint, prefix1 text`: the variables' (or arguments') declarations."""
+        return sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(f"{prefix}{i}"), sql.SQL(type_))
+            for i, type_ in enumerate(self.types)
+        )
+
+    def as_text_array(self, alias: str | None = None, prefix: str | None = None) -> sql.Composable:
+        """A json array of the key's columns (or of `prefix` variables) as text: how a key
+        value reaches Python.
 
         Dates and times go through to_json, which writes ISO 8601 whatever the session's
         DateStyle, so a worker with other settings reads the stored key back exactly.
         """
         parts = []
-        for column, type_ in zip(self.columns, self.types, strict=True):
-            ref = sql.Identifier(alias, column) if alias else sql.Identifier(column)
+        for i, (column, type_) in enumerate(zip(self.columns, self.types, strict=True)):
+            if prefix is not None:
+                ref = sql.Identifier(f"{prefix}{i}")
+            else:
+                ref = sql.Identifier(alias, column) if alias else sql.Identifier(column)
             if type_.startswith(_DATETIME):
                 parts.append(sql.SQL("to_json({}) #>> '{{}}'").format(ref))
             else:
