@@ -58,7 +58,14 @@ KEYS = {
     "uuid": ("k uuid PRIMARY KEY", "md5(g::text)::uuid"),
     "text": ("k text PRIMARY KEY", "md5(g::text)"),
     "timestamptz": ("k timestamptz PRIMARY KEY", "'2026-01-01'::timestamptz + g * interval '1 ms'"),
+    # a NOT NULL domain over a domain: walked as its base type (a PL/pgSQL variable of the
+    # domain itself would refuse the NULL it starts with)
+    "domain": ("k stamp PRIMARY KEY", "'2026-01-01'::timestamptz + g * interval '1 ms'"),
 }
+DOMAINS = (
+    "CREATE DOMAIN moment AS timestamptz(3) CHECK (VALUE > '2000-01-01')",
+    "CREATE DOMAIN stamp AS moment NOT NULL",
+)
 
 
 def make_plan_text(key: str = "") -> str:
@@ -103,6 +110,7 @@ def test_single_column_keys_of_every_type(kind: str, database_url: str, tmp_path
     column, value = KEYS[kind]
     execute(
         database_url,
+        *DOMAINS,
         f"CREATE TABLE t ({column}, val int NOT NULL, doubled int)",
         f"INSERT INTO t SELECT {value}, g FROM generate_series(1, {ROWS}) g",
     )
@@ -601,17 +609,25 @@ def uuid_table(url: str) -> None:
     )
 
 
-def role_without_temporary(url: str) -> str:
+@pytest.fixture
+def no_temporary_url(database_url: str) -> Iterator[str]:
     """The URL of a role that owns the database (so it can run a backfill) but may not
     create temporary objects, whose batches are therefore one SQL statement of CTEs."""
-    database = make_url(url).database
-    execute(url, "DROP ROLE IF EXISTS phasegate_notemp", "CREATE ROLE phasegate_notemp LOGIN")
+    database = make_url(database_url).database
+    role = f"notemp_{database}"
+    execute(database_url, f'CREATE ROLE "{role}" LOGIN')
     execute(
-        url,
-        f'ALTER DATABASE "{database}" OWNER TO phasegate_notemp',
-        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, phasegate_notemp',
+        database_url,
+        f'ALTER DATABASE "{database}" OWNER TO "{role}"',
+        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, "{role}"',
     )
-    return make_url(url).set(username="phasegate_notemp").render_as_string(hide_password=False)
+    try:
+        yield make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    finally:
+        execute(
+            database_url, f'REASSIGN OWNED BY "{role}" TO CURRENT_USER', f'DROP OWNED BY "{role}"'
+        )
+        execute(database_url, f'DROP ROLE "{role}"')
 
 
 def test_a_slice_first_batch_walks_the_index(database_url: str, tmp_path: Path) -> None:
@@ -621,24 +637,24 @@ def test_a_slice_first_batch_walks_the_index(database_url: str, tmp_path: Path) 
     for each first batch)."""
     uuid_table(database_url)
     with walk_statements(database_url, tmp_path) as (session, statements, upper):
-        assert "pg_temp.\"phasegate_batch_" in statements.statement[True]
+        assert 'pg_temp."phasegate_batch_' in statements.statement[True]
         params = {**statements.key.params("upper", upper), "skip": 99}
-        with session.tx():
-            backfill.set_limits(session, BackfillSettings(), local=True)
-            session.execute(statements.statement[True], params)
-            scans = session.all(
-                "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 't'"
-            )
-    [(seq_scans, index_scans)] = scans
+        scans = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 't'"
+        with session.tx():  # no walk-session limits: the plan alone walks the index
+            [before] = session.all(scans)
+            outcome = session.execute(statements.statement[True], params).fetchone()
+            [after] = session.all(scans)
+    assert outcome is not None and outcome[1:] == (100, 100, False)
+    seq_scans, index_scans = (b - a for a, b in zip(before, after, strict=True))
     assert seq_scans == 0 and index_scans >= 2  # the batch's end, then the UPDATE
 
 
 def test_without_the_function_a_first_batch_walks_the_index_on_a_walk_session(
-    database_url: str, tmp_path: Path
+    no_temporary_url: str, tmp_path: Path
 ) -> None:
     """The one-statement form finds the upper key at run time, so the planner sees a third
     of the table; the walk session's limits keep it on the index."""
-    url = role_without_temporary(database_url)
+    url = no_temporary_url
     uuid_table(url)
     with walk_statements(url, tmp_path) as (session, statements, upper):
         assert "pg_temp" not in statements.statement[True]
@@ -653,10 +669,29 @@ def test_without_the_function_a_first_batch_walks_the_index_on_a_walk_session(
     assert "Seq Scan on t" not in limited and "Index" in limited
 
 
-def test_a_role_without_temporary_backfills_with_one_statement_a_batch(
-    database_url: str, tmp_path: Path
+def test_a_role_without_plpgsql_gets_the_one_statement_form(
+    database_url: str, no_temporary_url: str, tmp_path: Path
 ) -> None:
-    url = role_without_temporary(database_url)
+    """TEMPORARY is not enough: a hardened database may revoke USAGE on PL/pgSQL."""
+    database = make_url(database_url).database
+    role = make_url(no_temporary_url).username
+    execute(
+        database_url,
+        f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"',
+        "REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC",
+    )
+    uuid_table(no_temporary_url)
+    with walk_statements(no_temporary_url, tmp_path) as (session, statements, upper):
+        assert "pg_temp" not in statements.statement[True]
+        with session.autocommit():
+            outcome = statements.run(session, None, upper, 100)
+    assert (outcome.scanned, outcome.updated, outcome.done) == (100, 100, False)
+
+
+def test_a_role_without_temporary_backfills_with_one_statement_a_batch(
+    no_temporary_url: str, tmp_path: Path
+) -> None:
+    url = no_temporary_url
     execute(
         url,
         "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",

@@ -12,7 +12,8 @@ a statement of its own whose bounds are plain parameters, and `GET DIAGNOSTICS` 
 rows. Counting them in one SQL statement needs `RETURNING` into a CTE, and the bound
 found by another CTE reaches the UPDATE only at run time; measured side by side
 (interleaved batches on two copies of a 1M-row table), that form costs 2-4 % more per
-row. A role that may not create temporary objects gets that form (`_cte_statements`).
+row. A role that may not create a temporary PL/pgSQL function gets that form
+(`_cte_statement`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ _MARK = sql.SQL("set_config({}, 'on', true), set_config('synchronous_commit', 'o
     sql.Literal(BACKFILL_SETTING)
 )
 _OUTCOME = ("reached", "scanned", "updated", "done")
+# A temporary PL/pgSQL function needs TEMPORARY on the database (PUBLIC has it by default)
+# and USAGE on plpgsql (hardened clusters may revoke it from PUBLIC).
+_CAN_CREATE_FUNCTION = (
+    "SELECT has_database_privilege(current_database(), 'TEMPORARY') AND EXISTS"
+    " (SELECT FROM pg_language WHERE lanname = 'plpgsql' AND has_language_privilege(oid, 'USAGE'))"
+)
 
 
 class BatchSQL:
@@ -73,7 +80,7 @@ class BatchSQL:
 
     def __init__(self, db: Session, work: BatchedWork, key: Key, checkpoint: bool) -> None:
         self.key = key
-        if db.scalar("SELECT has_database_privilege(current_database(), 'TEMPORARY')"):
+        if db.scalar(_CAN_CREATE_FUNCTION):
             function = _create_function(db, work, key)
             self.statement = {
                 first: _function_statement(db, key, function, first, checkpoint)

@@ -26,7 +26,7 @@ _INEXACT = ("real", "double precision")
 @dataclass(frozen=True)
 class Key:
     columns: tuple[str, ...]
-    types: tuple[str, ...]  # format_type() output, already quoted by PostgreSQL
+    types: tuple[str, ...]  # format_type() of each (a domain's base) type, quoted by PostgreSQL
     source: str  # where it came from, for messages
 
     def tuple(self, alias: str | None = None) -> sql.Composable:
@@ -140,6 +140,23 @@ def decode(stored: str | None, key: Key) -> KeyValue | None:
     return tuple(json.loads(stored))
 
 
+# Every column's type, a domain as its base type (with the domain's typmod), however deep:
+# key values are cast to it and held in PL/pgSQL variables, where a NOT NULL domain would
+# refuse the NULL a variable starts with, and its floating-point or date/time nature is
+# what decides how the value travels as text.
+_BASE_TYPES = """
+WITH RECURSIVE t(name, type_oid, typmod, not_null, depth) AS (
+    SELECT attname::text, atttypid, atttypmod, attnotnull, 0 FROM pg_attribute
+    WHERE attrelid = %(rel)s AND attnum > 0 AND NOT attisdropped
+  UNION ALL
+    SELECT t.name, d.typbasetype, d.typtypmod, t.not_null, t.depth + 1
+    FROM t JOIN pg_type d ON d.oid = t.type_oid WHERE d.typtype = 'd'
+)
+SELECT DISTINCT ON (name) name, format_type(type_oid, typmod) AS type, not_null
+FROM t ORDER BY name, depth DESC
+"""
+
+
 def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
     """The job's key: explicit, else the primary key, else a UNIQUE NOT NULL index."""
     with db.tx():
@@ -153,7 +170,6 @@ def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
             SELECT i.indisprimary AS primary,
                    ic.relname AS index_name,
                    array_agg(a.attname::text ORDER BY k.n) AS columns,
-                   array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.n) AS types,
                    bool_and(a.attnotnull) AS not_null
             FROM pg_index i
             JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -166,16 +182,12 @@ def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
             """,
             {"rel": rel},
         )
-        if explicit:
-            types = db.dicts(
-                "SELECT attname::text AS name, format_type(atttypid, atttypmod) AS type, "
-                "attnotnull AS not_null FROM pg_attribute "
-                "WHERE attrelid = %(rel)s AND attnum > 0 AND NOT attisdropped",
-                {"rel": rel},
-            )
+        types = {t["name"]: t for t in db.dicts(_BASE_TYPES, {"rel": rel})}
+    for candidate in candidates:
+        candidate["types"] = [types[c]["type"] for c in candidate["columns"]]
     usable = [c for c in candidates if c["not_null"] and not _inexact(c["types"])]
     if explicit:
-        key = _explicit(table, explicit, {t["name"]: t for t in types}, candidates)
+        key = _explicit(table, explicit, types, candidates)
         if _inexact(key.types):
             raise RuntimeFailure(
                 f"key ({', '.join(key.columns)}) of {table!r} is floating point, whose text "
