@@ -171,8 +171,8 @@ def update_rules(db: Session, table: str) -> list[str]:
     A rule rewrites the batch's UPDATE: DO INSTEAD would run its action in place of the
     batch (which then leaves rows behind or writes elsewhere), DO ALSO adds the app's
     action to every batch, and PostgreSQL refuses either on an UPDATE inside WITH, the
-    form a batch takes for a role without TEMPORARY. So such a table is refused before
-    anything is installed.
+    form a batch takes for a role that may not create a temporary PL/pgSQL function. So
+    such a table is refused before anything is installed.
     """
     with db.tx():
         rows = db.all(
@@ -189,7 +189,8 @@ def rules_refusal(table: str, rules: list[str]) -> tuple[str, str]:
     return (
         f"table {table!r} has ON UPDATE rule(s) {names}: a rule rewrites every backfill "
         f"batch's UPDATE (DO INSTEAD replaces it, DO ALSO adds to it, and PostgreSQL "
-        f"refuses either inside WITH, the form a batch takes without TEMPORARY)",
+        f"refuses either inside WITH, a batch's form where no temporary function may be "
+        f"created)",
         f"replace the rule(s) with a trigger, or drop them for the backfill and recreate "
         f"them after it: DROP RULE {sql.Identifier(rules[0]).as_string(None)} ON "
         f"{quote_table(table).as_string(None)}",

@@ -164,10 +164,7 @@ def _create_function(db: Session, work: BatchedWork, key: Key) -> sql.Composable
             [
                 sql.SQL("#variable_conflict use_column"),
                 sql.SQL("DECLARE phasegate_full boolean := true; {};").format(
-                    sql.SQL("; ").join(
-                        sql.SQL("{} {}").format(sql.Identifier(f"phasegate_r{i}"), sql.SQL(type_))
-                        for i, type_ in enumerate(key.types)
-                    )
+                    key.declarations("phasegate_r", "; ")
                 ),
                 sql.SQL("BEGIN"),
                 sql.SQL("PERFORM {};").format(_MARK),

@@ -85,9 +85,10 @@ class Key:
             return parts[0]
         return sql.SQL("({})").format(sql.SQL(", ").join(parts))
 
-    def declarations(self, prefix: str) -> sql.Composable:
-        """`prefix0 bigint, prefix1 text`: the variables' (or arguments') declarations."""
-        return sql.SQL(", ").join(
+    def declarations(self, prefix: str, separator: str = ", ") -> sql.Composable:
+        """`prefix0 bigint, prefix1 text`: arguments' (or, with "; ", variables')
+        declarations."""
+        return sql.SQL(separator).join(
             sql.SQL("{} {}").format(sql.Identifier(f"{prefix}{i}"), sql.SQL(type_))
             for i, type_ in enumerate(self.types)
         )

@@ -110,17 +110,15 @@ class Throttle:
         delay = 0.5
         while not self.settings.stop.is_set():
             lag = replica_lag(db)
-            if lag.hidden_from is not None:
-                if not self.lag_hidden_said:
-                    self.lag_hidden_said = True
-                    notify(
-                        f"replica replay lag is hidden from role {lag.hidden_from} "
-                        f"(pg_stat_replication shows a replica's details only to members of "
-                        f"pg_read_all_stats): the walk cannot back off on --max-replica-lag. "
-                        f"GRANT pg_read_all_stats (or pg_monitor) TO {lag.hidden_from}, or "
-                        f"pass --max-replica-lag 0 to say that is intended"
-                    )
-                return
+            if lag.hidden_from is not None and not self.lag_hidden_said:
+                self.lag_hidden_said = True  # the replicas it can see still count
+                notify(
+                    f"replica replay lag is hidden from role {lag.hidden_from} "
+                    f"(pg_stat_replication shows a replica's details only to members of "
+                    f"pg_read_all_stats): the walk cannot back off on --max-replica-lag. "
+                    f"GRANT pg_read_all_stats (or pg_monitor) TO {lag.hidden_from}, or "
+                    f"pass --max-replica-lag 0 to say that is intended"
+                )
             if lag.seconds is None or lag.seconds <= limit:
                 return
             notify(f"replica replay lag {lag.seconds:.1f}s > {limit:.1f}s: pausing {delay:.1f}s")
