@@ -127,3 +127,29 @@ def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seede
     assert result.exit_code == 1, result.output
     assert "would also undo f00000000001" in result.stdout
     assert scalar(sa.create_engine(seeded_url), "SELECT to_regclass('unrelated')") is not None
+
+
+def test_contract_rollback_refuses_an_update_rule_before_downgrading(phasegate, engine) -> None:
+    """The refill after contract's downgrade runs backfill batches, which a rule rewrites:
+    refused while the schema is still whole, and it runs once the rule is gone."""
+    original = dict(fetch(engine, "SELECT id, root_cause FROM bug"))
+    run_to_done(phasegate)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE bug_audit (id bigint)")
+        connection.exec_driver_sql(
+            "CREATE RULE audit AS ON UPDATE TO bug DO ALSO INSERT INTO bug_audit VALUES (new.id)"
+        )
+    result = phasegate("rollback", P, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 1, result.output
+    assert "rollback of contract refused: its refill of root_cause" in result.stdout
+    assert "has ON UPDATE rule(s) audit" in result.stdout
+    assert 'DROP RULE "audit" ON "bug"' in result.stdout
+    assert "root_cause" not in columns(engine) and sync_triggers(engine) == 0
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "e59b1f0c3d82"
+
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP RULE audit ON bug")
+    result = phasegate("rollback", P, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert dict(fetch(engine, "SELECT id, root_cause FROM bug")) == original
+    assert scalar(engine, "SELECT count(*) FROM bug_audit") == 0

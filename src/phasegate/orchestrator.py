@@ -507,6 +507,15 @@ class Orchestrator:
                     "from the new ones. Add `sync.down` to the plan, or pass --allow-data-loss "
                     "to downgrade and leave those columns empty"
                 )
+        if phase == "contract":
+            for job in self._sync_jobs():
+                rules = backfill.update_rules(self.db, job.table or "")
+                if rules:
+                    message, hint = backfill.rules_refusal(job.table or "", rules)
+                    return (
+                        f"rollback of contract refused: its refill of {', '.join(job.old_columns)} "
+                        f"runs in backfill batches, and {message}. Nothing was downgraded; {hint}"
+                    )
         revisions = self.revisions.of(phase)
         if phase == "backfill" or not revisions:
             return None
