@@ -56,8 +56,9 @@ VARIANTS: dict[str, tuple[str | None, str]] = {
 }
 
 
-def build(conn: psycopg.Connection, rows: int) -> dict[str, str]:
-    """One copy of bug per variant; returns variant name -> table name."""
+def build(conn: psycopg.Connection, rows: int, whens: dict[str, str | None]) -> dict[str, str]:
+    """One copy of bug per variant, with a no-op trigger where ``whens`` gives a WHEN;
+    returns variant name -> table name."""
     conn.execute(
         "CREATE FUNCTION row_cost_noop() RETURNS trigger LANGUAGE plpgsql"
         " AS $$BEGIN RETURN NEW; END$$"
@@ -67,7 +68,7 @@ def build(conn: psycopg.Connection, rows: int) -> dict[str, str]:
         " ON CONFLICT (name) DO NOTHING"
     )
     tables = {}
-    for number, (name, (when, _statement)) in enumerate(VARIANTS.items()):
+    for number, (name, when) in enumerate(whens.items()):
         table = f"bug_variant_{number}"
         conn.execute(f"CREATE TABLE {table} (LIKE bug INCLUDING ALL)")
         conn.execute(f"INSERT INTO {table} SELECT * FROM bug WHERE id <= %(n)s", {"n": rows})
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         url = make_template(server, args.rows, prefix="bench_rowcost", prepare=expand)
         created.append(url)
         with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-            tables = build(conn, args.rows)
+            tables = build(conn, args.rows, {n: when for n, (when, _) in VARIANTS.items()})
             seconds = measure(conn, tables, args.rows, args.chunk)
     finally:
         drop_all(server, created)
