@@ -193,6 +193,7 @@ def test_failed_verification_then_new_rows_then_a_fixed_plan_completes(
     assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
     result = phasegate("backfill", str(broken), "--live-version", "1", "--yes")
     assert result.exit_code == 3 and "verification failed" in result.stderr, result.output
+    assert 'Inspect them with: SELECT * FROM "bug" AS new WHERE' in result.stderr
     with engine.begin() as c:  # a v1 write above the first walk's bound, through the bad trigger
         c.execute(
             sa.text(

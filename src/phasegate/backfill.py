@@ -148,15 +148,20 @@ def check_columns(db: Session, plan: Plan) -> None:
         named = [(c, (*loc, "set", c)) for c in job.new_columns]
         named += [(c, (*loc, "sync", "down", c)) for c in job.old_columns]
         named += [(c, (*loc, "key")) for c in job.key_columns or []]
-        for column, where in named:
-            if column not in columns:
-                issues.append(
-                    plan.issue(
-                        where,
-                        f"column {column!r} does not exist in table {job.table!r}",
-                        f"columns there: {', '.join(sorted(columns))}",
-                    )
+        missing = [(c, where) for c, where in named if c not in columns]
+        for column, where in missing:
+            issues.append(
+                plan.issue(
+                    where,
+                    f"column {column!r} does not exist in table {job.table!r}",
+                    f"columns there: {', '.join(sorted(columns))}",
                 )
+            )
+        if not any(where == (*loc, "key") for _, where in missing):
+            try:  # the walk's key, checked now: refused before any trigger is installed
+                keys.resolve(db, job.table or "", job.key_columns)
+            except RuntimeFailure as exc:
+                issues.append(plan.issue((*loc, "key" if job.key_columns else "table"), str(exc)))
         rules = update_rules(db, job.table or "")
         if rules:
             message, hint = rules_refusal(job.table or "", rules)
@@ -677,7 +682,8 @@ def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) ->
         raise RuntimeFailure(
             f"job {work.checkpoint!r}: verification failed, {remaining:,} row(s) of "
             f"{work.table} still match `where` after the walk (does an expression in `set` "
-            f"return NULL for them?). Inspect them with: SELECT * FROM {work.table} AS new "
+            f"return NULL for them?). Inspect them with: SELECT * FROM "
+            f"{quote_table(work.table).as_string(db.raw)} AS new "
             f"WHERE {work.where.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
             f"run the same command again: the job sweeps the whole table once more",
             job=work.checkpoint,
@@ -717,6 +723,8 @@ def reset_limits(db: Session) -> None:
         with db.autocommit():
             for name in ("statement_timeout", "lock_timeout", "enable_seqscan"):
                 psycopg.Cursor(db.raw).execute(f"RESET {name}")
+            if client_check(db.raw, local=False):  # set only where the server knows it
+                psycopg.Cursor(db.raw).execute("RESET client_connection_check_interval")
 
 
 def _mark_backfill_session(db: Session) -> None:
