@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from phasegate.backfill import JobResult
+from phasegate.durations import format_duration
 
 if TYPE_CHECKING:  # rich loads only when a terminal shows a bar: it costs ~80 ms at start
     from rich.console import Console
@@ -44,7 +45,7 @@ class BarProgress:
             transient=True,
         )
         self.bar.start()
-        self.tasks[job] = self.bar.add_task(job, total=total, rate="-")
+        self.tasks[job] = self.bar.add_task(job, total=total, completed=done, rate="-")
         self._started = time.monotonic()
         self._scanned = 0
 
@@ -69,14 +70,16 @@ class LogProgress:
         self.stream = stream or sys.stderr
         self.interval = interval
         self._started = self._last = time.monotonic()
-        self._scanned = self._updated = 0
+        self._scanned = self._updated = self._done = 0
         self._total: int | None = None
 
     def job_started(self, job: str, total: int | None, done: int) -> None:
+        """`done`: rows an earlier run of the job already walked (a resume goes on from it)."""
         self._started = self._last = time.monotonic()
-        self._scanned, self._updated, self._total = 0, 0, total
+        self._scanned, self._updated, self._total, self._done = 0, 0, total, done
         estimate = f" (~{total:,} rows)" if total else ""
-        self._write(f"job {job}: started{estimate}")
+        resumed = f", resuming after {done:,} rows walked before" if done else ""
+        self._write(f"job {job}: started{estimate}{resumed}")
 
     def batch_done(self, job: str, scanned: int, updated: int) -> None:
         self._scanned += scanned
@@ -85,9 +88,15 @@ class LogProgress:
         if now - self._last >= self.interval:
             self._last = now
             rate = self._scanned / max(now - self._started, 1e-6)
+            walked = self._done + self._scanned
+            left = (
+                f", about {format_duration((self._total - walked) / rate)} left"
+                if (self._total and rate > 0 and walked < self._total)
+                else ""
+            )
             self._write(
-                f"job {job}: {self._scanned:,} rows walked, {self._updated:,} updated, "
-                f"{rate:,.0f} rows/s"
+                f"job {job}: {walked:,} rows walked, {self._updated:,} updated, "
+                f"{rate:,.0f} rows/s{left}"
             )
 
     def job_finished(self, result: JobResult) -> None:
