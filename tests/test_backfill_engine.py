@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -829,3 +830,41 @@ def test_a_walk_session_resets_every_limit_it_set(database_url: str) -> None:
         assert shown() != defaults
         backfill.reset_limits(session)
         assert shown() == defaults
+
+
+def test_a_resume_keeps_what_other_processes_counted_meanwhile(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume writes the checkpoint row back whole: a batch of another process (a
+    `phasegate worker`) that commits between its first read and that write must not be
+    lost from the row's counters. The batch is injected at that moment: just before the
+    resume prepares its walk, another session adds 777 walked rows, as a batch's
+    checkpoint does."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    plan = make_plan(tmp_path)
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    before = checkpoint(database_url)["walked"]
+    execute(  # as if the orchestrator had been killed after the last batch
+        database_url,
+        "UPDATE phasegate.job_checkpoint SET status = 'running' WHERE job = 'fill'",
+        "UPDATE phasegate.plan_state SET state = 'running', active_phase = 'backfill',"
+        " phase = NULL",
+    )
+    prepare = backfill._prepare
+
+    def prepare_after_another_batch_landed(*args: Any, **kwargs: Any) -> Any:
+        execute(
+            database_url,
+            "UPDATE phasegate.job_checkpoint SET walked = walked + 777 WHERE job = 'fill'",
+        )
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(backfill, "_prepare", prepare_after_another_batch_landed)
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert checkpoint(database_url)["walked"] == before + 777

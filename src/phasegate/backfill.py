@@ -270,7 +270,7 @@ def run_batched(
         progress.job_finished(result)
         return result
     key = keys.resolve(db, work.table, work.key)
-    cp = _prepare(db, plan, work, key, settings, cp, notify)
+    cp = _prepare(db, plan, work, key, settings, notify)
     progress.job_started(work.checkpoint, cp.total, cp.walked)
     walk = _Walk(plan, work, key, settings, _Locked(progress), notify)
     started = time.monotonic()
@@ -387,12 +387,16 @@ def _prepare(
     work: BatchedWork,
     key: Key,
     settings: BackfillSettings,
-    cp: ledger.Checkpoint,
     notify: Notify,
 ) -> ledger.Checkpoint:
-    """Fix the bound and cut the slices for a new walk; on a resume, keep both."""
+    """Fix the bound and cut the slices for a new walk; on a resume, keep both.
+
+    The checkpoint is read again, locked: workers of other processes may have added to its
+    counters since `cp` was read, and the row is written back whole.
+    """
     table = quote_table(work.table)
     with db.tx():
+        cp = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
         existing = ledger.slices(db, plan, work.checkpoint)
         fresh = cp.status in ("pending", "failed") or cp.upper_key is None or not existing
         if fresh:
@@ -689,7 +693,7 @@ class _Walk:
 def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) -> None:
     remaining = count_remaining(db, work.table, work.where)
     with db.tx():
-        current = ledger.get_checkpoint(db, plan, work.checkpoint)
+        current = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
         current.remaining = remaining
         if remaining:
             current.status = "failed"

@@ -245,11 +245,14 @@ def record_event(
     )
 
 
-def get_checkpoint(db: Session, plan: str, job: str) -> Checkpoint:
+def get_checkpoint(db: Session, plan: str, job: str, lock: bool = False) -> Checkpoint:
+    """The job's checkpoint; `lock`: FOR UPDATE, for a read-modify-write of the whole row
+    while other sessions' batches add to its counters."""
     if not exists(db):
         return Checkpoint(plan, job)
     rows = db.dicts(
-        "SELECT * FROM phasegate.job_checkpoint WHERE plan = %(p)s AND job = %(j)s",
+        "SELECT * FROM phasegate.job_checkpoint WHERE plan = %(p)s AND job = %(j)s"
+        + (" FOR UPDATE" if lock else ""),
         {"p": plan, "j": job},
     )
     return Checkpoint(**rows[0]) if rows else Checkpoint(plan, job)
