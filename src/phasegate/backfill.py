@@ -111,38 +111,19 @@ def down_name(job: Job) -> str:
 
 
 def down_work(job: Job) -> BatchedWork:
-    """Refill the old columns from the new ones (rollback of contract).
-
-    Not only the rows whose old columns are empty (the contract dropped them, the
-    downgrade added them back): also every row where an old column differs from what
-    `down` gives. Contract drops the sync triggers before its revisions, so a contract
-    that stopped part way (lock timeout, kill) or that keeps the old columns leaves them
-    as they were while new code writes the new ones. Where `down` gives NULL the old value
-    stays (COALESCE), and a row left with every old column empty still fails verification.
-    """
-    down = job.sync.down if job.sync else {}
+    """Refill the old columns from the new ones (rollback of contract)."""
     old_null = sql.SQL(" AND ").join(
         sql.SQL("new.{} IS NULL").format(sql.Identifier(c)) for c in job.old_columns
     )
     new_set = sql.SQL(" OR ").join(
         sql.SQL("new.{} IS NOT NULL").format(sql.Identifier(c)) for c in job.new_columns
     )
-    stale = sql.SQL(" OR ").join(
-        sql.SQL("(({e}) IS NOT NULL AND new.{c} IS DISTINCT FROM ({e}))").format(
-            e=sql.SQL(expression), c=sql.Identifier(column)
-        )
-        for column, expression in down.items()
-    )
-    keep_old = {
-        column: f"COALESCE(({expression}), new.{sql.Identifier(column).as_string(None)})"
-        for column, expression in down.items()
-    }
     return BatchedWork(
         checkpoint=down_name(job),
         table=job.table or "",
         key=job.key_columns,
-        assignments=keep_old,
-        where=sql.SQL("({}) AND (({}) OR {})").format(new_set, old_null, stale),
+        assignments=job.sync.down if job.sync else {},
+        where=sql.SQL("({}) AND ({})").format(old_null, new_set),
         batch_size=job.batch_size,
     )
 
