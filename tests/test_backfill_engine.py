@@ -6,6 +6,7 @@ it: `doubled = val * 2` up, `val = doubled / 2` down, so old and new columns mus
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -26,11 +27,12 @@ from hypothesis import strategies as st
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from phasegate import backfill, batch, db, keys, provision
+from phasegate import backfill, batch, db, keys, ledger, provision
 from phasegate.db import libpq_url
 from phasegate.orchestrator import Options, Orchestrator
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import load_plan
+from phasegate.progress import LogProgress
 from phasegate.revisions import AlembicProject
 
 from .conftest import ALEMBIC_INI, ROOT, Phasegate
@@ -868,3 +870,55 @@ def test_a_resume_keeps_what_other_processes_counted_meanwhile(
     result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
     assert result.exit_code == 0, result.output
     assert checkpoint(database_url)["walked"] == before + 777
+
+
+REFILL_PLAN = """\
+plan: refill-test
+app: refilltest
+baseline_compatible: ">=0"
+phases:
+  backfill:
+    compatible: ">=0"
+    jobs:
+      - name: norm
+        table: t
+        set:
+          email_norm: lower(new.email)
+        where: new.email_norm IS NULL
+        sync:
+          down:
+            email: new.email_norm
+"""
+
+
+def test_the_contract_refill_rewrites_empty_and_stale_old_columns_only(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The refill after a contract: an empty old column is filled; one that new code made
+    stale while no trigger ran (a new column that is not what `set` gives for the old
+    one) is rewritten; a lossy but consistent pair (what old code and the trigger leave)
+    and a row without a new value are left alone."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, email text, email_norm varchar(100))",
+        "INSERT INTO t VALUES (1, 'Alice@X', 'alice@x'), (2, 'bob@x', 'carol@x'),"
+        " (3, NULL, 'dave@x'), (4, NULL, NULL), (5, 'Eve@X', NULL)",
+    )
+    path = tmp_path / "refill.yaml"
+    path.write_text(REFILL_PLAN)
+    plan = load_plan(str(path))
+    [job] = plan.jobs()
+    with db.session(db.normalize_url(database_url), "test refill") as session:
+        ledger.ensure_schema(session)
+        work = backfill.down_work(job, keys.base_types(session, "t"))
+        result = backfill.run_batched(
+            session, plan.name, work, BackfillSettings(), LogProgress(io.StringIO())
+        )
+    assert result.rows == 2
+    assert fetch(database_url, "SELECT k, email, email_norm FROM t ORDER BY k") == [
+        (1, "Alice@X", "alice@x"),
+        (2, "carol@x", "carol@x"),
+        (3, "dave@x", "dave@x"),
+        (4, None, None),
+        (5, "Eve@X", None),
+    ]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .test_failures import hold
 from .test_seed_story import columns, fetch, scalar
 
 P = str(PLAN)
@@ -153,3 +158,68 @@ def test_contract_rollback_refuses_an_update_rule_before_downgrading(phasegate, 
     assert result.exit_code == 0, result.output
     assert dict(fetch(engine, "SELECT id, root_cause FROM bug")) == original
     assert scalar(engine, "SELECT count(*) FROM bug_audit") == 0
+
+
+def test_a_contract_stopped_after_its_triggers_went_is_rolled_back_with_new_code_writes(
+    phasegate, engine, seeded_url
+) -> None:
+    """Contract drops the sync triggers, then its revision times out on a lock: the old
+    column is still there, and a v2 write afterwards changes only the new one. The
+    rollback's refill must bring the old column in line with it (it used to fill only
+    empty old columns, and verification passed)."""
+    result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    # Paused before its revision (5 s: the window to take the lock in, polled for), the
+    # contract's revision then times out on it. Its trigger drop needs ACCESS EXCLUSIVE too,
+    # so the lock cannot be taken before.
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env["PHASEGATE_DATABASE_URL"] = seeded_url
+    env["PHASEGATE_FAILPOINTS"] = "before-revision:e59b1f0c3d82=5"
+    contract = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phasegate",
+            "--config",
+            str(ALEMBIC_INI),
+            "contract",
+            P,
+            "--live-version",
+            "2.0",
+            "--lock-timeout",
+            "100ms",
+            "--lock-retries",
+            "1",
+            "--yes",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while sync_triggers(engine) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    try:
+        _out, err = contract.communicate(timeout=120)
+    finally:
+        blocker.close()
+    assert contract.returncode == 3, err
+    assert "root_cause" in columns(engine) and sync_triggers(engine) == 0
+    with engine.begin() as connection:  # v2 moves bug 1 to another root cause
+        connection.exec_driver_sql(
+            "UPDATE bug SET root_cause_id = (SELECT min(id) FROM root_cause"
+            " WHERE name <> (SELECT root_cause FROM bug WHERE id = 1)) WHERE id = 1"
+        )
+
+    result = phasegate("rollback", P, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 0, result.output
+    stale = scalar(
+        engine,
+        "SELECT count(*) FROM bug b JOIN root_cause r ON r.id = b.root_cause_id"
+        " WHERE b.root_cause IS DISTINCT FROM r.name",
+    )
+    assert stale == 0
+    assert sync_triggers(engine) == 1

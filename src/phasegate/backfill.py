@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,21 +110,45 @@ def down_name(job: Job) -> str:
     return f"{job.name}@down"
 
 
-def down_work(job: Job) -> BatchedWork:
-    """Refill the old columns from the new ones (rollback of contract)."""
+def down_work(job: Job, types: Mapping[str, str]) -> BatchedWork:
+    """Refill the old columns from the new ones (rollback of contract).
+
+    Rows whose old columns are empty (the contract dropped them, the downgrade added them
+    back), and rows whose new columns new code changed while no trigger synced them:
+    contract drops the sync triggers before its revisions, so one that stopped part way
+    (a lock timeout, a kill), or one that keeps the old columns, leaves old columns stale.
+    Those are told by the forward direction: a new column that differs from what the job's
+    `set` gives for the row's old columns (cast to the column's base type, `types`, as the
+    assignment would). A lossy `set` (lower-casing, say) does not make a row stale, nor does
+    an old-code write during the refill (the trigger keeps the pair in step). Verification
+    still counts only rows with empty old columns: a lossy pair need not round-trip.
+    """
     old_null = sql.SQL(" AND ").join(
         sql.SQL("new.{} IS NULL").format(sql.Identifier(c)) for c in job.old_columns
     )
     new_set = sql.SQL(" OR ").join(
         sql.SQL("new.{} IS NOT NULL").format(sql.Identifier(c)) for c in job.new_columns
     )
+    missing = [c for c in job.new_columns if c not in types]
+    if missing:
+        raise RuntimeFailure(
+            f"job {job.name!r}: column(s) {', '.join(missing)} of {job.table!r} are gone, so "
+            "the old columns cannot be refilled from them"
+        )
+    changed = sql.SQL(" OR ").join(
+        sql.SQL("new.{c} IS DISTINCT FROM CAST(({e}) AS {t})").format(
+            c=sql.Identifier(column), e=sql.SQL(expression), t=sql.SQL(types[column])
+        )
+        for column, expression in (job.set_ or {}).items()
+    )
     return BatchedWork(
         checkpoint=down_name(job),
         table=job.table or "",
         key=job.key_columns,
         assignments=job.sync.down if job.sync else {},
-        where=sql.SQL("({}) AND ({})").format(old_null, new_set),
+        where=sql.SQL("({}) AND (({}) OR {})").format(new_set, old_null, changed),
         batch_size=job.batch_size,
+        done_unless=sql.SQL("({}) AND ({})").format(old_null, new_set),
     )
 
 
@@ -299,7 +323,11 @@ def assist(
     job verifies it. Waits up to `wait` seconds for a job to be running.
     """
     works = [up_work(j) for j in plan.jobs() if j.is_batched]
-    works += [down_work(j) for j in plan.jobs() if j.is_batched and j.sync is not None]
+    works += [
+        down_work(j, keys.base_types(db, j.table or ""))
+        for j in plan.jobs()
+        if j.is_batched and j.sync is not None
+    ]
     deadline = time.monotonic() + wait
     results: list[JobResult] = []
     while not settings.stop.is_set():
@@ -672,7 +700,7 @@ class _Walk:
 
 
 def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) -> None:
-    remaining = count_remaining(db, work.table, work.where)
+    remaining = count_remaining(db, work.table, work.unfinished)
     with db.tx():
         current = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
         current.remaining = remaining
@@ -688,7 +716,7 @@ def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) ->
             f"{work.table} still match `where` after the walk (does an expression in `set` "
             f"return NULL for them?). Inspect them with: SELECT * FROM "
             f"{quote_table(work.table).as_string(db.raw)} AS new "
-            f"WHERE {work.where.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
+            f"WHERE {work.unfinished.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
             f"run the same command again: the job sweeps the whole table once more",
             job=work.checkpoint,
             remaining=remaining,

@@ -39,8 +39,14 @@ class BatchedWork:
     table: str
     key: list[str] | None
     assignments: Mapping[str, str]
-    where: sql.Composable
+    where: sql.Composable  # the rows a batch writes
     batch_size: int | None  # the job's fixed size, if any
+    done_unless: sql.Composable | None = None  # what verification counts (default: `where`)
+
+    @property
+    def unfinished(self) -> sql.Composable:
+        """The rows that must be gone when the walk is done."""
+        return self.where if self.done_unless is None else self.done_unless
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,16 @@ FROM t ORDER BY name, depth DESC
 """
 
 
+def base_types(db: Session, table: str) -> dict[str, str]:
+    """Every column of `table` and its type, a domain as its base type."""
+    with db.tx():
+        rel = db.scalar(
+            "SELECT to_regclass(%(t)s)::oid", {"t": quote_table(table).as_string(db.raw)}
+        )
+        rows = db.dicts(_BASE_TYPES, {"rel": rel}) if rel is not None else []
+    return {row["name"]: row["type"] for row in rows}
+
+
 def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
     """The job's key: explicit, else the primary key, else a UNIQUE NOT NULL index."""
     with db.tx():

@@ -20,7 +20,7 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
-from phasegate import backfill, failpoints, gates, ledger, plan_lint, sources, sync
+from phasegate import backfill, failpoints, gates, keys, ledger, plan_lint, sources, sync
 from phasegate.config import ProjectConfig
 from phasegate.db import Session, quote_table
 from phasegate.durations import format_duration
@@ -480,7 +480,7 @@ class Orchestrator:
             self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
         results = []
         for job in self._sync_jobs():
-            work = backfill.down_work(job)
+            work = backfill.down_work(job, keys.base_types(self.db, job.table or ""))
             self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
             result = backfill.run_batched(
                 self.db, self.plan.name, work, self.options.backfill, self.progress, self.notify
