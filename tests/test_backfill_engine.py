@@ -205,6 +205,11 @@ INCLUDED = {
     "primary key": ("k bigint, PRIMARY KEY (k) INCLUDE (note)", ""),
     "unique index": ("k bigint NOT NULL, UNIQUE (k) INCLUDE (note)", ""),
     "named key": ("k bigint NOT NULL, UNIQUE (k) INCLUDE (note)", "k"),
+    # a unique key plus more columns is unique too: still accepted when named
+    "named key and more": (
+        "k bigint NOT NULL, n int NOT NULL DEFAULT 0, UNIQUE (k) INCLUDE (n)",
+        "[k, n]",
+    ),
 }
 
 
@@ -218,13 +223,13 @@ def test_include_columns_of_a_unique_index_are_not_part_of_the_key(
     execute(
         database_url,
         f"CREATE TABLE t ({columns}, note json, val int NOT NULL, doubled int)",
-        f"INSERT INTO t SELECT g, NULL, g FROM generate_series(1, {ROWS}) g",
+        f"INSERT INTO t (k, val) SELECT g, g FROM generate_series(1, {ROWS}) g",
     )
     result = Phasegate(database_url)(
         "backfill", make_plan(tmp_path, key=key), "--live-version", "1", "--yes"
     )
     assert result.exit_code == 0, result.output
-    assert "walking k (" in result.stderr
+    assert "walking k (" in result.stderr or "walking k, n (job key)" in result.stderr
     assert_all_agree(database_url, ROWS)
 
 
@@ -922,3 +927,26 @@ def test_the_contract_refill_rewrites_empty_and_stale_old_columns_only(
         (4, None, None),
         (5, "Eve@X", None),
     ]
+
+
+def test_a_key_made_by_an_earlier_sql_job_is_checked_when_the_walk_starts(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The key is checked before anything is installed, unless an `sql` job of the phase
+    runs first: that job may create it (here: the primary key)."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint NOT NULL, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    path = tmp_path / "engine.yaml"
+    path.write_text(
+        make_plan_text().replace(
+            "    jobs:\n",
+            "    jobs:\n      - name: key\n        sql: ALTER TABLE t ADD PRIMARY KEY (k)\n",
+        )
+    )
+    result = Phasegate(database_url)("backfill", str(path), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "walking k (primary key)" in result.stderr
+    assert_all_agree(database_url, ROWS)

@@ -153,10 +153,17 @@ def down_work(job: Job, types: Mapping[str, str]) -> BatchedWork:
 
 
 def check_columns(db: Session, plan: Plan) -> None:
-    """Every table and column a job names must exist before any trigger is installed."""
+    """Every table and column a job names must exist before any trigger is installed.
+
+    The walk's key is checked here too, except for a job already done (its walk is over);
+    a job after an `sql` job is refused only when its walk starts (that job may create
+    the key).
+    """
     issues = []
+    after_sql = False
     for index, job in enumerate(plan.jobs()):
         if not job.is_batched:
+            after_sql = True
             continue
         loc = ("phases", "backfill", "jobs", index)
         columns = table_columns(db, job.table or "")
@@ -181,11 +188,15 @@ def check_columns(db: Session, plan: Plan) -> None:
                     f"columns there: {', '.join(sorted(columns))}",
                 )
             )
-        if not any(where == (*loc, "key") for _, where in missing):
+        with db.tx():
+            done = ledger.get_checkpoint(db, plan.name, job.name).status == "done"
+        if not (done or any(where == (*loc, "key") for _, where in missing)):
             try:  # the walk's key, checked now: refused before any trigger is installed
                 keys.resolve(db, job.table or "", job.key_columns)
             except RuntimeFailure as exc:
-                issues.append(plan.issue((*loc, "key" if job.key_columns else "table"), str(exc)))
+                if not after_sql:
+                    where = (*loc, "key" if job.key_columns else "table")
+                    issues.append(plan.issue(where, str(exc)))
         rules = update_rules(db, job.table or "")
         if rules:
             message, hint = rules_refusal(job.table or "", rules)

@@ -241,12 +241,12 @@ def _explicit(
     if missing:
         raise RuntimeFailure(f"key column(s) {', '.join(missing)} do not exist in {table!r}")
     nullable = [n for n in names if not columns[n]["not_null"]]
-    unique = any(sorted(c["columns"]) == sorted(names) for c in candidates)
+    unique = any(set(c["columns"]) <= set(names) for c in candidates)  # a unique key, or more
     if nullable or not unique:
         problem = (
             f"column(s) {', '.join(nullable)} may be NULL"
             if nullable
-            else "no unique index covers exactly these columns"
+            else "no unique index has its key among these columns"
         )
         raise RuntimeFailure(
             f"key ({', '.join(names)}) of {table!r} cannot be walked safely: {problem}. A "
