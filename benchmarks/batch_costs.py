@@ -34,12 +34,7 @@ import time
 from collections.abc import Callable
 
 import psycopg
-from _common import drop_all, make_template, note
-from backfill import expand
-from row_costs import UPDATE, build
-
-from phasegate import provision
-from phasegate.db import libpq_url
+from row_costs import UPDATE, variant_tables
 
 Walk = Callable[[psycopg.Connection, str, list[tuple[int, int]]], None]
 
@@ -97,18 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=10, help="batches per group (10)")
     parser.add_argument("--database-url", help="server (default: $PHASEGATE_TEST_DATABASE_URL)")
     args = parser.parse_args(argv)
-    server = provision.start(args.database_url)
-    created: list[str] = []
-    try:
-        note(f"template: seeding {args.rows:,} bugs, expand …")
-        url = make_template(server, args.rows, prefix="bench_batchcost", prepare=expand)
-        created.append(url)
-        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-            tables = build(conn, args.rows, dict.fromkeys(VARIANTS))
-            seconds = measure(conn, tables, args.rows, args.chunk, args.group)
-    finally:
-        drop_all(server, created)
-        server.close()
+    whens = dict.fromkeys(VARIANTS)  # no trigger on any copy
+    with variant_tables(args.database_url, args.rows, "bench_batchcost", whens) as (conn, tables):
+        seconds = measure(conn, tables, args.rows, args.chunk, args.group)
     base = seconds["one batch, one transaction"]
     print(
         f"per-batch costs: {args.rows:,} rows per table, groups of {args.group} "

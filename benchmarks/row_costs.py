@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from _common import drop_all, make_template, note
@@ -85,6 +87,25 @@ def build(conn: psycopg.Connection, rows: int, whens: dict[str, str | None]) -> 
     return tables
 
 
+@contextmanager
+def variant_tables(
+    database_url: str | None, rows: int, prefix: str, whens: dict[str, str | None]
+) -> Iterator[tuple[psycopg.Connection, dict[str, str]]]:
+    """A seeded template on the server with one copy of bug per variant (see `build`); the
+    connection and the variants' tables for the time of the block, then dropped."""
+    server = provision.start(database_url)
+    created: list[str] = []
+    try:
+        note(f"template: seeding {rows:,} bugs, expand …")
+        url = make_template(server, rows, prefix=prefix, prepare=expand)
+        created.append(url)
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            yield conn, build(conn, rows, whens)
+    finally:
+        drop_all(server, created)
+        server.close()
+
+
 def measure(conn: psycopg.Connection, tables: dict[str, str], rows: int, chunk: int) -> dict:
     """Summed seconds per variant over interleaved chunks."""
     conn.execute("SET synchronous_commit = off")  # as the batches run
@@ -106,18 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=4_000, help="rows per UPDATE (4000)")
     parser.add_argument("--database-url", help="server (default: $PHASEGATE_TEST_DATABASE_URL)")
     args = parser.parse_args(argv)
-    server = provision.start(args.database_url)
-    created: list[str] = []
-    try:
-        note(f"template: seeding {args.rows:,} bugs, expand …")
-        url = make_template(server, args.rows, prefix="bench_rowcost", prepare=expand)
-        created.append(url)
-        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-            tables = build(conn, args.rows, {n: when for n, (when, _) in VARIANTS.items()})
-            seconds = measure(conn, tables, args.rows, args.chunk)
-    finally:
-        drop_all(server, created)
-        server.close()
+    whens = {name: when for name, (when, _) in VARIANTS.items()}
+    with variant_tables(args.database_url, args.rows, "bench_rowcost", whens) as (conn, tables):
+        seconds = measure(conn, tables, args.rows, args.chunk)
     base = seconds["plain UPDATE, no trigger"]
     print(f"per-row costs: {args.rows:,} rows per table, {args.chunk:,}-row UPDATEs interleaved")
     for name, value in seconds.items():
