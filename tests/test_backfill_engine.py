@@ -950,3 +950,15 @@ def test_a_key_made_by_an_earlier_sql_job_is_checked_when_the_walk_starts(
     assert result.exit_code == 0, result.output
     assert "walking k (primary key)" in result.stderr
     assert_all_agree(database_url, ROWS)
+
+
+def test_a_helper_started_before_the_plan_has_its_columns_waits_without_failing(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`phasegate worker` may start before expand has added the job's new columns: it finds
+    nothing to join and says so at the end of its wait, instead of failing on the refill's
+    column types."""
+    execute(database_url, "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL)")
+    helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "1")
+    _out, err = helper.communicate(timeout=60)
+    assert helper.returncode == 0, err

@@ -13,6 +13,7 @@ last key. A job is done only when its `where` matches no row (verification).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -333,12 +334,15 @@ def assist(
     Claims slices until none is left, then returns; the orchestrator that started the
     job verifies it. Waits up to `wait` seconds for a job to be running.
     """
-    works = [up_work(j) for j in plan.jobs() if j.is_batched]
-    works += [
-        down_work(j, keys.base_types(db, j.table or ""))
-        for j in plan.jobs()
-        if j.is_batched and j.sync is not None
-    ]
+    # by checkpoint name; a refill's work is made when it runs (it reads the table's types,
+    # which need not exist yet while a helper waits before the plan's expand)
+    batched = [j for j in plan.jobs() if j.is_batched]
+    makers: dict[str, Callable[[], BatchedWork]] = {
+        j.name: functools.partial(up_work, j) for j in batched
+    }
+    for j in batched:
+        if j.sync is not None:
+            makers[down_name(j)] = lambda j=j: down_work(j, keys.base_types(db, j.table or ""))
     deadline = time.monotonic() + wait
     results: list[JobResult] = []
     while not settings.stop.is_set():
@@ -346,12 +350,13 @@ def assist(
             ready = ledger.exists(db)  # the orchestrator creates the ledger, never a helper
         with db.tx():
             running = ready and [
-                w
-                for w in works
-                if ledger.get_checkpoint(db, plan.name, w.checkpoint).status == "running"
-                and ledger.unfinished_slices(db, plan.name, w.checkpoint)
+                make
+                for name, make in makers.items()
+                if ledger.get_checkpoint(db, plan.name, name).status == "running"
+                and ledger.unfinished_slices(db, plan.name, name)
             ]
-        for work in running or []:
+        for make in running or []:
+            work = make()
             key = keys.resolve(db, work.table, work.key)
             progress.job_started(work.checkpoint, None, 0)
             walk = _Walk(plan.name, work, key, settings, _Locked(progress), notify, assisting=True)
@@ -411,8 +416,8 @@ def _prepare(
 ) -> ledger.Checkpoint:
     """Fix the bound and cut the slices for a new walk; on a resume, keep both.
 
-    The checkpoint is read again, locked: workers of other processes may have added to its
-    counters since `cp` was read, and the row is written back whole.
+    The checkpoint is read here, locked: workers of other processes may have added to its
+    counters since the caller first looked at it, and the row is written back whole.
     """
     table = quote_table(work.table)
     with db.tx():
