@@ -305,7 +305,7 @@ def run_batched(
                 f"({left} slice(s) left). Resume with the same command",
                 job=work.checkpoint,
             )
-    _verify(db, plan, work, cp)
+    _verify(db, plan, work)
     result = JobResult(
         work.checkpoint,
         "update",
@@ -715,7 +715,7 @@ class _Walk:
                 self.settings.stop.wait(pause)
 
 
-def _verify(db: Session, plan: str, work: BatchedWork, cp: ledger.Checkpoint) -> None:
+def _verify(db: Session, plan: str, work: BatchedWork) -> None:
     remaining = count_remaining(db, work.table, work.unfinished)
     with db.tx():
         current = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
