@@ -16,7 +16,12 @@ clock, start to exit):
   batch statistics come from the ledger's ``job.finished`` event, its peak RSS from
   ``os.wait4``;
 * set-based: psql (or ``python -c`` with psycopg when there is no psql) running the two
-  statements, each in its own transaction.
+  statements, each in its own transaction, each timed by the client (psql's ``\\timing``).
+
+Besides the targets, the report splits each process in two: the batched job itself
+(phasegate's walk, from ``job.finished``; set-based's UPDATE, as timed by its client)
+and the rest of the process (start-up, the ``sql`` job, the sync trigger, verification).
+That shows which part of the gap is the walk and which is fixed cost.
 
 Targets: set-based / phasegate wall time ≥ 0.9 with one worker and > 1.0 with two; the
 worst p99 batch duration ≤ 100 ms, judged on the runs of at least 100 batches (in fewer,
@@ -47,6 +52,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -91,13 +97,17 @@ BATCHED_JOB_SQL = (
 SET_BASED = "set-based"
 PG1, PG2, PG1_SMALL = "phasegate 1 worker", "phasegate 2 workers", "phasegate 1 worker"
 
-# The fallback when psql is missing: argv[1] is the URL, the rest are statements.
+# The fallback when psql is missing: argv[1] is the URL, the rest are statements. It prints
+# each statement's time as psql's \timing does, so one parser reads both.
 PSYCOPG_SCRIPT = (
-    "import sys, psycopg\n"
+    "import sys, time, psycopg\n"
     "with psycopg.connect(sys.argv[1], autocommit=True) as conn:\n"
     "    for statement in sys.argv[2:]:\n"
+    "        started = time.perf_counter()\n"
     "        conn.execute(statement)\n"
+    "        print(f'Time: {1000 * (time.perf_counter() - started):.3f} ms')\n"
 )
+TIMING_LINE = re.compile(r"^Time: ([0-9.]+) ms", re.MULTILINE)
 
 
 # -- the contestants --------------------------------------------------------------------------
@@ -121,7 +131,8 @@ def set_based_argv(url: str, statements: list[str]) -> list[str]:
     psql = shutil.which("psql")
     if psql:
         commands = [arg for statement in statements for arg in ("-c", statement)]
-        return [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", libpq_url(url), *commands]
+        timing = ("-c", "\\timing on")
+        return [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", libpq_url(url), *timing, *commands]
     return [sys.executable, "-c", PSYCOPG_SCRIPT, libpq_url(url), *statements]
 
 
@@ -137,7 +148,7 @@ class Run:
     peak_rss_kib: int | None = None
     batches: int | None = None
     walked: int | None = None
-    job_seconds: float | None = None
+    job_seconds: float | None = None  # the batched job: phasegate's walk, set-based's UPDATE
     rows_per_second: int | None = None
     workers: int | None = None
     p50_ms: float | None = None
@@ -155,8 +166,8 @@ class Run:
         return self.contestant.startswith("phasegate")
 
 
-def timed_process(argv: list[str]) -> tuple[float, int, int, str]:
-    """Run argv; returns (wall seconds, exit code, peak RSS in KiB, stderr's tail).
+def timed_process(argv: list[str]) -> tuple[float, int, int, str, str]:
+    """Run argv; returns (wall seconds, exit code, peak RSS in KiB, stderr's tail, stdout).
 
     ``os.wait4`` on the child's pid (not Popen.wait) yields the child's own rusage; on Linux
     ``ru_maxrss`` is in KiB.
@@ -174,7 +185,9 @@ def timed_process(argv: list[str]) -> tuple[float, int, int, str]:
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
-    return seconds, process.returncode, usage.ru_maxrss, " | ".join(tail)
+        out.seek(0)
+        stdout = out.read().decode(errors="replace")
+    return seconds, process.returncode, usage.ru_maxrss, " | ".join(tail), stdout
 
 
 Command = Callable[[str], list[str]]  # a clone's URL → the argv to time on it
@@ -192,9 +205,11 @@ def run_one(
     created.append(url)
     with psycopg.connect(libpq_url(server.url), autocommit=True) as conn:
         conn.execute("CHECKPOINT")
-    run.seconds, run.exit_code, rss, tail = timed_process(argv_for(url))
+    run.seconds, run.exit_code, rss, tail, stdout = timed_process(argv_for(url))
     if run.exit_code != 0:
         run.problem = f"exit {run.exit_code}: {tail}"
+    elif not run.is_phasegate:
+        run.job_seconds = batched_statement_seconds(stdout)
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM bug WHERE root_cause_id IS NULL").fetchone()
         run.left_null = int(row[0]) if row else None
@@ -224,6 +239,15 @@ def batched_job_name() -> str:
     return next(job.name for job in load_plan(PLAN).jobs() if job.is_batched)
 
 
+def batched_statement_seconds(stdout: str) -> float | None:
+    """The set-based UPDATE's own time, from the client's per-statement timing lines."""
+    jobs = list(load_plan(PLAN).jobs())
+    times = [float(ms) / 1000 for ms in TIMING_LINE.findall(stdout)]
+    if len(times) != len(jobs):
+        return None
+    return next(t for t, job in zip(times, jobs, strict=True) if job.is_batched)
+
+
 # -- setup, report, main ----------------------------------------------------------------------
 
 
@@ -251,9 +275,26 @@ def median(runs: list[Run], contestant: str, rows: int, attr: str = "seconds") -
     return statistics.median(values) if values else None
 
 
+def split_seconds(runs: list[Run], contestant: str, rows: int) -> dict[str, float | None]:
+    """Median seconds in the batched job and in the rest of the process, run by run."""
+    timed = [
+        r
+        for r in runs
+        if r.ok and r.contestant == contestant and r.rows == rows and r.job_seconds is not None
+    ]
+    if not timed:
+        return {"job": None, "rest": None}
+    return {
+        "job": statistics.median(r.job_seconds or 0.0 for r in timed),
+        "rest": statistics.median(r.seconds - (r.job_seconds or 0.0) for r in timed),
+    }
+
+
 def summarize(runs: list[Run], rows: int, small_rows: int) -> dict[str, Any]:
     """Medians, ratios, and each target's verdict."""
     set_s, pg1_s, pg2_s = (median(runs, c, rows) for c in (SET_BASED, PG1, PG2))
+    split = {c: split_seconds(runs, c, rows) for c in (SET_BASED, PG1)}
+    set_job, pg1_job = split[SET_BASED]["job"], split[PG1]["job"]
     rss_big = median(runs, PG1, rows, "peak_rss_kib")
     rss_small = median(runs, PG1_SMALL, small_rows, "peak_rss_kib")
     ratio_1 = set_s / pg1_s if set_s and pg1_s else None
@@ -276,6 +317,8 @@ def summarize(runs: list[Run], rows: int, small_rows: int) -> dict[str, Any]:
         "median_seconds": {SET_BASED: set_s, PG1: pg1_s, PG2: pg2_s},
         "ratio_1_worker": ratio_1,
         "ratio_2_workers": ratio_2,
+        "split_seconds": split,
+        "job_ratio_1_worker": set_job / pg1_job if set_job and pg1_job else None,
         "worst_p99_batch_ms": worst_p99,
         "p99_judged_on": p99_scope,
         "median_peak_rss_kib": {str(rows): rss_big, str(small_rows): rss_small},
@@ -297,13 +340,14 @@ def render(context: dict[str, Any], runs: list[Run], summary: dict[str, Any]) ->
         f"{context['cores']} cores, {context['repeat']} round(s), set-based via "
         f"{context['set_based_client']}",
         "",
-        f"{'round':<6}{'contestant':<21}{'rows':>10}{'wall s':>8}{'RSS MiB':>9}{'batches':>9}"
-        f"{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'rows/s':>10}",
+        f"{'round':<6}{'contestant':<21}{'rows':>10}{'wall s':>8}{'job s':>7}{'RSS MiB':>9}"
+        f"{'batches':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'rows/s':>10}",
     ]
     for r in runs:
         rss = r.peak_rss_kib / 1024 if r.peak_rss_kib else None
         out.append(
-            f"{r.round:<6}{r.contestant:<21}{r.rows:>10,}{r.seconds:>8.2f}{fmt(rss, '.1f'):>9}"
+            f"{r.round:<6}{r.contestant:<21}{r.rows:>10,}{r.seconds:>8.2f}"
+            f"{fmt(r.job_seconds, '.2f'):>7}{fmt(rss, '.1f'):>9}"
             f"{fmt(r.batches, ','):>9}{fmt(r.p50_ms, '.1f'):>8}{fmt(r.p99_ms, '.1f'):>8}"
             f"{fmt(r.max_ms, '.1f'):>8}{fmt(r.rows_per_second, ','):>10}"
             + (f"  FAILED: {r.problem}" if r.problem else "")
@@ -315,14 +359,20 @@ def render(context: dict[str, Any], runs: list[Run], summary: dict[str, Any]) ->
     def verdict(key: str) -> str:
         return "PASS" if met[key] else "FAIL"
 
+    split = summary["split_seconds"]
     out += [
         "",
+        f"job s: the batched job alone ({SET_BASED}: its UPDATE; phasegate: the walk)",
         f"median wall time: {SET_BASED} {fmt(med[SET_BASED], '.2f')} s, {PG1} "
         f"{fmt(med[PG1], '.2f')} s, {PG2} {fmt(med[PG2], '.2f')} s",
         f"set-based / phasegate, 1 worker:  {fmt(summary['ratio_1_worker'], '.3f')} "
         f"(target >= {TARGET_RATIO_1})  {verdict('ratio_1_worker')}",
         f"set-based / phasegate, 2 workers: {fmt(summary['ratio_2_workers'], '.3f')} "
         f"(target > {TARGET_RATIO_2})  {verdict('ratio_2_workers')}",
+        f"  split (medians): the batched job {fmt(split[SET_BASED]['job'], '.2f')} s vs "
+        f"{fmt(split[PG1]['job'], '.2f')} s (ratio {fmt(summary['job_ratio_1_worker'], '.3f')}), "
+        f"the rest of the process {fmt(split[SET_BASED]['rest'], '.2f')} s vs "
+        f"{fmt(split[PG1]['rest'], '.2f')} s",
         f"worst p99 batch ({summary['p99_judged_on']}): "
         f"{fmt(summary['worst_p99_batch_ms'], '.1f')} ms "
         f"(target <= {TARGET_P99_MS:.0f} ms)  {verdict('p99_batch_ms')}",
