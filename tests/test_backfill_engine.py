@@ -962,3 +962,67 @@ def test_a_helper_started_before_the_plan_has_its_columns_waits_without_failing(
     helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "1")
     _out, err = helper.communicate(timeout=60)
     assert helper.returncode == 0, err
+
+
+def plan_with_sql_after(tmp_path: Path, statement: str) -> str:
+    """The engine plan with an `sql` job after the batched one."""
+    path = tmp_path / "engine.yaml"
+    path.write_text(make_plan_text() + f"      - name: after\n        sql: {statement}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "statement, rows",
+    [
+        ("UPDATE t SET val = val + 1000 WHERE k % 2 = 0", ROWS),  # old columns only: up
+        ("INSERT INTO t (k, val) SELECT g, g FROM generate_series(5001, 5100) g", ROWS + 100),
+        ("UPDATE t SET doubled = 4 * k WHERE k <= 10", ROWS),  # new columns only: down
+    ],
+    ids=["updates-old", "inserts", "updates-new"],
+)
+def test_an_sql_job_is_an_ordinary_writer_for_the_sync_trigger(
+    statement: str, rows: int, database_url: str, tmp_path: Path
+) -> None:
+    """An `sql` job's writes are synced like the app's: the mark that makes the trigger step
+    aside belongs to the batches only. Run after the batched job, nothing would sweep them."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    path = plan_with_sql_after(tmp_path, statement)
+    result = Phasegate(database_url)("backfill", path, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, rows)
+
+
+def test_rows_a_later_sql_job_leaves_unfilled_fail_the_phase_and_a_rerun_fills_them(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A batched job is checked again after an `sql` job that ran later in the phase: here
+    the `sql` job inserts behind the trigger's back (replica role), so its rows still match
+    the batched job's `where`. The phase fails (exit 3) naming both jobs; the next run
+    walks the batched job again and ends done."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    path = plan_with_sql_after(
+        tmp_path,
+        '"SET LOCAL session_replication_role = replica; '
+        'INSERT INTO t (k, val) SELECT g, g FROM generate_series(5001, 5007) g"',
+    )
+    phasegate = Phasegate(database_url)
+    failed = phasegate("backfill", path, "--live-version", "1", "--yes")
+    assert failed.exit_code == 3, failed.output
+    assert "7 row(s) of t still match `where` of job 'fill'" in failed.stderr
+    assert "after job 'after'" in failed.stderr
+    assert checkpoint(database_url)["status"] == "failed"
+    [(unfilled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NULL")
+    assert unfilled == 7
+
+    again = phasegate("backfill", path, "--live-version", "1", "--yes")
+    assert again.exit_code == 0, again.output
+    assert_all_agree(database_url, ROWS + 7)
+    assert checkpoint(database_url)["status"] == "done"

@@ -32,7 +32,6 @@ from phasegate.keys import Key, KeyValue
 from phasegate.lockguard import client_check
 from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
 from phasegate.plan import Job, Plan, PlanError
-from phasegate.sync import BACKFILL_SETTING
 
 SAMPLE_ROWS = 20_000  # rows sampled to cut a job into slices
 
@@ -252,7 +251,12 @@ def table_columns(db: Session, table: str) -> set[str] | None:
 
 
 def run_sql_job(db: Session, plan: str, job: Job, progress: Progress) -> JobResult:
-    """Run a one-shot statement once; its checkpoint commits with it."""
+    """Run a one-shot statement once; its checkpoint commits with it.
+
+    Unmarked: for the sync triggers it is a writer like the app, so what it writes to an
+    old or a new column is synced. The mark is for the batches, which write exactly what
+    the trigger would.
+    """
     cp = ledger.get_checkpoint(db, plan, job.name)
     if cp.status == "done":
         result = JobResult(job.name, "sql", "skipped", rows=cp.rows_done)
@@ -261,7 +265,6 @@ def run_sql_job(db: Session, plan: str, job: Job, progress: Progress) -> JobResu
     progress.job_started(job.name, None, 0)
     started = time.monotonic()
     with db.tx():
-        _mark_backfill_session(db)
         rows = max(db.execute(job.sql or "").rowcount, 0)
         cp.status, cp.rows_done, cp.batches = "done", rows, 1
         ledger.save_checkpoint(db, cp)
@@ -715,7 +718,16 @@ class _Walk:
                 self.settings.stop.wait(pause)
 
 
-def _verify(db: Session, plan: str, work: BatchedWork) -> None:
+def verify_again(db: Session, plan: str, work: BatchedWork, after: str) -> None:
+    """Check a done job once more after the `sql` job `after` ran later in the phase.
+
+    That job may have written the table in a way no trigger saw; if rows match `where`
+    again, the job is failed, so the next run walks it again.
+    """
+    _verify(db, plan, work, after)
+
+
+def _verify(db: Session, plan: str, work: BatchedWork, after: str | None = None) -> None:
     remaining = count_remaining(db, work.table, work.unfinished)
     with db.tx():
         current = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
@@ -727,10 +739,14 @@ def _verify(db: Session, plan: str, work: BatchedWork) -> None:
             current.verified_at = db.scalar("SELECT now()")
         ledger.save_checkpoint(db, current)
     if remaining:
+        cause = (
+            "after the walk (does an expression in `set` return NULL for them?)"
+            if after is None
+            else f"after job {after!r} ran (did it write {work.table} behind the sync trigger?)"
+        )
         raise RuntimeFailure(
-            f"job {work.checkpoint!r}: verification failed, {remaining:,} row(s) of "
-            f"{work.table} still match `where` after the walk (does an expression in `set` "
-            f"return NULL for them?). Inspect them with: SELECT * FROM "
+            f"verification failed: {remaining:,} row(s) of {work.table} still match `where` "
+            f"of job {work.checkpoint!r} {cause}. Inspect them with: SELECT * FROM "
             f"{quote_table(work.table).as_string(db.raw)} AS new "
             f"WHERE {work.unfinished.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
             f"run the same command again: the job sweeps the whole table once more",
@@ -773,11 +789,6 @@ def reset_limits(db: Session) -> None:
                 psycopg.Cursor(db.raw).execute(f"RESET {name}")
             if client_check(db.raw, local=False):  # set only where the server knows it
                 psycopg.Cursor(db.raw).execute("RESET client_connection_check_interval")
-
-
-def _mark_backfill_session(db: Session) -> None:
-    """Tell the sync trigger to step aside for this transaction only."""
-    db.execute("SELECT set_config(%(k)s, 'on', true)", {"k": BACKFILL_SETTING})
 
 
 def _regclass_text(db: Session, table: str) -> str:

@@ -26,7 +26,7 @@ from phasegate.db import Session, quote_table
 from phasegate.durations import format_duration
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
 from phasegate.pacing import BackfillSettings
-from phasegate.plan import Plan
+from phasegate.plan import Job, Plan
 from phasegate.revisions import AlembicProject, PlanRevisions
 
 START = "start"  # `rollback --to start`: undo every phase
@@ -379,8 +379,11 @@ class Orchestrator:
         for job in self._sync_jobs():
             self.notify(f"installed sync trigger of job {job.name!r} on {job.table}")
         results = []
+        walked: list[Job] = []  # batched jobs so far: a later `sql` job may write their tables
+        recheck: dict[str, tuple[Job, str]] = {}  # job name → (job, the `sql` job after it)
         for job in self.plan.jobs():
             if job.is_batched:
+                walked.append(job)
                 result = backfill.run_batched(
                     self.db,
                     self.plan.name,
@@ -391,6 +394,8 @@ class Orchestrator:
                 )
             else:
                 result = backfill.run_sql_job(self.db, self.plan.name, job, self.progress)
+                if result.status == "done":
+                    recheck.update({earlier.name: (earlier, job.name) for earlier in walked})
             with self.db.tx():
                 ledger.record_event(
                     self.db,
@@ -401,6 +406,8 @@ class Orchestrator:
                     result.to_dict(),
                 )
             results.append(result.to_dict())
+        for job, after in recheck.values():
+            backfill.verify_again(self.db, self.plan.name, backfill.up_work(job), after)
         return results
 
     # -- moving back ------------------------------------------------------------------------
