@@ -309,7 +309,23 @@ def test_resume_after_kill_at_a_random_batch(database_url: str, tmp_path: Path) 
     )
     assert result.exit_code == 0, (kill_after, result.output)
     assert_all_agree(database_url, ROWS)
-    assert checkpoint(database_url)["walked"] == ROWS  # resumed: every key walked exactly once
+    after = checkpoint(database_url)
+    assert after["walked"] == ROWS  # resumed: every key walked exactly once
+    # the summary and the event give this run's rows and the whole job's
+    this_run = ROWS - before["rows"]
+    assert (
+        f"job fill: {this_run:,} rows in {after['batches'] - before['batches']:,} batch(es) "
+        f"this run ({ROWS:,} rows in {after['batches']:,} batch(es) in all"
+    ) in result.stderr
+    [(event,)] = fetch(
+        database_url,
+        "SELECT detail FROM phasegate.event WHERE kind = 'job.finished' ORDER BY id DESC LIMIT 1",
+    )
+    assert (event["rows"], event["job_rows"], event["job_batches"]) == (
+        this_run,
+        ROWS,
+        after["batches"],
+    )
 
 
 def test_sigterm_finishes_the_batch_checkpoints_and_says_how_to_resume(

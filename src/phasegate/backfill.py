@@ -74,6 +74,10 @@ class JobResult:
     walked: int = 0
     workers: int = 1
     batch_ms: dict[str, float] = field(default_factory=dict)
+    # The whole job's totals, earlier runs and helpers included: `rows` and `batches` are
+    # this run's (they go with `seconds` and `batch_ms`); None when they are the same.
+    job_rows: int | None = None
+    job_batches: int | None = None
 
     @property
     def rate(self) -> float:
@@ -91,6 +95,8 @@ class JobResult:
             "rows_per_second": round(self.rate),
             "workers": self.workers,
             "batch_ms": self.batch_ms,
+            "job_rows": self.rows if self.job_rows is None else self.job_rows,
+            "job_batches": self.batches if self.job_batches is None else self.job_batches,
         }
 
 
@@ -308,7 +314,7 @@ def run_batched(
                 f"({left} slice(s) left). Resume with the same command",
                 job=work.checkpoint,
             )
-    _verify(db, plan, work)
+    totals = _verify(db, plan, work)
     result = JobResult(
         work.checkpoint,
         "update",
@@ -319,6 +325,8 @@ def run_batched(
         walk.walked,
         settings.workers,
         walk.percentiles(),
+        totals.rows_done,
+        totals.batches,
     )
     progress.job_finished(result)
     return result
@@ -727,7 +735,10 @@ def verify_again(db: Session, plan: str, work: BatchedWork, after: str) -> None:
     _verify(db, plan, work, after)
 
 
-def _verify(db: Session, plan: str, work: BatchedWork, after: str | None = None) -> None:
+def _verify(
+    db: Session, plan: str, work: BatchedWork, after: str | None = None
+) -> ledger.Checkpoint:
+    """Count what still matches, record it; returns the checkpoint as saved."""
     remaining = count_remaining(db, work.table, work.unfinished)
     with db.tx():
         current = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
@@ -753,6 +764,7 @@ def _verify(db: Session, plan: str, work: BatchedWork, after: str | None = None)
             job=work.checkpoint,
             remaining=remaining,
         )
+    return current
 
 
 def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:

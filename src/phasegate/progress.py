@@ -109,7 +109,14 @@ class LogProgress:
 def summary(result: JobResult) -> str:
     if result.status == "skipped":
         return f"job {result.name}: already done ({result.rows:,} rows), skipped"
+    totals = (result.job_rows, result.job_batches)
+    in_all = (
+        f" this run ({totals[0]:,} rows in {totals[1]:,} batch(es) in all, earlier runs and "
+        "helpers included)"
+        if None not in totals and totals != (result.rows, result.batches)
+        else ""
+    )
     return (
-        f"job {result.name}: {result.rows:,} rows in {result.batches:,} batch(es), "
+        f"job {result.name}: {result.rows:,} rows in {result.batches:,} batch(es){in_all}, "
         f"{result.seconds:.2f}s ({result.rate:,.0f} rows/s), verified"
     )
