@@ -1042,3 +1042,44 @@ def test_rows_a_later_sql_job_leaves_unfilled_fail_the_phase_and_a_rerun_fills_t
     assert again.exit_code == 0, again.output
     assert_all_agree(database_url, ROWS + 7)
     assert checkpoint(database_url)["status"] == "done"
+
+
+@pytest.fixture
+def rls_url(database_url: str) -> Iterator[str]:
+    """The URL of a role that owns the database but not `t`, which has row-level security
+    showing it the even keys only."""
+    database = make_url(database_url).database
+    role = f"rls_{database}"
+    seeded_table(database_url)
+    execute(
+        database_url,
+        f'CREATE ROLE "{role}" LOGIN',
+        f'ALTER DATABASE "{database}" OWNER TO "{role}"',
+        f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"',
+        f'GRANT SELECT, UPDATE, TRIGGER ON t TO "{role}"',
+        "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
+        f'CREATE POLICY even ON t TO "{role}" USING (k % 2 = 0)',
+    )
+    try:
+        yield make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    finally:
+        execute(
+            database_url, f'REASSIGN OWNED BY "{role}" TO CURRENT_USER', f'DROP OWNED BY "{role}"'
+        )
+        execute(database_url, f'DROP ROLE "{role}"')
+
+
+def test_row_level_security_stops_the_walk_instead_of_hiding_rows(
+    rls_url: str, database_url: str, tmp_path: Path
+) -> None:
+    """A role that row-level security shows part of the table would walk and verify that
+    part only, and call the job done. The walk and its count run with row_security off,
+    so PostgreSQL refuses instead, and the error says which role may run it."""
+    result = Phasegate(rls_url)("backfill", make_plan(tmp_path), "--live-version", "1", "--yes")
+    assert result.exit_code == 3, result.output
+    assert "row-level security" in result.stderr
+    assert "BYPASSRLS" in result.stderr
+    statuses = fetch(database_url, "SELECT status FROM phasegate.job_checkpoint WHERE job = 'fill'")
+    assert ("done",) not in statuses
+    [(filled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
+    assert filled == 0
