@@ -1083,3 +1083,61 @@ def test_row_level_security_stops_the_walk_instead_of_hiding_rows(
     assert ("done",) not in statuses
     [(filled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
     assert filled == 0
+
+
+def test_a_resume_after_the_key_changed_walks_again_from_the_start(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The walk is stopped while it walks a unique column; a primary key is added before
+    the resume. The saved bounds are values of the old key, so the resume must not read
+    them as the new key's: it says so and walks again from the start."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint NOT NULL, code text NOT NULL UNIQUE, val int NOT NULL, "
+        "doubled int)",
+        f"INSERT INTO t SELECT g, 'c' || g, g FROM generate_series(1, {ROWS}) g",
+    )
+    plan = make_plan(tmp_path)
+    slow = ["--batch-size", "40", "--pause", "0.05"]
+    process = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *slow)
+    wait_for_batches(database_url, 3)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 3, err
+    assert "walking code (unique index" in err
+    execute(database_url, "ALTER TABLE t ADD PRIMARY KEY (k)")
+
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "key changed since its walk started (code text, now k bigint)" in result.stderr
+    assert "walking k (primary key)" in result.stderr
+    assert_all_agree(database_url, ROWS)
+    assert checkpoint(database_url)["walked"] == ROWS
+
+
+def test_a_helper_does_not_join_a_walk_over_a_key_that_has_changed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A primary key added while a walk over a unique column runs: a helper that starts
+    then finds the new key, whose bounds are not the walk's, and stays out."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint NOT NULL, code text NOT NULL UNIQUE, val int NOT NULL, "
+        "doubled int)",
+        f"INSERT INTO t SELECT g, 'c' || g, g FROM generate_series(1, {ROWS}) g",
+    )
+    plan = make_plan(tmp_path)
+    slow = ["--batch-size", "20", "--pause", "0.05"]
+    owner = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "6", *slow
+    )
+    wait_for_batches(database_url, 2)
+    execute(database_url, "ALTER TABLE t ADD PRIMARY KEY (k)")
+    helper = cli(database_url, "worker", plan, "--wait", "30", *slow)
+    _out, helper_err = helper.communicate(timeout=120)
+    owner.send_signal(signal.SIGTERM)  # the owner walks on over `code`; no need to wait
+    owner.communicate(timeout=120)
+    assert helper.returncode == 0, helper_err
+    assert "not joined: its walk is over code text, but its key is k bigint now" in helper_err
+    owners = {r[0] for r in fetch(database_url, "SELECT owner FROM phasegate.job_slice")}
+    assert "assist 0" not in owners

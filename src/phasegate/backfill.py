@@ -370,6 +370,14 @@ def assist(
         for make in running or []:
             work = make()
             key = keys.resolve(db, work.table, work.key)
+            with db.tx():
+                walked = ledger.get_checkpoint(db, plan.name, work.checkpoint).walk_key
+            if walked not in (None, key.signature):
+                notify(
+                    f"job {work.checkpoint}: not joined: its walk is over {walked}, but its key "
+                    f"is {key.signature} now; the next run of the phase walks it again"
+                )
+                continue
             progress.job_started(work.checkpoint, None, 0)
             walk = _Walk(plan.name, work, key, settings, _Locked(progress), notify, assisting=True)
             started = time.monotonic()
@@ -465,7 +473,15 @@ def _prepare(
         cp = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
         existing = ledger.slices(db, plan, work.checkpoint)
         fresh = cp.status in ("pending", "failed") or cp.upper_key is None or not existing
+        if not fresh and cp.walk_key not in (None, key.signature):
+            notify(
+                f"job {work.checkpoint}: its key changed since its walk started "
+                f"({cp.walk_key}, now {key.signature}); the saved bounds belong to the old "
+                "one, so it walks again from the start"
+            )
+            fresh = True
         if fresh:
+            cp.walk_key = key.signature
             row = db.execute(
                 sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
                     key.as_text_array(), table, key.order(descending=True)

@@ -39,6 +39,11 @@ class Key:
             return parts[0]
         return sql.SQL("({})").format(sql.SQL(", ").join(parts))
 
+    @property
+    def signature(self) -> str:
+        """`a bigint, b text`: what the saved bounds of a walk are values of."""
+        return ", ".join(f"{c} {t}" for c, t in zip(self.columns, self.types, strict=True))
+
     def names(self) -> sql.Composable:
         """`a, b`: the key's columns as a select list."""
         return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from phasegate.db import LOCK_NAMESPACE, Session
 
 SCHEMA = "phasegate"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS phasegate;
@@ -110,7 +110,11 @@ CREATE TABLE IF NOT EXISTS phasegate.heartbeat (
 );
 COMMENT ON TABLE phasegate.heartbeat IS
     'one row per app instance and version: an in-place upgrade leaves the old row to expire';
-INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '3')
+-- version 4: which key the saved bounds are values of, so a resume can tell it changed
+ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS walk_key text;
+COMMENT ON COLUMN phasegate.job_checkpoint.walk_key IS
+    'the key the bounds belong to: columns and types, e.g. "id bigint"';
+INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '4')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
@@ -147,6 +151,7 @@ class Checkpoint:
     total: int | None = None
     run_started_at: dt.datetime | None = None
     run_walked: int = 0
+    walk_key: str | None = None  # keys.Key.signature of the walk's key
 
 
 @dataclass
@@ -273,10 +278,12 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
         """
         INSERT INTO phasegate.job_checkpoint AS c
             (plan, job, status, last_key, upper_key, rows_done, batches, remaining,
-             started_at, updated_at, verified_at, walked, total, run_started_at, run_walked)
+             started_at, updated_at, verified_at, walked, total, run_started_at, run_walked,
+             walk_key)
         VALUES (%(plan)s, %(job)s, %(status)s, %(last_key)s, %(upper_key)s, %(rows_done)s,
                 %(batches)s, %(remaining)s, coalesce(%(started_at)s, now()), now(),
-                %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s)
+                %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s,
+                %(walk_key)s)
         ON CONFLICT (plan, job) DO UPDATE SET
             status = excluded.status, last_key = excluded.last_key,
             upper_key = excluded.upper_key, rows_done = excluded.rows_done,
@@ -284,7 +291,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             started_at = excluded.started_at, updated_at = now(),
             verified_at = excluded.verified_at, walked = excluded.walked,
             total = excluded.total, run_started_at = excluded.run_started_at,
-            run_walked = excluded.run_walked
+            run_walked = excluded.run_walked, walk_key = excluded.walk_key
         """,
         {
             "plan": cp.plan,
@@ -301,6 +308,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             "total": cp.total,
             "run_started_at": cp.run_started_at,
             "run_walked": cp.run_walked,
+            "walk_key": cp.walk_key,
         },
     )
 
