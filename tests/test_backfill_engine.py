@@ -1195,3 +1195,34 @@ def test_a_helper_does_not_join_a_walk_over_a_key_that_has_changed(
     assert "not joined: its walk is over code text, but its key is k bigint now" in helper_err
     owners = {r[0] for r in fetch(database_url, "SELECT owner FROM phasegate.job_slice")}
     assert "assist 0" not in owners
+
+
+def test_batches_leave_the_old_columns_of_a_lossy_pair_as_they_were(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The trigger steps aside for the backfill's own batches: were it to see a batch as a
+    new-code write, its `down` would rewrite `email` from the lowered copy."""
+    execute(
+        database_url,
+        "CREATE TABLE u (k bigint PRIMARY KEY, email text, email_lower text)",
+        "INSERT INTO u SELECT g, 'User' || g || '@Example.COM', NULL "
+        "FROM generate_series(1, 500) g",
+    )
+    path = tmp_path / "lossy.yaml"
+    path.write_text(
+        PLAN_TEXT.format(key="")
+        .replace("table: t", "table: u")
+        .replace("doubled: new.val * 2", "email_lower: lower(new.email)")
+        .replace("where: new.doubled IS NULL", "where: new.email_lower IS NULL")
+        .replace("val: new.doubled / 2", "email: new.email_lower")
+    )
+    result = Phasegate(database_url)(
+        "backfill", str(path), "--live-version", "1", "--batch-size", "50", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    [(kept, filled)] = fetch(
+        database_url,
+        "SELECT count(*) FILTER (WHERE email = 'User' || k || '@Example.COM'),"
+        " count(*) FILTER (WHERE email_lower = lower(email)) FROM u",
+    )
+    assert (kept, filled) == (500, 500)
