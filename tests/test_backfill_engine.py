@@ -1226,3 +1226,48 @@ def test_batches_leave_the_old_columns_of_a_lossy_pair_as_they_were(
         " count(*) FILTER (WHERE email_lower = lower(email)) FROM u",
     )
     assert (kept, filled) == (500, 500)
+
+
+SLOW_DOUBLE = (
+    "CREATE FUNCTION slow_double(v int) RETURNS int LANGUAGE sql VOLATILE"
+    " AS $$ SELECT v * 2 FROM pg_sleep(0.003) $$"
+)
+
+
+def slow_table_and_plan(url: str, tmp_path: Path, rows: int) -> str:
+    """`t` of `rows` rows whose `set` sleeps 3 ms a row: 100 rows take ~0.3 s."""
+    execute(
+        url,
+        SLOW_DOUBLE,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {rows}) g",
+    )
+    path = tmp_path / "slow.yaml"
+    path.write_text(make_plan_text().replace("new.val * 2", "slow_double(new.val)"))
+    return str(path)
+
+
+def test_a_batch_over_its_statement_timeout_is_retried_smaller(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Each batch runs under --batch-statement-timeout: 100 rows (~0.3 s) time out at
+    100 ms, and are retried with 50, then 25 rows, which fit; the job finishes."""
+    plan = slow_table_and_plan(database_url, tmp_path, 60)
+    timeout = ["--batch-statement-timeout", "100ms", "--batch-size", "100"]
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes", *timeout)
+    assert result.exit_code == 0, result.output
+    assert "batch hit statement timeout; retrying with 50 rows" in result.stderr
+    assert "batch hit statement timeout; retrying with 25 rows" in result.stderr
+    assert_all_agree(database_url, 60)
+
+
+def test_statement_timeouts_past_the_retries_stop_the_job_with_exit_3(
+    database_url: str, tmp_path: Path
+) -> None:
+    plan = slow_table_and_plan(database_url, tmp_path, 60)
+    options = ["--batch-statement-timeout", "100ms", "--batch-size", "100", "--retries", "1"]
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes", *options)
+    assert result.exit_code == 3, result.output
+    assert "a batch hit statement timeout 2 times in a row" in result.stderr
+    [(filled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
+    assert filled == 0  # every attempt rolled back
