@@ -122,12 +122,27 @@ def test_single_column_keys_of_every_type(kind: str, database_url: str, tmp_path
     )
     assert result.exit_code == 0, result.output
     assert_all_agree(database_url, ROWS)
+    batches = -(-ROWS // 97)
     assert checkpoint(database_url) == {
         "status": "done",
         "walked": ROWS,
         "rows": ROWS,
-        "batches": -(-ROWS // 97),
+        "batches": batches,
     }
+    # the summary on stderr and in the event log
+    assert f"job fill: {ROWS:,} rows in {batches} batch(es), " in result.stderr
+    [(event,)] = fetch(
+        database_url, "SELECT detail FROM phasegate.event WHERE kind = 'job.finished'"
+    )
+    assert {k: event[k] for k in ("name", "kind", "status", "rows", "batches", "walked")} == {
+        "name": "fill",
+        "kind": "update",
+        "status": "done",
+        "rows": ROWS,
+        "batches": batches,
+        "walked": ROWS,
+    }
+    assert event["rows_per_second"] > 0 and set(event["batch_ms"]) == {"p50", "p99", "max"}
 
 
 def test_composite_primary_key_walks_as_a_row(database_url: str, tmp_path: Path) -> None:

@@ -1,0 +1,84 @@
+"""Batch sizing and pauses: pure logic, no database."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from phasegate.pacing import BackfillSettings, BatchSizer, Throttle
+
+
+def sizer(**settings: object) -> BatchSizer:
+    return BatchSizer(BackfillSettings(**settings), fixed=None)  # type: ignore[arg-type]
+
+
+def test_a_steady_rate_settles_on_the_rows_that_fill_the_target_time() -> None:
+    s = sizer(target_ms=50.0, first_batch=100)
+    for _ in range(30):
+        s.observe(s.size, s.size / 10_000)  # 10,000 rows/s whatever the size
+    assert s.size == 500  # 10,000 rows/s x 50 ms
+
+
+def test_a_batch_grows_at_most_twofold_per_step() -> None:
+    s = sizer(target_ms=50.0, first_batch=100)
+    sizes = [s.size]
+    for _ in range(6):
+        s.observe(s.size, s.size / 1_000_000)  # very fast: wants 50,000 rows
+        sizes.append(s.size)
+    assert sizes == [100, 200, 400, 800, 1600, 3200, 6400]
+
+
+def test_the_size_stays_between_the_floor_and_the_ceiling() -> None:
+    s = sizer(target_ms=50.0, first_batch=1000, min_batch=100, max_batch=2000)
+    for _ in range(10):
+        s.observe(s.size, s.size / 1_000_000)
+    assert s.size == 2000
+    s.observe(s.size, 10.0)  # 200 rows/s: wants 10 rows
+    assert s.size == 100
+
+
+def test_a_slow_batch_resets_the_average_at_once() -> None:
+    s = sizer(target_ms=50.0, first_batch=1000)
+    for _ in range(10):
+        s.observe(s.size, s.size / 20_000)  # settles at 1,000 rows
+    assert s.size == 1000
+    s.observe(1000, 1.0)  # 20x the target: 1,000 rows/s from now on, not an average
+    assert s.size == 100  # the floor; 1,000 rows/s x 50 ms = 50 rows
+
+
+def test_a_fixed_size_ignores_timings_and_a_shrink_lasts_one_batch() -> None:
+    s = BatchSizer(BackfillSettings(), fixed=300)
+    assert not s.adaptive and s.size == 300
+    s.observe(300, 5.0)
+    assert s.size == 300
+    s.shrink()
+    s.shrink()
+    assert s.size == 75
+    s.observe(75, 0.01)
+    assert s.size == 300
+
+
+def test_the_command_line_size_wins_over_the_plan() -> None:
+    assert BatchSizer(BackfillSettings(batch_size=40), fixed=300).size == 40
+
+
+@pytest.mark.parametrize(
+    "pause, ratio, batch_seconds, expected",
+    [(0.25, 0.0, 0.05, 0.25), (0.0, 4.0, 0.05, 0.2), (0.1, 2.0, 0.05, 0.2), (0.0, 0.0, 0.05, 0.0)],
+)
+def test_the_pause_is_fixed_plus_a_ratio_of_the_last_batch(
+    pause: float, ratio: float, batch_seconds: float, expected: float
+) -> None:
+    waits: list[float] = []
+
+    class Recording(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout or 0.0)
+            return False
+
+    settings = BackfillSettings(
+        pause=pause, pause_ratio=ratio, max_replica_lag=None, stop=Recording()
+    )
+    Throttle(settings).after_batch(None, batch_seconds, print)  # type: ignore[arg-type]
+    assert waits == ([pytest.approx(expected)] if expected else [])
