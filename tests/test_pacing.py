@@ -1,11 +1,14 @@
-"""Batch sizing and pauses: pure logic, no database."""
+"""Batch sizing, pauses and the status view of a job: pure logic, no database."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
 
+from phasegate.ledger import Checkpoint
+from phasegate.orchestrator import _job_status
 from phasegate.pacing import BackfillSettings, BatchSizer, Throttle
 
 
@@ -82,3 +85,22 @@ def test_the_pause_is_fixed_plus_a_ratio_of_the_last_batch(
     )
     Throttle(settings).after_batch(None, batch_seconds, print)  # type: ignore[arg-type]
     assert waits == ([pytest.approx(expected)] if expected else [])
+
+
+def test_status_rate_counts_this_run_and_eta_the_rows_left() -> None:
+    """Rate: keys walked since this run started over its seconds (a resume's earlier rows
+    are not this run's); ETA: the estimate's rows not walked yet at that rate."""
+    now = dt.datetime(2026, 11, 24, 12, 0, 10, tzinfo=dt.timezone.utc)
+    cp = Checkpoint(
+        "p",
+        "fill",
+        status="running",
+        walked=4000,
+        run_walked=1000,
+        total=10_000,
+        run_started_at=now - dt.timedelta(seconds=10),
+    )
+    view = _job_status(cp, now)
+    assert (view["rows_per_second"], view["eta_seconds"]) == (300, 20)
+    cp.status = "done"
+    assert _job_status(cp, now)["eta_seconds"] is None
