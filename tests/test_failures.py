@@ -194,6 +194,17 @@ def test_failed_verification_then_new_rows_then_a_fixed_plan_completes(
     result = phasegate("backfill", str(broken), "--live-version", "1", "--yes")
     assert result.exit_code == 3 and "verification failed" in result.stderr, result.output
     assert 'Inspect them with: SELECT * FROM "bug" AS new WHERE' in result.stderr
+    unfilled = scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NULL")
+    assert unfilled > 0 and f"{unfilled:,} row(s) of bug still match" in result.stderr
+    # the ledger records the failure: the count, and no verification time
+    with engine.begin() as c:
+        recorded = c.execute(
+            sa.text(
+                "SELECT status, remaining, verified_at FROM phasegate.job_checkpoint"
+                " WHERE job = 'bug-root-cause-id'"
+            )
+        ).one()
+    assert tuple(recorded) == ("failed", unfilled, None)
     with engine.begin() as c:  # a v1 write above the first walk's bound, through the bad trigger
         c.execute(
             sa.text(
