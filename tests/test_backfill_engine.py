@@ -1335,3 +1335,25 @@ def test_a_terminal_gets_the_bar_and_a_pipe_gets_log_lines(
     _out, err = piped.communicate(timeout=60)
     assert piped.returncode == 0, err
     assert "job fill: started" in err and "━" not in err
+
+
+@pytest.mark.parametrize("key, warned", [("[b, k]", True), ("[k, b]", False)])
+def test_an_explicit_key_no_index_starts_with_gets_a_warning(
+    key: str, warned: bool, database_url: str, tmp_path: Path
+) -> None:
+    """`[b, k]` is unique (k is) but no index starts with b: each batch would sort the rest
+    of the table, so the walk says what index to create; `[k, b]` walks k's index."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint NOT NULL UNIQUE, b int NOT NULL, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g % 7, g FROM generate_series(1, {ROWS}) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path, key), "--live-version", "1", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    hint = "no index of t starts with b, so every batch sorts the rest of the table"
+    assert (hint in result.stderr) is warned
+    if warned:
+        assert 'CREATE INDEX CONCURRENTLY ON "t" ("b", "k")' in result.stderr
+    assert_all_agree(database_url, ROWS)

@@ -296,6 +296,9 @@ def run_batched(
         progress.job_finished(result)
         return result
     key = keys.resolve(db, work.table, work.key)
+    hint = keys.index_hint(db, work.table, key) if work.key else None
+    if hint:
+        notify(f"job {work.checkpoint}: warning: {hint}")
     with _row_security_refusal(work.table):
         cp = _prepare(db, plan, work, key, settings, notify)
         progress.job_started(work.checkpoint, cp.total, cp.walked)

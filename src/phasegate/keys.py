@@ -173,6 +173,37 @@ def base_types(db: Session, table: str) -> dict[str, str]:
     return {row["name"]: row["type"] for row in rows}
 
 
+def index_hint(db: Session, table: str, key: Key) -> str | None:
+    """What to create when no btree index starts with the key's first column, else None.
+
+    A batch finds its end key with `ORDER BY key OFFSET n LIMIT 1` over what is left of its
+    range; without such an index that is a sort of the rest of the table, every batch.
+    Only an explicit `key:` can lack one (a primary key or unique index is its own).
+    """
+    with db.tx():
+        found = db.scalar(
+            """
+            SELECT EXISTS (
+                SELECT FROM pg_index i
+                JOIN pg_class ic ON ic.oid = i.indexrelid
+                JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                WHERE i.indrelid = to_regclass(%(t)s) AND i.indisvalid AND i.indpred IS NULL
+                  AND a.attname = %(first)s)
+            """,
+            {"t": quote_table(table).as_string(db.raw), "first": key.columns[0]},
+        )
+    if found:
+        return None
+    columns = ", ".join(sql.Identifier(c).as_string(db.raw) for c in key.columns)
+    return (
+        f"no index of {table} starts with {key.columns[0]}, so every batch sorts the rest of "
+        f"the table to find where it ends; CREATE INDEX CONCURRENTLY ON "
+        f"{quote_table(table).as_string(db.raw)} ({columns}) (in an expand revision) makes "
+        "each batch a walk of that index"
+    )
+
+
 def resolve(db: Session, table: str, explicit: list[str] | None) -> Key:
     """The job's key: explicit, else the primary key, else a UNIQUE NOT NULL index."""
     with db.tx():
