@@ -318,7 +318,7 @@ def run_batched(
                 f"({left} slice(s) left). Resume with the same command",
                 job=work.checkpoint,
             )
-    totals = _verify(db, plan, work)
+    totals = verify(db, plan, work)
     result = JobResult(
         work.checkpoint,
         "update",
@@ -775,19 +775,15 @@ class _Walk:
                 self.settings.stop.wait(pause)
 
 
-def verify_again(db: Session, plan: str, work: BatchedWork, after: str) -> None:
-    """Check a done job once more after the `sql` job `after` ran later in the phase.
-
-    That job may have written the table in a way no trigger saw; if rows match `where`
-    again, the job is failed, so the next run walks it again.
-    """
-    _verify(db, plan, work, after)
-
-
-def _verify(
+def verify(
     db: Session, plan: str, work: BatchedWork, after: str | None = None
 ) -> ledger.Checkpoint:
-    """Count what still matches, record it; returns the checkpoint as saved."""
+    """Count what still matches, record it (done, or failed so the next run walks again);
+    returns the checkpoint as saved.
+
+    `after`: the `sql` job that ran later in the phase, when a done job is checked once
+    more because that job may have written the table where no trigger saw it.
+    """
     with _row_security_refusal(work.table):
         remaining = count_remaining(db, work.table, work.unfinished)
     with db.tx():

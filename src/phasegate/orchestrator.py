@@ -407,7 +407,7 @@ class Orchestrator:
                 )
             results.append(result.to_dict())
         for job, after in recheck.values():
-            backfill.verify_again(self.db, self.plan.name, backfill.up_work(job), after)
+            backfill.verify(self.db, self.plan.name, backfill.up_work(job), after)
         return results
 
     # -- moving back ------------------------------------------------------------------------
