@@ -751,11 +751,22 @@ def no_temporary_url(database_url: str) -> Iterator[str]:
     create temporary objects, whose batches are therefore one SQL statement of CTEs."""
     database = make_url(database_url).database
     role = f"notemp_{database}"
-    execute(database_url, f'CREATE ROLE "{role}" LOGIN')
+    with role_owning_the_database(
+        database_url, role, f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, "{role}"'
+    ) as url:
+        yield url
+
+
+@contextmanager
+def role_owning_the_database(database_url: str, role: str, *setup: str) -> Iterator[str]:
+    """A login role that owns the test database, after `setup`; yields its URL, then drops
+    it and everything it owns."""
+    database = make_url(database_url).database
     execute(
         database_url,
+        f'CREATE ROLE "{role}" LOGIN',
         f'ALTER DATABASE "{database}" OWNER TO "{role}"',
-        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, "{role}"',
+        *setup,
     )
     try:
         yield make_url(database_url).set(username=role).render_as_string(hide_password=False)
@@ -1119,25 +1130,17 @@ def test_rows_a_later_sql_job_leaves_unfilled_fail_the_phase_and_a_rerun_fills_t
 def rls_url(database_url: str) -> Iterator[str]:
     """The URL of a role that owns the database but not `t`, which has row-level security
     showing it the even keys only."""
-    database = make_url(database_url).database
-    role = f"rls_{database}"
+    role = f"rls_{make_url(database_url).database}"
     seeded_table(database_url)
-    execute(
+    with role_owning_the_database(
         database_url,
-        f'CREATE ROLE "{role}" LOGIN',
-        f'ALTER DATABASE "{database}" OWNER TO "{role}"',
+        role,
         f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"',
         f'GRANT SELECT, UPDATE, TRIGGER ON t TO "{role}"',
         "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
         f'CREATE POLICY even ON t TO "{role}" USING (k % 2 = 0)',
-    )
-    try:
-        yield make_url(database_url).set(username=role).render_as_string(hide_password=False)
-    finally:
-        execute(
-            database_url, f'REASSIGN OWNED BY "{role}" TO CURRENT_USER', f'DROP OWNED BY "{role}"'
-        )
-        execute(database_url, f'DROP ROLE "{role}"')
+    ) as url:
+        yield url
 
 
 def test_row_level_security_stops_the_walk_instead_of_hiding_rows(
