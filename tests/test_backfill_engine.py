@@ -251,11 +251,7 @@ def test_include_columns_of_a_unique_index_are_not_part_of_the_key(
 
 
 def test_parallel_workers_claim_slices(database_url: str, tmp_path: Path) -> None:
-    execute(
-        database_url,
-        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
-        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
-    )
+    seeded_table(database_url)
     flags = ["--workers", "3", "--slices", "6", "--batch-size", "50", "--pause", "0.01"]
     result = Phasegate(database_url)(
         "backfill", make_plan(tmp_path), "--live-version", "1", "--yes", *flags
@@ -945,11 +941,7 @@ def test_a_resume_keeps_what_other_processes_counted_meanwhile(
     lost from the row's counters. The batch is injected at that moment: just before the
     resume prepares its walk, another session adds 777 walked rows, as a batch's
     checkpoint does."""
-    execute(
-        database_url,
-        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
-        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
-    )
+    seeded_table(database_url)
     plan = make_plan(tmp_path)
     result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
     assert result.exit_code == 0, result.output
@@ -1083,11 +1075,7 @@ def test_an_sql_job_is_an_ordinary_writer_for_the_sync_trigger(
 ) -> None:
     """An `sql` job's writes are synced like the app's: the mark that makes the trigger step
     aside belongs to the batches only. Run after the batched job, nothing would sweep them."""
-    execute(
-        database_url,
-        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
-        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
-    )
+    seeded_table(database_url)
     path = plan_with_sql_after(tmp_path, statement)
     result = Phasegate(database_url)("backfill", path, "--live-version", "1", "--yes")
     assert result.exit_code == 0, result.output
@@ -1101,11 +1089,7 @@ def test_rows_a_later_sql_job_leaves_unfilled_fail_the_phase_and_a_rerun_fills_t
     the `sql` job inserts behind the trigger's back (replica role), so its rows still match
     the batched job's `where`. The phase fails (exit 3) naming both jobs; the next run
     walks the batched job again and ends done."""
-    execute(
-        database_url,
-        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
-        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
-    )
+    seeded_table(database_url)
     path = plan_with_sql_after(
         tmp_path,
         '"SET LOCAL session_replication_role = replica; '
