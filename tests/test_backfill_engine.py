@@ -415,6 +415,27 @@ def test_status_from_another_terminal_shows_rate_and_eta(database_url: str, tmp_
     assert job["rows_per_second"] > 0 and job["eta_seconds"] > 0
 
 
+def test_a_never_analysed_table_gets_the_planners_estimate(
+    database_url: str, tmp_path: Path
+) -> None:
+    """reltuples is -1 until the first ANALYZE; the job's total comes from the planner."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)"
+        " WITH (autovacuum_enabled = off)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    assert fetch(database_url, "SELECT reltuples FROM pg_class WHERE oid = 't'::regclass") == [
+        (-1,)
+    ]
+    plan = make_plan(tmp_path)
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
+    [job] = [j for j in status["jobs"] if j["name"] == "fill"]
+    assert ROWS / 2 <= job["total_estimate"] <= ROWS * 2
+
+
 # -- old-code writes, new-code writes and batches, in any interleaving ------------------------
 
 # (kind, row, value, after): `row` is a key relative to where the walk is (negative:
