@@ -10,7 +10,10 @@ customer.email (as typed) → customer.email_normalized = lower(btrim(email)).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -293,3 +296,106 @@ def test_env_py_with_its_own_single_on_version_apply_callable(
             sa.text("SELECT count(*) FROM phasegate.event WHERE kind = 'revision.applied'")
         ).scalar()
     assert applied == len(EXPAND)
+
+
+SCHEMA_ENV_PY = """\
+        import os
+
+        from sqlalchemy import text
+
+        schema = os.environ.get("SHOP_SCHEMA")
+        if schema:  # the cookbook's schema-per-tenant recipe: the path, committed
+            connectable.execute(text(f'SET search_path TO "{schema}"'))
+            connectable.commit()
+        context.configure(connection=connectable, target_metadata=target_metadata)
+"""
+
+
+def phasegate_process(
+    config: Path, url: str, *args: str, schema: str | None
+) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("SHOP_SCHEMA", "DATABASE_URL")}
+    env |= {"PHASEGATE_DATABASE_URL": url, **({"SHOP_SCHEMA": schema} if schema else {})}
+    argv = [sys.executable, "-m", "phasegate", "--config", str(config), *args]
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_an_env_py_that_sets_search_path_is_followed_by_every_walk_session(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shop lives in schema "app", which only env.py puts on the search_path. The
+    orchestrator's session (where env.py ran) installs the trigger and verifies; its own
+    workers and a `phasegate worker` (which runs no env.py) walk on fresh connections and
+    must find app.customer too, in the walk forward and in contract's rollback refill."""
+    project = tmp_path / "shop"
+    shutil.copytree(PROJECT, project)
+    env_py = project / "migrations" / "env.py"
+    configure = (
+        "        context.configure(connection=connectable, target_metadata=target_metadata)\n"
+    )
+    assert env_py.read_text().count(configure) == 1
+    env_py.write_text(env_py.read_text().replace(configure, SCHEMA_ENV_PY))
+    config, plan = project / "alembic.ini", str(project / "plans" / "customer_email.yaml")
+    monkeypatch.setenv("SHOP_SCHEMA", "app")
+
+    engine = sa.create_engine(normalize_url(database_url), poolclass=NullPool)
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE SCHEMA app"))
+    with engine.connect() as connection:
+        cfg = Config(str(config))
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, BASELINE)  # env.py sets and commits the path
+        connection.execute(SEED, {"rows": ROWS})
+        connection.commit()
+
+    phasegate = Phasegate(database_url, config)
+    result = phasegate("expand", plan, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    slow = ["--slices", "4", "--batch-size", "25", "--pause", "0.05"]  # ~7 s: time to join
+    owner = phasegate_process(
+        config,
+        database_url,
+        "backfill",
+        plan,
+        "--live-version",
+        "1.0",
+        "--yes",
+        *slow,
+        schema="app",
+    )
+    helper = phasegate_process(
+        config, database_url, "worker", plan, "--wait", "30", *slow, schema=None
+    )
+    _out, owner_err = owner.communicate(timeout=120)
+    helper_out, helper_err = helper.communicate(timeout=120)
+    assert owner.returncode == 0, owner_err
+    assert helper.returncode == 0, helper_err
+    with engine.connect() as connection:
+        owners = connection.execute(sa.text("SELECT DISTINCT owner FROM phasegate.job_slice"))
+        assert "assist 0" in set(owners.scalars()), helper_out  # the helper walked a slice
+        pending = connection.execute(
+            sa.text(
+                "SELECT count(*) FROM app.customer "
+                "WHERE email_normalized IS DISTINCT FROM lower(btrim(email))"
+            )
+        ).scalar_one()
+        assert pending == 0
+        assert connection.execute(sa.text("SELECT to_regclass('public.customer')")).scalar() is None
+
+    for step in (
+        ("switch", plan, "--live-version", "1.0"),
+        ("contract", plan, "--live-version", "2.0"),
+        ("rollback", plan, "--live-version", "1.0", "--workers", "2", "--batch-size", "300"),
+    ):
+        result = phasegate(*step, "--yes")
+        assert result.exit_code == 0, (step, result.output)
+    with engine.connect() as connection:
+        wrong = connection.execute(
+            sa.text(
+                "SELECT count(*) FROM app.customer WHERE email IS DISTINCT FROM email_normalized"
+            )
+        ).scalar_one()
+    assert wrong == 0  # the refill rebuilt email from email_normalized in app.customer
+    engine.dispose()

@@ -151,6 +151,18 @@ def test_second_orchestrator_is_busy_and_names_the_holder(phasegate, engine, see
     assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
 
 
+def test_a_ledger_from_a_newer_phasegate_is_refused(phasegate, engine) -> None:
+    assert phasegate("expand", P, "--live-version", "1", "--yes").exit_code == 0
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE phasegate.meta SET value = '99' WHERE key = 'schema_version'")
+        )
+    result = phasegate("backfill", P, "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    assert "version 99, written by a newer phasegate" in result.stderr
+    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+
+
 def test_a_set_column_that_does_not_exist_is_a_plan_error(phasegate, engine, tmp_path) -> None:
     plan = tmp_path / "typo.yaml"
     plan.write_text(

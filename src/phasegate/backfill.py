@@ -302,7 +302,7 @@ def run_batched(
     with _row_security_refusal(work.table):
         cp = _prepare(db, plan, work, key, settings, notify)
         progress.job_started(work.checkpoint, cp.total, cp.walked)
-        walk = _Walk(plan, work, key, settings, _Locked(progress), notify)
+        walk = _Walk(plan, work, key, settings, _Locked(progress), notify, cp.search_path)
         started = time.monotonic()
         walk.run(db)
         seconds = time.monotonic() - started
@@ -364,25 +364,36 @@ def assist(
         with db.tx():
             ready = ledger.exists(db)  # the orchestrator creates the ledger, never a helper
         with db.tx():
+            ledger.check_version(ledger.schema_version(db))
             running = ready and [
-                make
+                (name, make)
                 for name, make in makers.items()
                 if ledger.get_checkpoint(db, plan.name, name).status == "running"
                 and ledger.unfinished_slices(db, plan.name, name)
             ]
-        for make in running or []:
+        for name, make in running or []:
+            with db.tx():
+                cp = ledger.get_checkpoint(db, plan.name, name)
+                adopt_search_path(db, cp.search_path)  # the orchestrator's: same tables
             work = make()
             key = keys.resolve(db, work.table, work.key)
-            with db.tx():
-                walked = ledger.get_checkpoint(db, plan.name, work.checkpoint).walk_key
-            if walked not in (None, key.signature):
+            if cp.walk_key not in (None, key.signature):
                 notify(
-                    f"job {work.checkpoint}: not joined: its walk is over {walked}, but its key "
-                    f"is {key.signature} now; the next run of the phase walks it again"
+                    f"job {work.checkpoint}: not joined: its walk is over {cp.walk_key}, but "
+                    f"its key is {key.signature} now; the next run of the phase walks it again"
                 )
                 continue
             progress.job_started(work.checkpoint, None, 0)
-            walk = _Walk(plan.name, work, key, settings, _Locked(progress), notify, assisting=True)
+            walk = _Walk(
+                plan.name,
+                work,
+                key,
+                settings,
+                _Locked(progress),
+                notify,
+                cp.search_path,
+                assisting=True,
+            )
             started = time.monotonic()
             with _row_security_refusal(work.table):
                 walk.run(db)
@@ -502,6 +513,7 @@ def _prepare(
                 f"{cp.upper_key or '(empty table)'} in {max(len(bounds), 1)} slice(s)"
             )
         cp.status = "running"
+        cp.search_path = db.scalar("SELECT current_setting('search_path')")
         cp.run_started_at = db.scalar("SELECT now()")
         cp.run_walked = cp.walked
         ledger.save_checkpoint(db, cp)
@@ -583,10 +595,12 @@ class _Walk:
         settings: BackfillSettings,
         progress: _Locked,
         notify: Notify,
+        search_path: str | None,
         assisting: bool = False,
     ) -> None:
         self.plan, self.work, self.key, self.settings = plan, work, key, settings
         self.progress, self.notify, self.assisting = progress, notify, assisting
+        self.search_path = search_path
         self.lock = threading.Lock()
         self.abort = threading.Event()
         self.error: BaseException | None = None
@@ -643,6 +657,7 @@ class _Walk:
             with dbmod.session(self._url, f"phasegate backfill worker {number}") as session:
                 with session.tx():
                     set_limits(session, self.settings, local=False)
+                    adopt_search_path(session, self.search_path)
                 try:
                     self._worker(session, number)
                 finally:
@@ -847,13 +862,32 @@ def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
     )
 
 
+def adopt_search_path(db: Session, search_path: str | None) -> None:
+    """The search_path of the session that prepared the walk, for this session's life.
+
+    The orchestrator's session is the one the project's env.py ran on, and env.py may set
+    search_path (an app whose tables live in their own schema). That session installs the
+    sync trigger (whose function keeps the path it was created under), prepares the walk
+    and verifies it; a walk session on a fresh connection would otherwise resolve the
+    job's table and the functions in its expressions elsewhere, or not at all.
+    """
+    if search_path is not None:
+        db.execute("SELECT set_config('search_path', %(p)s, false)", {"p": search_path})
+
+
 def reset_limits(db: Session) -> None:
     """Undo `set_limits(local=False)` before a walk session closes (a pooler may keep the
     server connection); best effort: a lost connection has nothing left to undo."""
     with contextlib.suppress(Exception):
         db.reset()
         with db.autocommit():
-            for name in ("statement_timeout", "lock_timeout", "enable_seqscan", "row_security"):
+            for name in (
+                "statement_timeout",
+                "lock_timeout",
+                "enable_seqscan",
+                "row_security",
+                "search_path",
+            ):
                 psycopg.Cursor(db.raw).execute(f"RESET {name}")
             if client_check(db.raw, local=False):  # set only where the server knows it
                 psycopg.Cursor(db.raw).execute("RESET client_connection_check_interval")

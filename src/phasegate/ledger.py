@@ -16,9 +16,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from phasegate.db import LOCK_NAMESPACE, Session
+from phasegate.errors import UsageError
 
 SCHEMA = "phasegate"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS phasegate;
@@ -114,7 +115,11 @@ COMMENT ON TABLE phasegate.heartbeat IS
 ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS walk_key text;
 COMMENT ON COLUMN phasegate.job_checkpoint.walk_key IS
     'the key the bounds belong to: columns and types, e.g. "id bigint"';
-INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '4')
+-- version 5: the orchestrator's search_path, which every walk session of the job adopts
+ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS search_path text;
+COMMENT ON COLUMN phasegate.job_checkpoint.search_path IS
+    'search_path of the session that prepared the walk (env.py may set it): workers use it';
+INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '5')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
@@ -152,6 +157,7 @@ class Checkpoint:
     run_started_at: dt.datetime | None = None
     run_walked: int = 0
     walk_key: str | None = None  # keys.Key.signature of the walk's key
+    search_path: str | None = None  # the preparing session's, for every walk session
 
 
 @dataclass
@@ -182,12 +188,30 @@ def ensure_schema(db: Session) -> None:
     with db.tx():
         # concurrent creators (an orchestrator and a `phasegate worker`) queue here
         db.execute("SELECT pg_advisory_xact_lock(%(ns)s, 2)", {"ns": LOCK_NAMESPACE})
-        if exists(db) and db.scalar(
-            "SELECT value::int >= %(v)s FROM phasegate.meta WHERE key = 'schema_version'",
-            {"v": SCHEMA_VERSION},
-        ):
+        version = schema_version(db)
+        if version is not None and version >= SCHEMA_VERSION:
+            check_version(version)
             return
         db.execute(_DDL)
+
+
+def schema_version(db: Session) -> int | None:
+    """The ledger's version, or None when there is no ledger yet."""
+    if not exists(db):
+        return None
+    return int(db.scalar("SELECT value FROM phasegate.meta WHERE key = 'schema_version'") or 0)
+
+
+def check_version(version: int | None) -> None:
+    """Refuse a ledger written by a newer phasegate: this one would misread its columns
+    (and ignore what they mean, e.g. the search_path every walk session must use)."""
+    if version is not None and version > SCHEMA_VERSION:
+        raise UsageError(
+            f"the ledger (schema phasegate) is version {version}, written by a newer "
+            f"phasegate; this one knows version {SCHEMA_VERSION}. Upgrade phasegate here "
+            "(every orchestrator and `phasegate worker` of a database must be at least as "
+            "new as the newest that ran on it)"
+        )
 
 
 def get_state(db: Session, plan: str) -> PlanState:
@@ -279,11 +303,11 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
         INSERT INTO phasegate.job_checkpoint AS c
             (plan, job, status, last_key, upper_key, rows_done, batches, remaining,
              started_at, updated_at, verified_at, walked, total, run_started_at, run_walked,
-             walk_key)
+             walk_key, search_path)
         VALUES (%(plan)s, %(job)s, %(status)s, %(last_key)s, %(upper_key)s, %(rows_done)s,
                 %(batches)s, %(remaining)s, coalesce(%(started_at)s, now()), now(),
                 %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s,
-                %(walk_key)s)
+                %(walk_key)s, %(search_path)s)
         ON CONFLICT (plan, job) DO UPDATE SET
             status = excluded.status, last_key = excluded.last_key,
             upper_key = excluded.upper_key, rows_done = excluded.rows_done,
@@ -291,7 +315,8 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             started_at = excluded.started_at, updated_at = now(),
             verified_at = excluded.verified_at, walked = excluded.walked,
             total = excluded.total, run_started_at = excluded.run_started_at,
-            run_walked = excluded.run_walked, walk_key = excluded.walk_key
+            run_walked = excluded.run_walked, walk_key = excluded.walk_key,
+            search_path = excluded.search_path
         """,
         {
             "plan": cp.plan,
@@ -309,6 +334,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             "run_started_at": cp.run_started_at,
             "run_walked": cp.run_walked,
             "walk_key": cp.walk_key,
+            "search_path": cp.search_path,
         },
     )
 
