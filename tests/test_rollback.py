@@ -64,7 +64,10 @@ def test_each_phase_rolls_back_newest_first_then_the_plan_runs_again(phasegate, 
 
     rollback()  # backfill: triggers and checkpoints gone, copied data kept
     assert sync_triggers(engine) == 0
-    assert scalar(engine, "SELECT count(*) FROM phasegate.job_checkpoint") == 0
+    # the synced job alone keeps a checkpoint: pending, flagged to sweep stale rows
+    assert fetch(engine, "SELECT job, status, resweep FROM phasegate.job_checkpoint") == [
+        ("bug-root-cause-id", "pending", True)
+    ]
 
     rollback()  # expand: back to the baseline schema
     assert "root_cause_id" not in columns(engine)
@@ -78,6 +81,41 @@ def test_each_phase_rolls_back_newest_first_then_the_plan_runs_again(phasegate, 
 
     run_to_done(phasegate)
     assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NULL") == 0
+
+
+def test_old_code_writes_after_a_backfill_rollback_reach_the_new_column(phasegate, engine) -> None:
+    """Rollback of backfill keeps the copied root_cause_id but drops the trigger, and old code
+    (the only code the expanded state admits) keeps writing root_cause. The next backfill
+    must recompute those rows too, though its `where` (root_cause_id IS NULL) skips them;
+    else contract drops the only copy of what old code wrote."""
+    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "also rewrites every row whose new columns no longer match" in result.stderr
+    [(kept,)] = fetch(engine, "SELECT root_cause_id FROM bug WHERE id = 3")
+    with engine.begin() as connection:  # old code, no trigger
+        for statement in (
+            "UPDATE bug SET root_cause = 'named after the rollback' WHERE id = 1",
+            "UPDATE bug SET root_cause = (SELECT root_cause FROM bug WHERE id = 5) WHERE id = 2",
+            "INSERT INTO bug (bug_tracker_url, root_cause) VALUES ('https://x.test/1', 'new')",
+        ):
+            connection.execute(sa.text(statement))
+
+    result = phasegate("backfill", P, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    stale = scalar(
+        engine,
+        "SELECT count(*) FROM bug b LEFT JOIN root_cause r ON r.id = b.root_cause_id "
+        "WHERE r.name IS DISTINCT FROM b.root_cause",
+    )
+    assert stale == 0
+    assert fetch(engine, "SELECT root_cause_id FROM bug WHERE id = 3") == [(kept,)]  # untouched
+    assert fetch(
+        engine,
+        "SELECT status, resweep FROM phasegate.job_checkpoint WHERE job = :j",
+        j="bug-root-cause-id",
+    ) == [("done", False)]
 
 
 def test_rollback_is_gated_on_the_earlier_state(phasegate, engine) -> None:

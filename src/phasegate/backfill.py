@@ -100,14 +100,46 @@ class JobResult:
         }
 
 
-def up_work(job: Job) -> BatchedWork:
+def up_work(job: Job, stale: Mapping[str, str] | None = None) -> BatchedWork:
+    """The job's walk: the rows its `where` matches.
+
+    `stale` (the table's column types): also the rows whose new columns differ from what
+    `set` gives for their old columns. After a rollback of backfill the old columns are
+    the truth again and no trigger runs, so an old-code write leaves the new columns it
+    derived from stale, and the author's `where` (new columns empty) does not see them.
+    Verification still counts the author's `where`: the trigger keeps later writes in step.
+    """
+    where = sql.SQL(job.where or "FALSE")
     return BatchedWork(
         checkpoint=job.name,
         table=job.table or "",
         key=job.key_columns,
         assignments=job.set_ or {},
-        where=sql.SQL(job.where or "FALSE"),
+        where=where if stale is None else sql.SQL("({}) OR {}").format(where, _differs(job, stale)),
         batch_size=job.batch_size,
+        done_unless=None if stale is None else where,
+    )
+
+
+def forward_work(db: Session, plan: str, job: Job) -> BatchedWork:
+    """`up_work`, with the stale rows when a rollback of backfill flagged the job."""
+    with db.tx():
+        resweep = ledger.get_checkpoint(db, plan, job.name).resweep
+    if not (resweep and job.sync is not None):
+        return up_work(job)
+    return up_work(job, keys.base_types(db, job.table or ""))
+
+
+def _differs(job: Job, types: Mapping[str, str]) -> sql.Composed:
+    """A row whose new columns are not what `set` gives for its old ones (each expression
+    cast to its column's base type, `types`, as the assignment would)."""
+    return sql.SQL("({})").format(
+        sql.SQL(" OR ").join(
+            sql.SQL("new.{c} IS DISTINCT FROM CAST(({e}) AS {t})").format(
+                c=sql.Identifier(column), e=sql.SQL(expression), t=sql.SQL(types[column])
+            )
+            for column, expression in (job.set_ or {}).items()
+        )
     )
 
 
@@ -141,18 +173,12 @@ def down_work(job: Job, types: Mapping[str, str]) -> BatchedWork:
             f"job {job.name!r}: column(s) {', '.join(missing)} of {job.table!r} are gone, so "
             "the old columns cannot be refilled from them"
         )
-    changed = sql.SQL(" OR ").join(
-        sql.SQL("new.{c} IS DISTINCT FROM CAST(({e}) AS {t})").format(
-            c=sql.Identifier(column), e=sql.SQL(expression), t=sql.SQL(types[column])
-        )
-        for column, expression in (job.set_ or {}).items()
-    )
     return BatchedWork(
         checkpoint=down_name(job),
         table=job.table or "",
         key=job.key_columns,
         assignments=job.sync.down if job.sync else {},
-        where=sql.SQL("({}) AND (({}) OR {})").format(new_set, old_null, changed),
+        where=sql.SQL("({}) AND (({}) OR {})").format(new_set, old_null, _differs(job, types)),
         batch_size=job.batch_size,
         done_unless=sql.SQL("({}) AND ({})").format(old_null, new_set),
     )
@@ -353,7 +379,7 @@ def assist(
     # which need not exist yet while a helper waits before the plan's expand)
     batched = [j for j in plan.jobs() if j.is_batched]
     makers: dict[str, Callable[[], BatchedWork]] = {
-        j.name: functools.partial(up_work, j) for j in batched
+        j.name: functools.partial(forward_work, db, plan.name, j) for j in batched
     }
     for j in batched:
         if j.sync is not None:
@@ -814,7 +840,7 @@ def verify(
         if remaining:
             current.status = "failed"
         else:
-            current.status = "done"
+            current.status, current.resweep = "done", False
             current.verified_at = db.scalar("SELECT now()")
         ledger.save_checkpoint(db, current)
     if remaining:

@@ -9,6 +9,7 @@ ledger row commits (or rolls back) together with the work it describes.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from phasegate.db import LOCK_NAMESPACE, Session
 from phasegate.errors import UsageError
 
 SCHEMA = "phasegate"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS phasegate;
@@ -119,7 +120,12 @@ COMMENT ON COLUMN phasegate.job_checkpoint.walk_key IS
 ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS search_path text;
 COMMENT ON COLUMN phasegate.job_checkpoint.search_path IS
     'search_path of the session that prepared the walk (env.py may set it): workers use it';
-INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '5')
+-- version 6: a job whose new columns may have gone stale while no trigger ran
+ALTER TABLE phasegate.job_checkpoint
+    ADD COLUMN IF NOT EXISTS resweep boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN phasegate.job_checkpoint.resweep IS
+    'rollback of backfill: the next walk also fixes rows whose new columns differ from set';
+INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '6')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
@@ -158,6 +164,7 @@ class Checkpoint:
     run_walked: int = 0
     walk_key: str | None = None  # keys.Key.signature of the walk's key
     search_path: str | None = None  # the preparing session's, for every walk session
+    resweep: bool = False  # new columns may be stale (rollback of backfill): walk those too
 
 
 @dataclass
@@ -303,11 +310,11 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
         INSERT INTO phasegate.job_checkpoint AS c
             (plan, job, status, last_key, upper_key, rows_done, batches, remaining,
              started_at, updated_at, verified_at, walked, total, run_started_at, run_walked,
-             walk_key, search_path)
+             walk_key, search_path, resweep)
         VALUES (%(plan)s, %(job)s, %(status)s, %(last_key)s, %(upper_key)s, %(rows_done)s,
                 %(batches)s, %(remaining)s, coalesce(%(started_at)s, now()), now(),
                 %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s,
-                %(walk_key)s, %(search_path)s)
+                %(walk_key)s, %(search_path)s, %(resweep)s)
         ON CONFLICT (plan, job) DO UPDATE SET
             status = excluded.status, last_key = excluded.last_key,
             upper_key = excluded.upper_key, rows_done = excluded.rows_done,
@@ -316,7 +323,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             verified_at = excluded.verified_at, walked = excluded.walked,
             total = excluded.total, run_started_at = excluded.run_started_at,
             run_walked = excluded.run_walked, walk_key = excluded.walk_key,
-            search_path = excluded.search_path
+            search_path = excluded.search_path, resweep = excluded.resweep
         """,
         {
             "plan": cp.plan,
@@ -335,6 +342,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             "run_walked": cp.run_walked,
             "walk_key": cp.walk_key,
             "search_path": cp.search_path,
+            "resweep": cp.resweep,
         },
     )
 
@@ -501,10 +509,22 @@ def delete_checkpoint(db: Session, plan: str, job: str) -> None:
         )
 
 
-def clear_checkpoints(db: Session, plan: str) -> int:
+def clear_checkpoints(db: Session, plan: str, resweep: Iterable[str] = ()) -> int:
+    """Forget the plan's job progress (rollback of backfill); returns how many jobs had some.
+
+    Each job of `resweep` that had run (or was already flagged) keeps a pending checkpoint
+    flagged `resweep`: its new columns keep their values while no trigger runs, so old
+    code's writes from now on leave them stale, and the next walk must fix those rows too.
+    """
     db.execute("DELETE FROM phasegate.job_slice WHERE plan = %(p)s", {"p": plan})
-    cursor = db.execute("DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s", {"p": plan})
-    return cursor.rowcount
+    cursor = db.execute(
+        "DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s RETURNING job", {"p": plan}
+    )
+    cleared = {row[0] for row in cursor.fetchall()}
+    for job in resweep:
+        if job in cleared:
+            save_checkpoint(db, Checkpoint(plan, job, resweep=True))
+    return len(cleared)
 
 
 # -- heartbeats ---------------------------------------------------------------------------

@@ -387,7 +387,7 @@ class Orchestrator:
                 result = backfill.run_batched(
                     self.db,
                     self.plan.name,
-                    backfill.up_work(job),
+                    backfill.forward_work(self.db, self.plan.name, job),
                     self.options.backfill,
                     self.progress,
                     self.notify,
@@ -462,15 +462,20 @@ class Orchestrator:
 
     def _revert(self, phase: str, heads: tuple[str, ...]) -> list[dict[str, Any]]:
         if phase == "backfill":
+            synced = [job.name for job in self._sync_jobs()]
 
             def drop_triggers() -> int:
                 with self.db.tx():
                     for job in self._sync_jobs():
                         sync.drop(self.db, self.plan.name, job)
-                    return ledger.clear_checkpoints(self.db, self.plan.name)
+                    return ledger.clear_checkpoints(self.db, self.plan.name, resweep=synced)
 
             cleared = self.db.retrying("dropping the sync triggers", drop_triggers)
-            self.notify(f"dropped the sync triggers and {cleared} job checkpoint(s)")
+            self.notify(
+                f"dropped the sync triggers and {cleared} job checkpoint(s); the new columns "
+                "keep their values, so the next backfill also rewrites every row whose new "
+                "columns no longer match `set` (old code may change the old ones meanwhile)"
+            )
             return []
         applied = self.project.applied(heads)
         if any(r in applied for r in self.revisions.of(phase)):
@@ -757,6 +762,7 @@ def _job_status(cp: ledger.Checkpoint, now: dt.datetime) -> dict[str, Any]:
         "last_key": cp.last_key,
         "upper_key": cp.upper_key,
         "verified_at": _iso(cp.verified_at),
+        "resweep": cp.resweep,
     }
 
 
