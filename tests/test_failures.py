@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -177,6 +178,47 @@ def test_a_set_column_that_does_not_exist_is_a_plan_error(phasegate, engine, tmp
     assert f"{plan}:{line}: phases.backfill.jobs[1].set.root_cause_id2:" in result.stderr
     assert "column 'root_cause_id2' does not exist in table 'bug'" in result.stderr
     assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+
+
+@pytest.mark.parametrize(
+    ("original", "broken", "key", "says"),
+    [
+        (  # a misspelt column in sync.down: batches never run it, app writes would
+            "(SELECT name FROM root_cause",
+            "(SELECT nam FROM root_cause",
+            "sync.down.root_cause",
+            'column "nam" does not exist',
+        ),
+        (
+            "root_cause_id_for(new.root_cause)",
+            "root_cause_id_for(new.rootcause)",
+            "set.root_cause_id",
+            "new.rootcause",
+        ),
+        (  # text for a bigint column: the assignment cannot take it
+            "root_cause_id_for(new.root_cause)",
+            "new.root_cause",
+            "set.root_cause_id",
+            "is of type bigint but expression is of type text",
+        ),
+        ("AND new.root_cause_id IS NULL", "AND new.root_cause_id", "where", "type boolean"),
+    ],
+)
+def test_a_broken_expression_is_a_plan_error_before_any_trigger(
+    phasegate, engine, tmp_path, original: str, broken: str, key: str, says: str
+) -> None:
+    """The trigger would run it on every app write: refused at its line, nothing installed."""
+    plan = tmp_path / "typo.yaml"
+    assert PLAN.read_text().count(original) == 1
+    plan.write_text(PLAN.read_text().replace(original, broken))
+    assert phasegate("expand", str(plan), "--live-version", "1", "--yes").exit_code == 0
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    line = next(n for n, text in enumerate(plan.read_text().splitlines(), 1) if broken in text)
+    assert f"{plan}:{line}: phases.backfill.jobs[1].{key}:" in result.stderr
+    assert says in result.stderr
+    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+    assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NOT NULL") == 0
 
 
 def test_override_gate_proceeds_and_is_recorded(phasegate, engine) -> None:

@@ -31,7 +31,7 @@ from phasegate.errors import RuntimeFailure
 from phasegate.keys import Key, KeyValue
 from phasegate.lockguard import client_check
 from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
-from phasegate.plan import Job, Plan, PlanError
+from phasegate.plan import Job, Loc, Plan, PlanError, PlanIssue
 
 SAMPLE_ROWS = 20_000  # rows sampled to cut a job into slices
 
@@ -220,6 +220,8 @@ def check_columns(db: Session, plan: Plan) -> None:
                     f"columns there: {', '.join(sorted(columns))}",
                 )
             )
+        if not missing:
+            issues += _expression_issues(db, plan, job, loc)
         with db.tx():
             done = ledger.get_checkpoint(db, plan.name, job.name).status == "done"
         if not (done or any(where == (*loc, "key") for _, where in missing)):
@@ -235,6 +237,56 @@ def check_columns(db: Session, plan: Plan) -> None:
             issues.append(plan.issue((*loc, "table"), message, hint))
     if issues:
         raise PlanError(issues)
+
+
+def _expression_issues(db: Session, plan: Plan, job: Job, loc: Loc) -> list[PlanIssue]:
+    """Each of the job's expressions, planned (never run) against its table.
+
+    The sync trigger is installed before any job runs and evaluates `set` and `sync.down`
+    on every app write: a typo there (a misspelt column or function, a text expression for
+    a bigint column) would make the app's own inserts and updates fail, while the walk
+    might not notice (a `sync.down` typo: batches never run `down`). So each expression
+    is planned as the batch runs it (`UPDATE ... AS new SET column = (expression)`, so a
+    type the assignment cannot take fails too; `where` as a WHERE clause), under EXPLAIN:
+    nothing executes, no row is locked. PostgreSQL's own error becomes a plan error at
+    the expression's line. Lock and connection errors are not the plan's and propagate.
+    """
+    table = quote_table(job.table or "")
+    probes: list[tuple[Loc, sql.Composed]] = [
+        (
+            (*loc, "where"),
+            sql.SQL("EXPLAIN SELECT FROM {} AS new WHERE ({})").format(table, sql.SQL(job.where)),
+        )
+    ]
+    down = job.sync.down if job.sync else {}
+    for part, columns in (("set",), job.set_ or {}), (("sync", "down"), down):
+        probes += [
+            (
+                (*loc, *part, column),
+                sql.SQL("EXPLAIN UPDATE {} AS new SET {} = ({})").format(
+                    table, sql.Identifier(column), sql.SQL(expression)
+                ),
+            )
+            for column, expression in columns.items()
+        ]
+    issues = []
+    for where, probe in probes:
+        try:
+            with db.tx():
+                db.execute(probe)
+        except psycopg.Error as exc:
+            if not (exc.sqlstate or "").startswith(("42", "22")):  # syntax, names, types, values
+                raise
+            issues.append(
+                plan.issue(
+                    where,
+                    str(exc).strip().splitlines()[0],
+                    "the expression is SQL against the row alias `new` of "
+                    f"{job.table}; the sync trigger runs it on every app write from the start "
+                    "of the phase, so it must work before any job runs",
+                )
+            )
+    return issues
 
 
 def update_rules(db: Session, table: str) -> list[str]:
