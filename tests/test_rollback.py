@@ -118,6 +118,62 @@ def test_old_code_writes_after_a_backfill_rollback_reach_the_new_column(phasegat
     ) == [("done", False)]
 
 
+def edited_plan(tmp_path: Path, old: str, new: str) -> str:
+    text = PLAN.read_text()
+    assert text.count(old) == 1
+    path = tmp_path / "edited.yaml"
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+def test_contract_drops_a_trigger_whose_sync_left_the_plan(phasegate, engine, tmp_path) -> None:
+    """The file changed after switch: the job lost its `sync`. Contract must still drop the
+    trigger it installed, or every write fails once root_cause is gone."""
+    result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    down = "        sync:\n          down:\n            root_cause: (SELECT name FROM root_cause"
+    text = PLAN.read_text()
+    start = text.index(down[: down.index("\n")])
+    end = text.index("\n", text.index("root_cause: (SELECT name FROM root_cause")) + 1
+    plan = edited_plan(tmp_path, text[start:end], "")
+    result = phasegate("contract", plan, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "dropped sync trigger of job 'bug-root-cause-id'" in result.stderr
+    assert sync_triggers(engine) == 0
+    assert scalar(engine, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'sync_%'") == 0
+    with engine.begin() as connection:  # new code writes, and nothing stands in its way
+        connection.execute(
+            sa.text(
+                "INSERT INTO bug (bug_tracker_url, root_cause_id) VALUES ('https://x.test/2', 1)"
+            )
+        )
+
+
+def test_a_renamed_job_leaves_no_trigger_behind(phasegate, engine, tmp_path) -> None:
+    renamed = edited_plan(tmp_path, "- name: bug-root-cause-id", "- name: bug-root-cause-ref")
+    # rollback of backfill, with the job renamed since: both names' triggers go
+    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("rollback", renamed, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert sync_triggers(engine) == 0
+
+    # a backfill that failed after installing its trigger, run again with the job renamed:
+    # the old name's trigger goes before the new one is installed
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(PLAN.read_text().replace("ON CONFLICT (name) DO NOTHING", "AND 1/0 = 1"))
+    result = phasegate("backfill", str(failing), "--live-version", "1.0", "--yes")
+    assert result.exit_code == 3 and "division by zero" in result.stderr, result.output
+    assert sync_triggers(engine) == 1
+    result = phasegate("backfill", renamed, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "dropped the sync trigger of job 'bug-root-cause-id'" in result.stderr
+    assert fetch(
+        engine,
+        "SELECT obj_description(tgfoid, 'pg_proc') FROM pg_trigger WHERE tgname LIKE 'sync_%'",
+    ) == [("phasegate sync trigger of plan bug-root-cause, job bug-root-cause-ref",)]
+
+
 def test_rollback_is_gated_on_the_earlier_state(phasegate, engine) -> None:
     result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output

@@ -354,16 +354,15 @@ class Orchestrator:
             return self._run_backfill()
         if phase == "contract":
 
-            def drop_triggers() -> None:
+            def drop_triggers() -> list[str]:
                 with self.db.tx():
                     for job in self._sync_jobs():
-                        sync.drop(self.db, self.plan.name, job)
                         # a later rollback must refill everything written from now on
                         ledger.delete_checkpoint(self.db, self.plan.name, backfill.down_name(job))
+                    return sync.drop_all(self.db, self.plan.name, self._sync_jobs())
 
-            self.db.retrying("dropping the sync triggers", drop_triggers)
-            for job in self._sync_jobs():
-                self.notify(f"dropped sync trigger of job {job.name!r} on {job.table}")
+            for name in self.db.retrying("dropping the sync triggers", drop_triggers):
+                self.notify(f"dropped sync trigger of job {name!r}")
         for revision in self.revisions.of(phase):
             failpoints.reach(f"before-revision:{revision}")
             self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
@@ -466,8 +465,7 @@ class Orchestrator:
 
             def drop_triggers() -> int:
                 with self.db.tx():
-                    for job in self._sync_jobs():
-                        sync.drop(self.db, self.plan.name, job)
+                    sync.drop_all(self.db, self.plan.name, self._sync_jobs())
                     return ledger.clear_checkpoints(self.db, self.plan.name, resweep=synced)
 
             cleared = self.db.retrying("dropping the sync triggers", drop_triggers)
@@ -504,7 +502,18 @@ class Orchestrator:
         return results
 
     def _install_triggers(self) -> None:
+        """The plan's triggers as its file says now: one a job no longer has (renamed, or
+        its `sync` removed since it was installed) goes, or it would keep running the old
+        expressions, and contract, which drops the plan's triggers, is the only other
+        place that finds it."""
         with self.db.tx():
+            current = {job.name for job in self._sync_jobs()}
+            for job, name, table in sync.installed(self.db, self.plan.name):
+                if job not in current:
+                    sync.drop_installed(self.db, name, table)
+                    self.notify(
+                        f"dropped the sync trigger of job {job!r}, which the plan no longer has"
+                    )
             for job in self._sync_jobs():
                 sync.install(self.db, self.plan.name, job)
 

@@ -57,6 +57,15 @@ def function_sql(plan: str, job: Job) -> sql.Composed:
     )
 
 
+def owner_comment(plan: str, job: str) -> str:
+    """The comment on a trigger's function that says whose it is: how the plan finds its
+    triggers after the file changed (a job renamed, its `sync` removed)."""
+    return f"{_OWNER_PREFIX}{plan}, job {job}"
+
+
+_OWNER_PREFIX = "phasegate sync trigger of plan "
+
+
 def install_statements(plan: str, job: Job) -> list[sql.Composed]:
     """The statements that create (or replace) the job's function and trigger."""
     name = sql.Identifier(object_name(plan, job.name))
@@ -65,6 +74,9 @@ def install_statements(plan: str, job: Job) -> list[sql.Composed]:
     # batches (which compute the new columns themselves) pay no plpgsql call per row.
     return [
         function_sql(plan, job),
+        sql.SQL("COMMENT ON FUNCTION {}.{}() IS {}").format(
+            sql.Identifier("phasegate"), name, sql.Literal(owner_comment(plan, job.name))
+        ),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table),
         sql.SQL(
             "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
@@ -87,11 +99,48 @@ def install(db: Session, plan: str, job: Job) -> None:
 
 def drop(db: Session, plan: str, job: Job) -> None:
     """Drop the trigger and its function; a no-op when they are already gone."""
-    name = sql.Identifier(object_name(plan, job.name))
-    table = quote_table(job.table or "")
-    if db.scalar("SELECT to_regclass(%(t)s) IS NOT NULL", {"t": table.as_string(db.raw)}):
-        db.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
-    db.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier("phasegate"), name))
+    drop_installed(db, object_name(plan, job.name), quote_table(job.table or "").as_string(db.raw))
+
+
+def drop_installed(db: Session, name: str, table: str | None) -> None:
+    """Drop one trigger and its function by name (as `installed` lists them)."""
+    if table and db.scalar("SELECT to_regclass(%(t)s) IS NOT NULL", {"t": table}):
+        db.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), sql.SQL(table))
+        )
+    db.execute(
+        sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(
+            sql.Identifier("phasegate"), sql.Identifier(name)
+        )
+    )
+
+
+def installed(db: Session, plan: str) -> list[tuple[str, str, str | None]]:
+    """The plan's sync triggers in the database, told by their functions' comments:
+    (job, function name, table as regclass text or None when no trigger uses it)."""
+    rows = db.all(
+        "SELECT substr(d.description, length(%(prefix)s) + 1), p.proname,"
+        " t.tgrelid::regclass::text"
+        " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " JOIN pg_description d ON d.objoid = p.oid AND d.classoid = 'pg_proc'::regclass"
+        " LEFT JOIN pg_trigger t ON t.tgfoid = p.oid"
+        " WHERE n.nspname = 'phasegate' AND starts_with(d.description, %(prefix)s)"
+        " ORDER BY 1, 2",
+        {"prefix": f"{_OWNER_PREFIX}{plan}, job "},
+    )
+    return [(job, name, table) for job, name, table in rows]
+
+
+def drop_all(db: Session, plan: str, jobs: list[Job]) -> list[str]:
+    """Drop the triggers of `jobs` and every other trigger the plan installed (of a job
+    since renamed, or whose `sync` was removed from the file); returns the jobs named.
+    Run inside the caller's transaction."""
+    for job in jobs:
+        drop(db, plan, job)
+    orphans = installed(db, plan)
+    for _job, name, table in orphans:
+        drop_installed(db, name, table)
+    return [job.name for job in jobs] + [job for job, _name, _table in orphans]
 
 
 def _assign(columns: dict[str, str]) -> sql.Composed:
