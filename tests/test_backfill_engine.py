@@ -622,6 +622,40 @@ def test_a_helper_on_another_process_takes_slices_and_exits_0(
     assert checkpoint(database_url)["walked"] == ROWS
 
 
+def test_a_helper_stops_when_the_orchestrator_stops(database_url: str, tmp_path: Path) -> None:
+    """Ctrl-C on the orchestrator stops the walk: a helper must not finish it, a helper
+    started afterwards must not join it, and status must not show it as running."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    slow = ["--batch-size", "20", "--pause", "0.05"]
+    owner = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "6", *slow
+    )
+    helper = cli(database_url, "worker", plan, "--wait", "30", *slow)
+    wait_for_batches(database_url, 10)
+    owner.send_signal(signal.SIGINT)
+    _out, owner_err = owner.communicate(timeout=60)
+    assert owner.returncode == 3, owner_err
+    _helper_out, helper_err = helper.communicate(timeout=30)
+    assert helper.returncode == 0, helper_err
+    assert "its orchestrator stopped, so this worker stopped too" in helper_err
+    [(left,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NULL")
+    assert left > ROWS // 3  # the helper did not walk the rest alone
+
+    late = cli(database_url, "worker", plan, "--wait", "1")
+    late_out, late_err = late.communicate(timeout=30)
+    assert late.returncode == 0 and "needed help" in late_out, late_err
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NULL") == [(left,)]
+
+    status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
+    [job] = [j for j in status["jobs"] if j["name"] == "fill"]
+    assert (job["status"], job["rows_per_second"], job["eta_seconds"]) == ("stopped", None, None)
+
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output  # the next run goes on
+    assert_all_agree(database_url, ROWS)
+
+
 def test_a_stopped_helper_exits_3(database_url: str, tmp_path: Path) -> None:
     seeded_table(database_url)
     helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "60")

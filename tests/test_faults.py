@@ -214,6 +214,9 @@ def test_kill_9_at_seeded_points_then_the_next_command_finishes_the_job(
             landed[moment] = landed.get(moment, 0) + 1
             assert wait_for(lambda u=url: no_phasegate_session(u), timeout=15)
             phasegate = Phasegate(url)
+            status = json.loads(phasegate("status", P, json_output=True).stdout)
+            assert (status["state"], status["abandoned"]) == ("running", True), moment
+            assert all(job["status"] != "running" for job in status["jobs"]), moment
             if point % 2:  # undo everything, then do it all again
                 undone = phasegate("rollback", P, "--to", "start", *OVERRIDE, "--yes")
                 assert undone.exit_code == 0, f"{moment}: {undone.output}"

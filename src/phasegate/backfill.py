@@ -373,6 +373,29 @@ def run_batched(
         result = JobResult(work.checkpoint, "update", "skipped", cp.rows_done, cp.batches)
         progress.job_finished(result)
         return result
+    with _driving(db, plan, work.checkpoint):
+        return _run_driven(db, plan, work, settings, progress, notify)
+
+
+@contextlib.contextmanager
+def _driving(db: Session, plan: str, job: str) -> Iterator[None]:
+    """Hold the job's driver lock (`ledger.hold_driver`) while walking and verifying it."""
+    ledger.hold_driver(db, plan, job)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a lost session has released it already
+            ledger.release_driver(db, plan, job)
+
+
+def _run_driven(
+    db: Session,
+    plan: str,
+    work: BatchedWork,
+    settings: BackfillSettings,
+    progress: Progress,
+    notify: Notify,
+) -> JobResult:
     key = keys.resolve(db, work.table, work.key)
     hint = keys.index_hint(db, work.table, key) if work.key else None
     if hint:
@@ -448,6 +471,7 @@ def assist(
                 for name, make in makers.items()
                 if ledger.get_checkpoint(db, plan.name, name).status == "running"
                 and ledger.unfinished_slices(db, plan.name, name)
+                and ledger.driven(db, plan.name, name)  # not one its orchestrator left
             ]
         for name, make in running or []:
             with db.tx():
@@ -477,6 +501,11 @@ def assist(
                 walk.run(db)
                 if walk.error is not None:
                     raise walk.error
+            if walk.undriven.is_set():
+                notify(
+                    f"job {work.checkpoint}: its orchestrator stopped, so this worker stopped "
+                    "too; its batches are committed, and the next run of the phase goes on"
+                )
             results.append(
                 JobResult(
                     work.checkpoint,
@@ -682,6 +711,8 @@ class _Walk:
         self.lock = threading.Lock()
         self.abort = threading.Event()
         self.error: BaseException | None = None
+        self.undriven = threading.Event()  # a helper found no orchestrator running the job
+        self._driver_checked: dict[int, float] = {}  # per worker thread: when it last asked
         self.rows = self.batches = self.walked = 0
         self.durations: list[float] = []
 
@@ -728,6 +759,23 @@ class _Walk:
     def _halted(self) -> bool:
         return self.settings.stop.is_set() or self.abort.is_set()
 
+    DRIVER_CHECK_EVERY = 1.0  # seconds between a helper's checks that the job is still run
+
+    def _driven(self, db: Session) -> bool:
+        """A helper's walk goes on only while an orchestrator runs the job (checked about
+        once a second); the orchestrator's own workers need not ask."""
+        if not self.assisting:
+            return True
+        if self.undriven.is_set():
+            return False
+        now = time.monotonic()
+        if now - self._driver_checked.get(threading.get_ident(), 0.0) >= self.DRIVER_CHECK_EVERY:
+            self._driver_checked[threading.get_ident()] = now
+            with db.tx():
+                if not ledger.driven(db, self.plan, self.work.checkpoint):
+                    self.undriven.set()
+        return not self.undriven.is_set()
+
     def _own_session(self, number: int) -> None:
         """A walk session: it runs nothing but this worker's claims and batches, so the
         batch timeouts hold for its whole life (the trigger's mark is each batch's own)."""
@@ -751,7 +799,7 @@ class _Walk:
         throttle = Throttle(self.settings)
         reported = time.monotonic()
         try:
-            while not self._halted():
+            while not self._halted() and self._driven(db):
                 piece = ledger.claim_slice(db, self.plan, self.work.checkpoint, owner)
                 if piece is None:
                     with db.tx():
@@ -799,7 +847,7 @@ class _Walk:
     ) -> None:
         upper = keys.decode(piece.upper_key, self.key)
         last = keys.decode(piece.last_key or piece.lower_key, self.key)
-        while not self._halted():
+        while not self._halted() and self._driven(db):
             elapsed, scanned, updated, last, done = self._batch(
                 db, statements, piece, sizer, last, upper
             )

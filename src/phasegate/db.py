@@ -274,6 +274,22 @@ def acquire_orchestrator_lock(db: Session, what: str) -> None:
     )
 
 
+def orchestrator_running(db: Session) -> bool:
+    """Whether some phasegate holds the orchestrator lock in this database right now."""
+    return bool(
+        db.scalar(
+            """
+            SELECT EXISTS (
+                SELECT FROM pg_locks
+                WHERE locktype = 'advisory' AND granted
+                  AND classid = %(ns)s AND objid = %(key)s AND objsubid = 2
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+            """,
+            {"ns": LOCK_NAMESPACE, "key": LOCK_ORCHESTRATOR},
+        )
+    )
+
+
 def release_orchestrator_lock(db: Session) -> None:
     with db.tx():
         db.execute(

@@ -477,6 +477,49 @@ def slice_holders(db: Session, plan: str, job: str) -> list[dict[str, Any]]:
         )
 
 
+def _driver_key(plan: str, job: str) -> str:
+    return f"phasegate driver {plan}/{job}"
+
+
+def hold_driver(db: Session, plan: str, job: str) -> None:
+    """Held by the orchestrator's session while it walks and verifies a job.
+
+    A `phasegate worker` helps only while someone holds it: a job whose checkpoint says
+    running after its orchestrator stopped (Ctrl-C, a failure, kill -9) is not being
+    run, and a helper that went on would finish a walk the operator stopped. A session
+    lock, so it dies with the orchestrator's connection.
+    """
+    with db.tx():
+        db.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%(k)s, 0))", {"k": _driver_key(plan, job)}
+        )
+
+
+def release_driver(db: Session, plan: str, job: str) -> None:
+    with db.tx():
+        db.execute(
+            "SELECT pg_advisory_unlock(hashtextextended(%(k)s, 0))", {"k": _driver_key(plan, job)}
+        )
+
+
+def driven(db: Session, plan: str, job: str) -> bool:
+    """Whether an orchestrator is running the job now (see `hold_driver`); any role may
+    ask, as pg_locks is public. A bigint advisory key shows as classid (high 32 bits)
+    and objid (low 32 bits) with objsubid 1."""
+    return bool(
+        db.scalar(
+            """
+            SELECT EXISTS (
+                SELECT FROM pg_locks
+                WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%(k)s, 0))
+            """,
+            {"k": _driver_key(plan, job)},
+        )
+    )
+
+
 def _slice_key(piece: Slice) -> str:
     return f"phasegate slice {piece.plan}/{piece.job}/{piece.slice}"
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
 from phasegate import backfill, failpoints, gates, keys, ledger, plan_lint, sources, sync
 from phasegate.config import ProjectConfig
-from phasegate.db import Session, quote_table
+from phasegate.db import Session, orchestrator_running, quote_table
 from phasegate.durations import format_duration
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
 from phasegate.pacing import BackfillSettings
@@ -117,6 +117,13 @@ class Orchestrator:
             state = ledger.get_state(self.db, self.plan.name)
             checkpoints = ledger.checkpoints(self.db, self.plan.name)
             now = self.db.scalar("SELECT now()")
+            # a run the ledger calls running while no phasegate holds the lock was killed
+            abandoned = state.state == "running" and not orchestrator_running(self.db)
+            stopped = {
+                cp.job
+                for cp in checkpoints
+                if cp.status == "running" and not ledger.driven(self.db, self.plan.name, cp.job)
+            }
         heads = self.project.current_heads(self.db)
         drift = self.drift(state, heads) + self.schema_drift(state)
         phase_list = self.plan.phase_names()
@@ -127,6 +134,7 @@ class Orchestrator:
             "phase": state.phase,
             "next": self._next_phase(state),
             "state": state.state,
+            "abandoned": abandoned,
             "active_phase": state.active_phase if state.state in ("running", "failed") else None,
             "direction": state.direction,
             "error": state.error,
@@ -146,7 +154,7 @@ class Orchestrator:
                 }
                 for name in phase_list
             ],
-            "jobs": [_job_status(cp, now) for cp in checkpoints],
+            "jobs": [_job_status(cp, now, cp.job in stopped) for cp in checkpoints],
         }
 
     def drift(self, state: ledger.PlanState, heads: tuple[str, ...]) -> list[str]:
@@ -749,9 +757,16 @@ class GateView:
     next: str | None
 
 
-def _job_status(cp: ledger.Checkpoint, now: dt.datetime) -> dict[str, Any]:
-    """A job's progress as status shows it: rows, rate over this run, ETA from the estimate."""
+def _job_status(cp: ledger.Checkpoint, now: dt.datetime, stopped: bool = False) -> dict[str, Any]:
+    """A job's progress as status shows it: rows, rate over this run, ETA from the estimate.
+
+    `stopped`: the checkpoint says running but no orchestrator runs the job (it was
+    interrupted, failed or killed): shown as stopped, with no rate or ETA, which would
+    otherwise decay with the wall clock as if the walk were crawling.
+    """
     rate = eta = None
+    if stopped:
+        cp = replace(cp, status="stopped")
     if cp.status == "running" and cp.run_started_at is not None:
         seconds = (now - cp.run_started_at).total_seconds()
         walked = cp.walked - cp.run_walked

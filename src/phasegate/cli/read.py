@@ -164,10 +164,16 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
 def _status_text(s: dict[str, Any]) -> str:
     lines = [
         f"plan {s['plan']} ({s['source']}, app {s['app']})",
-        f"  phase: {s['phase'] or 'not started'}   next: {s['next'] or '-'}   state: {s['state']}",
+        f"  phase: {s['phase'] or 'not started'}   next: {s['next'] or '-'}   state: {s['state']}"
+        + (
+            " (abandoned: no phasegate is running it; the next advance or rollback resumes it)"
+            if s["abandoned"]
+            else ""
+        ),
     ]
     if s["active_phase"]:
-        lines.append(f"  {s['direction']} of {s['active_phase']} {s['state']}: {s['error'] or ''}")
+        error = f": {s['error']}" if s["error"] else ""
+        lines.append(f"  {s['direction']} of {s['active_phase']} {s['state']}{error}")
     lines.append(f"  alembic heads: {', '.join(s['heads']) or '(none)'}")
     for phase in s["phases"]:
         mark = "x" if phase["done"] else " "
