@@ -436,6 +436,27 @@ def test_a_never_analysed_table_gets_the_planners_estimate(
     assert ROWS / 2 <= job["total_estimate"] <= ROWS * 2
 
 
+def test_an_analysed_table_full_of_dead_rows_is_estimated_by_reltuples(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Right after a walk half the table's pages are dead rows: the planner, which scales
+    reltuples by the pages now, would say twice the rows."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, val int NOT NULL, doubled int)"
+        " WITH (autovacuum_enabled = off)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+        "ANALYZE t",
+        "UPDATE t SET val = val",  # every row again: twice the pages
+    )
+    plan = make_plan(tmp_path)
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
+    [job] = [j for j in status["jobs"] if j["name"] == "fill"]
+    assert job["total_estimate"] == ROWS
+
+
 # -- old-code writes, new-code writes and batches, in any interleaving ------------------------
 
 # (kind, row, value, after): `row` is a key relative to where the walk is (negative:

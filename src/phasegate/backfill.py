@@ -628,18 +628,24 @@ def _prepare(
 
 
 def _estimate(db: Session, table: str) -> int | None:
-    """The table's rows as the planner estimates them: `pg_class.reltuples` scaled to the
-    table's current size, or a guess from its size and row width when it was never analysed.
+    """The table's rows: `pg_class.reltuples`, or the planner's guess from the table's size
+    and row width when it was never analysed.
 
-    `reltuples` alone is -1 on a never-analysed table (a table filled by an expand revision
-    before autovacuum got to it): no ETA, and a 100% "sample" of the keys to cut slices,
-    a sort of the whole key column before the first batch. It also goes stale on a table
-    that grew since its last ANALYZE. The planner corrects both, for one EXPLAIN.
+    `reltuples` is -1 until the first ANALYZE (a table filled by an expand revision before
+    autovacuum got to it): no ETA, and a 100% "sample" of the keys to cut slices, a sort of
+    the whole key column before the first batch. The planner's estimate is not used when
+    `reltuples` is known: it scales it by the table's pages now, and right after a walk
+    (the refill of a contract rollback follows the backfill's) half of those are dead rows.
     """
+    reltuples = db.scalar(
+        "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%(t)s)",
+        {"t": _regclass_text(db, table)},
+    )
+    if reltuples is None or reltuples >= 0:
+        return None if reltuples is None else int(reltuples)
     query = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}").format(quote_table(table))
     [plan] = db.scalar(query)
-    rows = plan["Plan"]["Plan Rows"]
-    return int(rows) if rows >= 0 else None
+    return int(plan["Plan"]["Plan Rows"])
 
 
 def _slice_bounds(

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # rich loads only when a terminal shows a bar: it costs ~80 m
 
 
 class BarProgress:
-    """A rich progress bar per job: rows walked, rate, ETA from the planner's row estimate."""
+    """A rich progress bar per job: rows walked, rate, ETA from pg_class.reltuples."""
 
     def __init__(self, console: Console | None = None) -> None:
         from rich.console import Console
