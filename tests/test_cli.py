@@ -150,6 +150,16 @@ def test_click_usage_errors_honour_json() -> None:
         assert document["ok"] is False and document["error"]["kind"] == "usage"
 
 
+def test_json_may_follow_the_command(database_url) -> None:
+    before = Phasegate(database_url)("status", P, json_output=True)
+    after = invoke(
+        "--database-url", database_url, "--config", str(ALEMBIC_INI), "status", P, "--json"
+    )
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    assert json.loads(invoke("validate", P, "--json").stdout)["valid"] is True
+
+
 def test_a_password_in_the_query_string_is_masked_too() -> None:
     url = "postgresql://postgres@127.0.0.1:1/nothing?password=hunter2"
     result = invoke("--json", "--database-url", url, "status", P)

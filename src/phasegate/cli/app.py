@@ -125,7 +125,23 @@ def _report_error(ctx: Context, code: int, error: dict[str, Any]) -> None:
     log(f"phasegate: {prefix}: {error['message']}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """`--json` anywhere on the line: `phasegate status PLAN --json` as well as
+    `phasegate --json status PLAN` (it is the group's option, which click would otherwise
+    take only before the command)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--json" in args:
+            end = args.index("--") if "--" in args else len(args)
+            head = [a for a in args[:end] if a != "--json"]
+            args = ["--json", *head, *args[end:]]
+        return super().parse_args(ctx, args)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--database-url",
     metavar="URL",
@@ -140,7 +156,12 @@ def _report_error(ctx: Context, code: int, error: dict[str, Any]) -> None:
     metavar="INI",
     help="The Alembic config of the project whose revisions the plans tag.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document on stdout (before or after the command).",
+)
 @click.version_option(__version__, prog_name="phasegate")
 @click.pass_context
 def cli(click_ctx: click.Context, database_url: str | None, config_path: str, as_json: bool):
