@@ -230,6 +230,36 @@ def test_kill_9_at_seeded_points_then_the_next_command_finishes_the_job(
     assert landed == {moment: KILL_POINTS // len(MOMENTS) for moment in MOMENTS}
 
 
+def test_a_contract_killed_before_its_revision_rolls_back_without_allow_data_loss(
+    seeded_url, tmp_path
+) -> None:
+    """A plan whose job has no `sync.down` may not roll back a contract that dropped the
+    old column; one killed before its revision dropped nothing, so no flag is needed."""
+    text = PLAN.read_text()
+    start = text.index("        sync:\n")
+    end = text.index("\n", text.index("root_cause: (SELECT name FROM root_cause")) + 1
+    plan = tmp_path / "no_sync.yaml"
+    plan.write_text(text[:start] + text[end:])
+    phasegate = Phasegate(seeded_url)
+    assert phasegate("advance", str(plan), "--to", "switch", *OVERRIDE, "--yes").exit_code == 0
+    process = spawn(
+        seeded_url,
+        "contract",
+        str(plan),
+        *OVERRIDE,
+        "--yes",
+        failpoints="before-revision:e59b1f0c3d82=30",
+    )
+    started = "SELECT 1 FROM phasegate.event WHERE kind = 'advance.started' AND phase = 'contract'"
+    assert wait_for(lambda: ledger_says(seeded_url, started), timeout=60)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert wait_for(lambda: no_phasegate_session(seeded_url), timeout=15)
+    result = phasegate("rollback", str(plan), *OVERRIDE, "--yes")
+    assert result.exit_code == 0, result.output
+    assert query(seeded_url, "SELECT count(*) FROM bug WHERE root_cause IS NULL") == [(0,)]
+
+
 def test_a_killed_orchestrator_waiting_for_a_lock_lets_go_within_seconds(seeded_url) -> None:
     """Killed mid-statement (here: a lock wait), its session ends within about a second
     (client_connection_check_interval), taking its advisory lock along."""

@@ -228,6 +228,39 @@ def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seede
     assert scalar(sa.create_engine(seeded_url), "SELECT to_regclass('unrelated')") is not None
 
 
+def test_a_branch_beside_the_plan_does_not_block_its_rollback(tmp_path: Path, seeded_url) -> None:
+    """Another team's revision on its own branch off the baseline: downgrading switch
+    leaves it, as Alembic does, so nothing foreign is undone and the rollback runs."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "migrations", project / "migrations")
+    shutil.copy(ALEMBIC_INI, project / "alembic.ini")
+    (project / "migrations" / "versions" / "f00000000002_other_branch.py").write_text(
+        '"""another team\'s change, on its own branch."""\nfrom alembic import op\n\n'
+        'revision = "f00000000002"\ndown_revision = "bc25b5f8939f"\n'
+        "branch_labels = None\ndepends_on = None\n\n\n"
+        "def upgrade():\n    op.execute('CREATE TABLE other_team (id int)')\n\n\n"
+        "def downgrade():\n    op.execute('DROP TABLE other_team')\n"
+    )
+    phasegate = Phasegate(seeded_url, project / "alembic.ini")
+    result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(project / "alembic.ini"))
+    engine = sa.create_engine(seeded_url)
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "f00000000002")
+        connection.commit()
+    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    heads = {r[0] for r in fetch(engine, "SELECT version_num FROM alembic_version")}
+    assert heads == {"8f3a2d1c9b7e", "f00000000002"}
+    assert scalar(engine, "SELECT to_regclass('other_team')") is not None
+    engine.dispose()
+
+
 def test_contract_rollback_refuses_an_update_rule_before_downgrading(phasegate, engine) -> None:
     """The refill after contract's downgrade runs backfill batches, which a rule rewrites:
     refused while the schema is still whole, and it runs once the rule is gone."""

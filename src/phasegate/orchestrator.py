@@ -527,7 +527,10 @@ class Orchestrator:
 
     def _downgrade_refusal(self, phase: str, heads: tuple[str, ...]) -> str | None:
         """Why this phase cannot be undone safely, or None."""
-        if phase == "contract" and not self.options.allow_data_loss:
+        revisions = self.revisions.of(phase)
+        applied = self.project.applied(heads)
+        ran = any(r in applied for r in revisions)  # else the downgrade is skipped
+        if phase == "contract" and ran and not self.options.allow_data_loss:
             lossy = [j.name for j in self.plan.jobs() if j.is_batched and j.sync is None]
             if lossy:
                 return (
@@ -545,11 +548,7 @@ class Orchestrator:
                         f"rollback of contract refused: its refill of {', '.join(job.old_columns)} "
                         f"runs in backfill batches, and {message}. Nothing was downgraded; {hint}"
                     )
-        revisions = self.revisions.of(phase)
-        if phase == "backfill" or not revisions:
-            return None
-        applied = self.project.applied(heads)
-        if not any(r in applied for r in revisions):
+        if phase == "backfill" or not ran:
             return None
         target = self._before(phase)
         undone = self.project.downgrade_steps(heads, target)

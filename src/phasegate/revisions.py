@@ -324,10 +324,14 @@ class AlembicProject:
         return OfflineSQL(pieces, settings.get("version_table") or "alembic_version")
 
     def downgrade_steps(self, heads: tuple[str, ...], target: str) -> list[str]:
-        """The revisions `downgrade(target)` would undo from `heads`, newest first."""
+        """The revisions `downgrade(target)` would undo from `heads`, newest first: the
+        applied ones that descend from `target` (all, for "base"). A branch beside it
+        (another team's revision on the baseline) stays, as Alembic leaves it."""
         applied = self.applied(heads)
-        keep = self.applied([target]) if target != "base" else set()
-        return list(reversed(self.sort(applied - keep)))
+        if target == "base":
+            return list(reversed(self.sort(applied)))
+        undone = {r for r in applied if r != target and target in self.ancestors(r)}
+        return list(reversed(self.sort(undone)))
 
     def _run_env(
         self,
