@@ -221,6 +221,20 @@ def test_a_broken_expression_is_a_plan_error_before_any_trigger(
     assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NOT NULL") == 0
 
 
+def test_a_recorded_phase_gone_from_the_plan_is_a_usage_error(phasegate, tmp_path) -> None:
+    assert (
+        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
+    )
+    text = PLAN.read_text()
+    plan = tmp_path / "no_backfill.yaml"
+    plan.write_text(text[: text.index("  backfill:\n")] + text[text.index("  # switch:") :])
+    for args in (("status", str(plan)), ("advance", str(plan), "--live-version", "1", "--yes")):
+        result = phasegate(*args)
+        assert result.exit_code == 2, result.output
+        assert "records phase 'backfill' of plan 'bug-root-cause' as done" in result.stderr
+        assert "no longer has it (it has expand, switch, contract)" in result.stderr
+
+
 def test_override_gate_proceeds_and_is_recorded(phasegate, engine) -> None:
     result = phasegate("expand", P, "--override-gate", "no app deployed yet", "--yes")
     assert result.exit_code == 0, result.output

@@ -125,6 +125,7 @@ class Orchestrator:
                 if cp.status == "running" and not ledger.driven(self.db, self.plan.name, cp.job)
             }
         heads = self.project.current_heads(self.db)
+        self._check_recorded_phases(state)
         drift = self.drift(state, heads) + self.schema_drift(state)
         phase_list = self.plan.phase_names()
         return {
@@ -572,6 +573,7 @@ class Orchestrator:
         ledger.ensure_schema(self.db)
         with self.db.tx():
             state = ledger.get_state(self.db, self.plan.name)
+        self._check_recorded_phases(state)
         heads = self.project.current_heads(self.db)
         drift = self.drift(state, heads) + self.schema_drift(state, triggers=not rolling_back)
         if drift:
@@ -725,6 +727,20 @@ class Orchestrator:
             f"{first.describe()} of plan {first.plan!r} (phase {first.phase!r}), whose gate has "
             f"not been passed; advance plan {first.plan!r} through {first.phase} first"
         )
+
+    def _check_recorded_phases(self, state: ledger.PlanState) -> None:
+        """The phases the ledger recorded must still be in the plan file: every decision
+        (what is done, what comes next, what to undo) is made against the file's list."""
+        names = self.plan.phase_names()
+        gone = [p for p in dict.fromkeys((state.phase, state.active_phase)) if p and p not in names]
+        if gone:
+            raise UsageError(
+                f"the ledger records phase {gone[0]!r} of plan {self.plan.name!r} as "
+                f"{'done' if gone[0] == state.phase else state.state}, but "
+                f"{self.plan.source} no longer has it (it has {', '.join(names)}); restore the "
+                "phase in the file (`git log` has it) before running phasegate on this plan",
+                phase=gone[0],
+            )
 
     def _sync_jobs(self) -> list[Any]:
         return [j for j in self.plan.jobs() if j.is_batched and j.sync is not None]
