@@ -199,6 +199,17 @@ def test_rollback_to_start_undoes_every_phase(phasegate, engine) -> None:
     assert scalar(engine, "SELECT version_num FROM alembic_version") == "bc25b5f8939f"
 
 
+def test_rollback_to_a_phase_not_reached_yet_says_where_the_plan_is(phasegate) -> None:
+    assert phasegate("expand", P, "--live-version", "1.0", "--yes").exit_code == 0
+    result = phasegate("rollback", P, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "bug-root-cause is at expand, before switch: nothing after switch to undo" in (
+        result.stdout
+    )
+    result = phasegate("rollback", P, "--to", "expand", "--live-version", "1.0", "--yes")
+    assert "bug-root-cause is already at expand" in result.stdout
+
+
 def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seeded_url) -> None:
     project = tmp_path / "project"
     shutil.copytree(ROOT / "migrations", project / "migrations")

@@ -433,7 +433,12 @@ class Orchestrator:
             return Outcome(self.plan.name, steps, self.status())
         stop_after = names.index(to) if to not in (None, START) else -1
         if to is not None and names.index(undo) <= stop_after:
-            steps.append(Step(to, "rollback", "noop", f"{self.plan.name} is already at {to}"))
+            where = (
+                f"{self.plan.name} is already at {to}"
+                if undo == to
+                else f"{self.plan.name} is at {undo}, before {to}: nothing after {to} to undo"
+            )
+            steps.append(Step(to, "rollback", "noop", where))
             return Outcome(self.plan.name, steps, self.status())
         while undo is not None:
             step = self._undo_phase(undo, state, heads)
