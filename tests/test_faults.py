@@ -223,6 +223,13 @@ def test_kill_9_at_seeded_points_then_the_next_command_finishes_the_job(
                 assert checksum(url) == reference["before"], moment
             finished = phasegate("advance", P, *OVERRIDE, "--yes")
             assert finished.exit_code == 0, f"{moment}: {finished.output}"
+            if not point % 2:
+                assert "never finished (killed, or its connection lost); resuming it" in (
+                    finished.stderr
+                ), moment
+                if moment == "between revisions":  # the first expand revision is in
+                    assert "6c55e0560fd4 (" in finished.stderr, finished.stderr
+                    assert "already applied" in finished.stderr, moment
             assert checksum(url) == reference["after"], moment
             assert plan_state(url) == ("contract", "done")
         finally:

@@ -372,7 +372,11 @@ class Orchestrator:
 
             for name in self.db.retrying("dropping the sync triggers", drop_triggers):
                 self.notify(f"dropped sync trigger of job {name!r}")
+        applied = self.project.applied(self.project.current_heads(self.db))
         for revision in self.revisions.of(phase):
+            if revision in applied:  # a run that stopped part way: Alembic would skip it too
+                self.notify(f"{self.project.revisions[revision].describe()}: already applied")
+                continue
             failpoints.reach(f"before-revision:{revision}")
             self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
             self.db.retrying(
@@ -642,6 +646,14 @@ class Orchestrator:
             )
 
     def _begin(self, phase: str, direction: str, state: ledger.PlanState) -> None:
+        if state.state == "running" and state.active_phase:  # we hold the lock: it died
+            by = f" ({state.actor})" if state.actor else ""
+            self.notify(
+                f"the {state.direction} of {state.active_phase} that a phasegate{by} started "
+                "never finished (killed, or its connection lost); "
+                + ("resuming it" if state.direction == direction else f"{direction} of {phase}")
+                + " from where the database is"
+            )
         with self.db.tx():
             state.state, state.active_phase, state.direction = "running", phase, direction
             state.actor, state.error = self.options.actor, None
