@@ -10,7 +10,7 @@ import psycopg
 from click.testing import CliRunner
 
 from phasegate.cli import cli
-from phasegate.db import libpq_url
+from phasegate.db import libpq_url, scrub
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 
@@ -148,6 +148,14 @@ def test_click_usage_errors_honour_json() -> None:
         assert result.returncode == 2, args
         document = json.loads(result.stdout)
         assert document["ok"] is False and document["error"]["kind"] == "usage"
+
+
+def test_a_password_is_scrubbed_from_an_unparsable_url() -> None:
+    url = "postgresql://user:sekrit@[::1:5432/db?password=also"
+    assert (
+        scrub(f"failed for {url}", url)
+        == "failed for postgresql://user:***@[::1:5432/db?password=***"
+    )
 
 
 def test_json_may_follow_the_command(database_url) -> None:

@@ -627,6 +627,8 @@ def test_a_mutated_seed_plan_is_located(tmp_path) -> None:
     [
         ("not a url", 2, "database URL"),
         ("mysql://user:sekrit@localhost/db", 2, "PostgreSQL"),
+        ("postgresql://user:sekrit@[::1:5432/db", 2, "does not parse"),  # a bad port
+        ("postgresql://user:sekrit@host:port/db", 2, "does not parse"),
         ("postgresql://user:sekrit@127.0.0.1:1/db", 3, "cannot connect"),
         ("postgresql://no_such_role:sekrit@127.0.0.1:5432/postgres", 3, "cannot connect"),
     ],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -85,7 +86,7 @@ def normalize_url(url: str | URL) -> str:
     """Map postgres:// and postgresql:// to the psycopg 3 driver SQLAlchemy should use."""
     try:
         parsed = make_url(url)
-    except sa.exc.ArgumentError:
+    except _UNPARSABLE:
         raise UsageError("it does not parse; expected postgresql://user@host:port/dbname") from None
     if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -97,11 +98,15 @@ def normalize_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+# make_url raises ArgumentError for a bad shape and ValueError for a bad port ("[::1:5432")
+_UNPARSABLE = (sa.exc.ArgumentError, ValueError)
+
+
 def mask_url(url: str | URL) -> str:
     """The URL as it may appear in output and logs: never with its password."""
     try:
         parsed = make_url(url)
-    except sa.exc.ArgumentError:
+    except _UNPARSABLE:
         return "<unparsable database URL>"
     if "password" in parsed.query:
         parsed = parsed.update_query_dict({"password": "***"})
@@ -114,7 +119,10 @@ def scrub(text: str, url: str | None) -> str:
         return text
     try:
         parsed = make_url(url)
-    except sa.exc.ArgumentError:
+    except _UNPARSABLE:  # still take out whatever sits where a password would
+        secrets = re.findall(r"^[^:/]+://[^:@/]*:([^@]*)@|[?&]password=([^&]*)", url)
+        for secret in (part for found in secrets for part in found):
+            text = text.replace(secret, "***") if secret else text
         return text
     secrets = [parsed.password, parsed.query.get("password")]
     for secret in secrets:
