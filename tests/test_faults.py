@@ -348,7 +348,8 @@ def test_a_second_orchestrator_exits_4_at_once_naming_the_first(
         first.wait(timeout=60)
     assert result.exit_code == 4, result.output
     assert elapsed < 5
-    assert "another phasegate is running in this database: pid" in result.stderr
+    assert "another phasegate is running in this database: backend pid" in result.stderr
+    assert "then run this command again" in result.stderr
     assert f"phasegate {command} {PLAN.name}" in result.stderr  # the holder's command
 
 

@@ -246,7 +246,7 @@ def session(
         engine.dispose()
 
 
-def acquire_orchestrator_lock(db: Session, what: str) -> None:
+def acquire_orchestrator_lock(db: Session) -> None:
     """Take the session advisory lock or raise Busy naming whoever holds it."""
     with db.tx():
         got = db.scalar(
@@ -269,15 +269,15 @@ def acquire_orchestrator_lock(db: Session, what: str) -> None:
         )
     holder = holders[0] if holders else {}
     who = (
-        f"pid {holder['pid']} ({holder['application_name'] or 'no application_name'}, "
+        f"backend pid {holder['pid']} ({holder['application_name'] or 'no application_name'}, "
         f"user {holder['usename']}, from {holder['client'] or 'local socket'}, "
         f"connected {holder['backend_start']:%Y-%m-%d %H:%M:%S %Z})"
         if holder
         else "a session that has just released it"
     )
     raise Busy(
-        f"another phasegate is running in this database: {who}; wait for it to finish "
-        f"and run `{what}` again",
+        f"another phasegate is running in this database: {who}; wait for it to finish, "
+        "then run this command again",
         holder={k: str(v) for k, v in holder.items()},
     )
 
@@ -315,7 +315,7 @@ def quote_table(name: str) -> sql.Composable:
 def locked_session(url: str, what: str, policy: LockPolicy | None = None) -> Iterator[Session]:
     """A session that holds the orchestrator lock, every statement under the lock guard."""
     with session(url, f"phasegate {what}", policy or LockPolicy()) as db:
-        acquire_orchestrator_lock(db, f"phasegate {what}")
+        acquire_orchestrator_lock(db)
         try:
             yield db
         finally:
