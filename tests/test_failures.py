@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from phasegate.db import LOCK_NAMESPACE, LOCK_ORCHESTRATOR, libpq_url
+from phasegate.db import LOCK_NAMESPACE, LOCK_ORCHESTRATOR, libpq_url, normalize_url
 
-from .conftest import ALEMBIC_INI, PLAN
+from .conftest import ALEMBIC_INI, PLAN, Phasegate
 from .test_seed_story import scalar
 
 P = str(PLAN)
@@ -233,6 +233,19 @@ def test_a_recorded_phase_gone_from_the_plan_is_a_usage_error(phasegate, tmp_pat
         assert result.exit_code == 2, result.output
         assert "records phase 'backfill' of plan 'bug-root-cause' as done" in result.stderr
         assert "no longer has it (it has expand, switch, contract)" in result.stderr
+
+
+def test_an_empty_database_is_refused_before_anything_is_written(database_url) -> None:
+    """The wrong URL (alembic.ini names `postgres`): expand would build the whole app."""
+    result = Phasegate(database_url)("advance", P, "--to", "expand", "--live-version", "1", "--yes")
+    assert result.exit_code == 1, result.output
+    assert "has no Alembic revision" in result.stderr
+    assert "`alembic upgrade bc25b5f8939f` first" in result.stderr
+    engine = sa.create_engine(normalize_url(database_url))
+    assert scalar(
+        engine, "SELECT to_regclass('bug') IS NULL AND to_regnamespace('phasegate') IS NULL"
+    )
+    engine.dispose()
 
 
 def test_override_gate_proceeds_and_is_recorded(phasegate, engine) -> None:

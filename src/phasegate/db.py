@@ -143,6 +143,10 @@ class Session:
         self.connection = connection
         self.url = url
 
+    def masked_url(self) -> str:
+        """This session's database as output may show it (no password)."""
+        return mask_url(self.url)
+
     @property
     def raw(self) -> psycopg.Connection:
         return self.connection.connection.driver_connection  # type: ignore[return-value]

@@ -579,11 +579,14 @@ class Orchestrator:
         A missing sync trigger does not stop a rollback: rolling back removes it anyway,
         and that is the way out the drift message offers.
         """
+        heads = self.project.current_heads(self.db)
+        if not heads and not rolling_back:  # before the ledger: the URL may be wrong
+            with self.db.tx():
+                self._refuse_an_empty_database(ledger.get_state(self.db, self.plan.name))
         ledger.ensure_schema(self.db)
         with self.db.tx():
             state = ledger.get_state(self.db, self.plan.name)
         self._check_recorded_phases(state)
-        heads = self.project.current_heads(self.db)
         drift = self.drift(state, heads) + self.schema_drift(state, triggers=not rolling_back)
         if drift:
             raise Refused(
@@ -771,6 +774,30 @@ class Orchestrator:
         if state.state in ("running", "failed") and state.active_phase:
             return state.active_phase
         return state.phase
+
+    def _refuse_an_empty_database(self, state: ledger.PlanState) -> None:
+        """A plan that has not started, on a database with no Alembic revision at all.
+
+        Its first phase would apply every revision below the plan's too, building the app's
+        whole schema from nothing: what happens when the URL points at the wrong database
+        (the bundled alembic.ini names `postgres`). phasegate migrates a database that is at
+        the revision before the plan already, so it refuses and says how to get there.
+        """
+        names = self.plan.phase_names()
+        first = next((p for p in names if self.revisions.of(p)), None)
+        if state.phase is not None or state.state != "pending" or first is None:
+            return
+        before = self._before(first)
+        if before == "base":  # the plan's own first revision starts the history
+            return
+        raise Refused(
+            f"{first} refused: {self.db.masked_url()} has no Alembic revision (no "
+            f"alembic_version, or an empty one), so {first} would first apply every revision "
+            f"up to {before}, creating the app's schema from nothing. phasegate migrates a "
+            f"database that is already at the revision before the plan: check the database "
+            f"URL, or bring a new database there with `alembic upgrade {before}` first. "
+            "Nothing was written"
+        )
 
     def _before(self, phase: str) -> str:
         """The Alembic target just below a phase's first revision."""
