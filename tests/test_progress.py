@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from phasegate.progress import BarProgress, LogProgress
+from phasegate.backfill import JobResult
+from phasegate.progress import BarProgress, LogProgress, summary
 
 
 def test_log_lines_count_rows_walked_before_a_resume_and_say_the_time_left() -> None:
@@ -41,3 +42,8 @@ def test_the_bar_of_a_resumed_job_starts_where_the_job_is() -> None:
         assert progress.bar.tasks[0].completed == 700
     finally:
         progress.bar.stop()
+
+
+def test_an_sql_jobs_summary_claims_no_batches_and_no_verification() -> None:
+    result = JobResult("root-causes", "sql", "done", rows=12, batches=1, seconds=0.004)
+    assert summary(result) == "job root-causes: 12 rows, one statement, 0.00s"

@@ -109,6 +109,8 @@ class LogProgress:
 def summary(result: JobResult) -> str:
     if result.status == "skipped":
         return f"job {result.name}: already done ({result.rows:,} rows), skipped"
+    if result.kind == "sql":  # one statement, and no `where` to verify
+        return f"job {result.name}: {result.rows:,} rows, one statement, {result.seconds:.2f}s"
     totals = (result.job_rows, result.job_batches)
     in_all = (
         f" this run ({totals[0]:,} rows in {totals[1]:,} batch(es) in all, earlier runs and "

@@ -48,6 +48,7 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--lock-timeout",
+            metavar="DURATION",
             callback=_check_duration,
             help="lock_timeout of every statement phasegate runs, e.g. 500ms, 2s, 1min "
             "(default: lock_timeout in phasegate.toml, else 2s).",
@@ -126,13 +127,15 @@ def backfill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--pause",
             type=click.FloatRange(min=0),
             default=0.0,
-            help="Seconds to sleep between batches.",
+            show_default=True,
+            help="Seconds to sleep between batches (0: none).",
         ),
         click.option(
             "--pause-ratio",
             type=click.FloatRange(min=0),
             default=0.0,
-            help="Sleep this multiple of the last batch's time between batches.",
+            show_default=True,
+            help="Sleep this multiple of the last batch's time between batches (0: none).",
         ),
         click.option(
             "--max-replica-lag",
@@ -143,6 +146,7 @@ def backfill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--batch-lock-timeout",
+            metavar="DURATION",
             default=defaults.lock_timeout,
             show_default=True,
             callback=_check_duration,
@@ -150,6 +154,7 @@ def backfill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--batch-statement-timeout",
+            metavar="DURATION",
             default=defaults.statement_timeout,
             show_default=True,
             callback=_check_duration,
