@@ -67,7 +67,15 @@ def test_unknown_key_names_line_key_and_allowed_keys() -> None:
     assert issue.key == "phases.backfill.jobs[0].wher"
     assert "unknown key 'wher'" in issue.message
     assert "where" in issue.hint and "set" in issue.hint
+    assert issue.hint.startswith("did you mean 'where'?")
     assert str(issue).startswith("plans/x.yaml:14: phases.backfill.jobs[0].wher:")
+
+
+def test_a_misspelt_phase_gets_a_suggestion_and_a_far_one_does_not() -> None:
+    [issue] = issues_of(VALID.replace("  contract:", "  contrat:"))
+    assert issue.hint.startswith("did you mean 'contract'?")
+    [issue] = issues_of(VALID.replace("  contract:", "  teardown:"))
+    assert issue.hint == "phases are expand, backfill, switch and contract"
 
 
 def test_every_issue_is_reported_at_once() -> None:

@@ -8,6 +8,7 @@ one pass instead of one error per run.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import re
@@ -448,6 +449,10 @@ def _issue_from_error(err: Any, lines: dict[Loc, int], source: str) -> PlanIssue
         hint = f"allowed keys here: {', '.join(allowed)}" if allowed else ""
         if len(loc) == 2 and loc[0] == "phases":
             hint = "phases are expand, backfill, switch and contract"
+            allowed = list(PHASES)
+        close = difflib.get_close_matches(field, allowed, n=1, cutoff=0.75)
+        if close:
+            hint = f"did you mean {close[0]!r}? ({hint})" if hint else f"did you mean {close[0]!r}?"
         if field == "revisions" and loc[:2] == ("phases", "backfill"):
             hint = "backfill runs jobs only; tag schema changes expand or switch"
         return PlanIssue(source, line, _dotted(loc), f"unknown key {field!r}", hint)
