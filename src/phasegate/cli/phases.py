@@ -351,10 +351,12 @@ def rollback(ctx: Context, plan_path: str, to: str | None, allow_data_loss: bool
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option(
     "--wait",
-    type=click.FloatRange(min=0),
-    default=60.0,
+    metavar="DURATION",
+    default="60s",
     show_default=True,
-    help="Seconds to wait for a job of PLAN to be running before giving up.",
+    callback=parse_wait,
+    help="How long to wait for a job of PLAN to be running before giving up (e.g. 30s, 5m; "
+    "a bare number is seconds).",
 )
 @backfill_options
 @click.pass_obj
