@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -148,6 +149,27 @@ def test_click_usage_errors_honour_json() -> None:
         assert result.returncode == 2, args
         document = json.loads(result.stdout)
         assert document["ok"] is False and document["error"]["kind"] == "usage"
+
+
+def test_status_of_all_plans_shows_the_valid_ones_and_lists_an_invalid_one(
+    database_url, tmp_path
+) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "migrations", project / "migrations")
+    shutil.copytree(ROOT / "plans", project / "plans")
+    shutil.copy(ALEMBIC_INI, project / "alembic.ini")
+    (project / "plans" / "broken.yaml").write_text("plan: broken\napp: x\nphases: {}\n")
+    result = Phasegate(database_url, project / "alembic.ini")("status")
+    assert result.exit_code == 2, result.output
+    assert "plan bug-root-cause (" in result.stdout  # the valid plan is shown
+    assert "invalid plan files" in result.stdout and "broken.yaml:" in result.stdout
+    document = json.loads(
+        Phasegate(database_url, project / "alembic.ini")("status", json_output=True).stdout
+    )
+    assert [p["plan"] for p in document["plans"]] == ["bug-root-cause"]
+    assert document["invalid_plans"] and all(
+        "broken.yaml" in i["file"] for i in document["invalid_plans"]
+    )
 
 
 def test_a_password_is_scrubbed_from_an_unparsable_url() -> None:

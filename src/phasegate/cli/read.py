@@ -20,7 +20,7 @@ from phasegate.cli.app import (
     wait_option,
 )
 from phasegate.durations import format_duration
-from phasegate.errors import EXIT_OK, EXIT_REFUSED, UsageError
+from phasegate.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, UsageError
 from phasegate.orchestrator import Options, Orchestrator
 from phasegate.plan import PHASES, REVISION_PHASES, PlanError, load_plan
 from phasegate.plan_lint import lint_plan
@@ -137,14 +137,22 @@ def lint_command(ctx: Context, plan_path: str | None, phase: str | None, list_ru
 def status(ctx: Context, plans: tuple[str, ...]) -> int:
     """Show each plan's phase, next phase, state, job progress and drift.
 
-    With no PLAN, shows every plan in plans/ next to alembic.ini. With one PLAN, --json
-    prints that plan's object; otherwise {"plans": [...]}.
+    With no PLAN, shows every plan in plans/ next to alembic.ini; an invalid one there is
+    listed with its errors after the others (exit 2). With one PLAN, --json prints that
+    plan's object; otherwise {"plans": [...]}.
     """
     project = ctx.project()
     paths = list(plans) or ctx.plan_paths()
     if not paths:
         raise UsageError("no plans given and none found in plans/; pass PLAN files")
-    loaded = [load_plan(p) for p in paths]
+    loaded, invalid = [], []
+    for path in paths:
+        try:
+            loaded.append(load_plan(path))
+        except PlanError as exc:
+            if plans:  # named on the command line: the error is the answer
+                raise
+            invalid.append(exc)
     url = ctx.url(project)
     with db.session(url, "phasegate status") as conn:
         statuses = [
@@ -156,9 +164,15 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
     text = "\n\n".join(_status_text(s) for s in statuses)
     if others:
         text += f"\n\nother plans in the ledger: {', '.join(others)}"
+    if invalid:
+        text += "\n\ninvalid plan files (fix them, see `phasegate validate`):\n" + "\n".join(
+            exc.message for exc in invalid
+        )
     document = statuses[0] if len(plans) == 1 else {"plans": statuses, "other_plans": others}
+    if invalid:
+        document["invalid_plans"] = [issue for exc in invalid for issue in exc.details["issues"]]
     emit(ctx, document, text)
-    return EXIT_OK
+    return EXIT_USAGE if invalid else EXIT_OK
 
 
 def _status_text(s: dict[str, Any]) -> str:
