@@ -174,6 +174,28 @@ def test_a_renamed_job_leaves_no_trigger_behind(phasegate, engine, tmp_path) -> 
     ) == [("phasegate sync trigger of plan bug-root-cause, job bug-root-cause-ref",)]
 
 
+def test_an_expression_edited_after_backfill_is_flagged_until_backfill_reinstalls_it(
+    phasegate, engine, tmp_path
+) -> None:
+    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert json.loads(phasegate("status", P, json_output=True).stdout)["outdated_triggers"] == []
+    edited = edited_plan(
+        tmp_path, "root_cause_id_for(new.root_cause)", "root_cause_id_for(btrim(new.root_cause))"
+    )
+    status = json.loads(phasegate("status", edited, json_output=True).stdout)
+    assert status["outdated_triggers"] == ["bug-root-cause-id"]
+    result = phasegate("switch", edited, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "warning: `set` or `sync.down` of job 'bug-root-cause-id' edited" in result.stderr
+
+    for args in (("rollback", edited, "--to", "expand"), ("backfill", edited)):
+        result = phasegate(*args, "--live-version", "1.0", "--yes")
+        assert result.exit_code == 0, result.output
+    status = json.loads(phasegate("status", edited, json_output=True).stdout)
+    assert status["outdated_triggers"] == []
+
+
 def test_rollback_is_gated_on_the_earlier_state(phasegate, engine) -> None:
     result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output

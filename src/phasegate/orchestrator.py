@@ -142,6 +142,7 @@ class Orchestrator:
             "actor": state.actor,
             "updated_at": _iso(state.updated_at),
             "plan_changed": bool(state.plan_digest) and state.plan_digest != self.plan.digest,
+            "outdated_triggers": self._outdated_triggers(),
             "heads": list(heads),
             "drift": bool(drift),
             "drift_details": drift,
@@ -228,6 +229,17 @@ class Orchestrator:
                     "backfill PLAN`, which reinstalls it and sweeps every row again"
                 )
         return problems
+
+    def _outdated_triggers(self) -> list[str]:
+        """Jobs whose installed sync trigger runs expressions the file no longer has."""
+        with self.db.tx():
+            return [j.name for j in self._sync_jobs() if sync.outdated(self.db, self.plan.name, j)]
+
+    OUTDATED_HINT = (
+        "edited since backfill installed it, so the trigger still runs the old expressions. "
+        "Backfill installs the new ones: `phasegate rollback PLAN --to expand`, then "
+        "`phasegate backfill PLAN` (it also rewrites the rows the old ones left different)"
+    )
 
     def _trigger_exists(self, job: Any) -> bool:
         with self.db.tx():
@@ -595,6 +607,9 @@ class Orchestrator:
                 + ". Resolve it, then run the command again",
                 drift=drift,
             )
+        if not rolling_back and state.active_phase != "backfill":  # backfill reinstalls them
+            for job in self._outdated_triggers():
+                self.notify(f"warning: `set` or `sync.down` of job {job!r} {self.OUTDATED_HINT}")
         return state, heads
 
     def _decide(self, compatible: str, target: str) -> gates.GateDecision:

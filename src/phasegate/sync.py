@@ -97,6 +97,20 @@ def install(db: Session, plan: str, job: Job) -> None:
         db.execute(statement)
 
 
+def outdated(db: Session, plan: str, job: Job) -> bool:
+    """Whether the job's installed trigger function runs other code than the plan file
+    would install now (its `set` or `sync.down` edited since backfill installed it)."""
+    installed_body = db.scalar(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s",
+        {"n": object_name(plan, job.name)},
+    )
+    if installed_body is None:
+        return False
+    body = function_sql(plan, job).as_string(db.raw).split("$phasegate$")[1]
+    return bool(installed_body != body)
+
+
 def drop(db: Session, plan: str, job: Job) -> None:
     """Drop the trigger and its function; a no-op when they are already gone."""
     drop_installed(db, object_name(plan, job.name), quote_table(job.table or "").as_string(db.raw))

@@ -205,6 +205,8 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(line)
     if s["plan_changed"]:
         lines.append("  note: the plan file changed since the last phase ran")
+    for job in s["outdated_triggers"]:
+        lines.append(f"  note: `set` or `sync.down` of job {job!r} {Orchestrator.OUTDATED_HINT}")
     for problem in s["drift_details"]:
         lines.append(f"  DRIFT: {problem}")
     return "\n".join(lines)
