@@ -677,6 +677,44 @@ def test_a_helper_stops_when_the_orchestrator_stops(database_url: str, tmp_path:
     assert_all_agree(database_url, ROWS)
 
 
+JSON_PLAN = """\
+plan: engine-test
+app: enginetest
+baseline_compatible: ">=0"
+phases:
+  backfill:
+    compatible: ">=0"
+    jobs:
+      - name: fill
+        table: doc
+        set:
+          body: new.raw::json
+        where: new.body IS NULL
+        sync:
+          down:
+            raw: new.body::text
+"""
+
+
+def test_a_rollback_then_backfill_of_a_json_column(database_url: str, tmp_path: Path) -> None:
+    """json has no `=`: the next walk after a rollback must still tell stale rows apart."""
+    execute(
+        database_url,
+        "CREATE TABLE doc (k bigint PRIMARY KEY, raw text NOT NULL, body json)",
+        "INSERT INTO doc SELECT g, format('{\"n\": %s}', g) FROM generate_series(1, 500) g",
+    )
+    plan = tmp_path / "json.yaml"
+    plan.write_text(JSON_PLAN)
+    phasegate = Phasegate(database_url)
+    for args in (("backfill", str(plan)), ("rollback", str(plan))):
+        result = phasegate(*args, "--live-version", "1", "--yes")
+        assert result.exit_code == 0, result.output
+    execute(database_url, """UPDATE doc SET raw = '{"n": "edited"}' WHERE k = 7""")
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(database_url, "SELECT count(*) FROM doc WHERE body::text <> raw") == [(0,)]
+
+
 def test_a_stopped_helper_exits_3(database_url: str, tmp_path: Path) -> None:
     seeded_table(database_url)
     helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "60")

@@ -196,6 +196,30 @@ def test_an_expression_edited_after_backfill_is_flagged_until_backfill_reinstall
     assert status["outdated_triggers"] == []
 
 
+def test_a_job_whose_walk_never_started_is_swept_after_a_backfill_rollback(
+    phasegate, engine, tmp_path
+) -> None:
+    """Triggers go in before the first job: one fills root_cause_id though the job's walk
+    never starts (the sql job before it fails). After the rollback old code edits the
+    row with no trigger, and the next backfill must still see it."""
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(PLAN.read_text().replace("ON CONFLICT (name) DO NOTHING", "AND 1/0 = 1"))
+    assert phasegate("expand", P, "--live-version", "1.0", "--yes").exit_code == 0
+    assert phasegate("backfill", str(failing), "--live-version", "1.0", "--yes").exit_code == 3
+    with engine.begin() as connection:  # through the trigger
+        connection.execute(sa.text("UPDATE bug SET root_cause = 'alpha-cause' WHERE id = 1"))
+    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    with engine.begin() as connection:  # no trigger now
+        connection.execute(sa.text("UPDATE bug SET root_cause = 'beta-cause' WHERE id = 1"))
+    result = phasegate("backfill", P, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(
+        engine,
+        "SELECT r.name FROM bug b JOIN root_cause r ON r.id = b.root_cause_id WHERE b.id = 1",
+    ) == [("beta-cause",)]
+
+
 def test_rollback_is_gated_on_the_earlier_state(phasegate, engine) -> None:
     result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output

@@ -132,10 +132,15 @@ def forward_work(db: Session, plan: str, job: Job) -> BatchedWork:
 
 def _differs(job: Job, types: Mapping[str, str]) -> sql.Composed:
     """A row whose new columns are not what `set` gives for its old ones (each expression
-    cast to its column's base type, `types`, as the assignment would)."""
+    cast to its column's base type, `types`, as the assignment would).
+
+    Compared as text: json, xml, point and other types have no `=` for IS DISTINCT FROM,
+    and a walk that cannot plan its predicate fails on every run. Equal values whose text
+    differs ('{"a":1}' and '{"a": 1}') are rewritten with what they already hold: harmless.
+    """
     return sql.SQL("({})").format(
         sql.SQL(" OR ").join(
-            sql.SQL("new.{c} IS DISTINCT FROM CAST(({e}) AS {t})").format(
+            sql.SQL("new.{c}::text IS DISTINCT FROM CAST(({e}) AS {t})::text").format(
                 c=sql.Identifier(column), e=sql.SQL(expression), t=sql.SQL(types[column])
             )
             for column, expression in (job.set_ or {}).items()

@@ -555,19 +555,17 @@ def delete_checkpoint(db: Session, plan: str, job: str) -> None:
 def clear_checkpoints(db: Session, plan: str, resweep: Iterable[str] = ()) -> int:
     """Forget the plan's job progress (rollback of backfill); returns how many jobs had some.
 
-    Each job of `resweep` that had run (or was already flagged) keeps a pending checkpoint
-    flagged `resweep`: its new columns keep their values while no trigger runs, so old
-    code's writes from now on leave them stale, and the next walk must fix those rows too.
+    Each job of `resweep` keeps a pending checkpoint flagged `resweep`: its new columns keep
+    their values while no trigger runs, so old code's writes from now on leave them stale,
+    and the next walk must fix those rows too. Every synced job, walked or not: backfill
+    installs all the triggers before its first job, so a trigger may have filled the new
+    columns of a job whose walk never started (a failed `sql` job before it, a Ctrl-C).
     """
     db.execute("DELETE FROM phasegate.job_slice WHERE plan = %(p)s", {"p": plan})
-    cursor = db.execute(
-        "DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s RETURNING job", {"p": plan}
-    )
-    cleared = {row[0] for row in cursor.fetchall()}
+    cursor = db.execute("DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s", {"p": plan})
     for job in resweep:
-        if job in cleared:
-            save_checkpoint(db, Checkpoint(plan, job, resweep=True))
-    return len(cleared)
+        save_checkpoint(db, Checkpoint(plan, job, resweep=True))
+    return cursor.rowcount
 
 
 # -- heartbeats ---------------------------------------------------------------------------
