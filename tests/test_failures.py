@@ -158,9 +158,14 @@ def test_a_ledger_from_a_newer_phasegate_is_refused(phasegate, engine) -> None:
         connection.execute(
             sa.text("UPDATE phasegate.meta SET value = '99' WHERE key = 'schema_version'")
         )
-    result = phasegate("backfill", P, "--live-version", "1", "--yes")
-    assert result.exit_code == 2, result.output
-    assert "version 99, written by a newer phasegate" in result.stderr
+    for args in (
+        ("backfill", P, "--live-version", "1", "--yes"),
+        ("status", P),
+        ("check-deploy", P, "--app-version", "1.0"),
+    ):
+        result = phasegate(*args)
+        assert result.exit_code == 2, (args, result.output)  # check-deploy: never fail open
+        assert "version 99, written by a newer phasegate" in result.stderr, args
     assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
 
 

@@ -190,6 +190,16 @@ def exists(db: Session) -> bool:
     return bool(db.scalar("SELECT to_regclass('phasegate.plan_state') IS NOT NULL"))
 
 
+def _readable(db: Session) -> bool:
+    """The ledger exists, and this phasegate understands it (see `check_version`): every
+    read goes through here, so status or check-deploy never answers from a ledger a newer
+    phasegate wrote (check-deploy would fail open)."""
+    if not exists(db):
+        return False
+    check_version(schema_version(db))
+    return True
+
+
 def ensure_schema(db: Session) -> None:
     """Create or upgrade the ledger; safe to run any number of times (under the lock)."""
     with db.tx():
@@ -222,14 +232,14 @@ def check_version(version: int | None) -> None:
 
 
 def get_state(db: Session, plan: str) -> PlanState:
-    if not exists(db):
+    if not _readable(db):
         return PlanState(plan)
     rows = db.dicts("SELECT * FROM phasegate.plan_state WHERE plan = %(p)s", {"p": plan})
     return PlanState(**rows[0]) if rows else PlanState(plan)
 
 
 def all_states(db: Session) -> list[PlanState]:
-    if not exists(db):
+    if not _readable(db):
         return []
     return [PlanState(**r) for r in db.dicts("SELECT * FROM phasegate.plan_state ORDER BY plan")]
 
@@ -284,7 +294,7 @@ def record_event(
 def get_checkpoint(db: Session, plan: str, job: str, lock: bool = False) -> Checkpoint:
     """The job's checkpoint; `lock`: FOR UPDATE, for a read-modify-write of the whole row
     while other sessions' batches add to its counters."""
-    if not exists(db):
+    if not _readable(db):
         return Checkpoint(plan, job)
     rows = db.dicts(
         "SELECT * FROM phasegate.job_checkpoint WHERE plan = %(p)s AND job = %(j)s"
@@ -295,7 +305,7 @@ def get_checkpoint(db: Session, plan: str, job: str, lock: bool = False) -> Chec
 
 
 def checkpoints(db: Session, plan: str) -> list[Checkpoint]:
-    if not exists(db):
+    if not _readable(db):
         return []
     rows = db.dicts(
         "SELECT * FROM phasegate.job_checkpoint WHERE plan = %(p)s ORDER BY started_at, job",
