@@ -634,7 +634,8 @@ def _prepare(
 
 def _estimate(db: Session, table: str) -> int | None:
     """The table's rows: `pg_class.reltuples`, or the planner's guess from the table's size
-    and row width when it was never analysed.
+    and row width when it says nothing (-1: never analysed; 0: analysed while empty, or
+    never analysed on PostgreSQL 13 and older, and the table may have filled since).
 
     `reltuples` is -1 until the first ANALYZE (a table filled by an expand revision before
     autovacuum got to it): no ETA, and a 100% "sample" of the keys to cut slices, a sort of
@@ -646,7 +647,7 @@ def _estimate(db: Session, table: str) -> int | None:
         "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%(t)s)",
         {"t": _regclass_text(db, table)},
     )
-    if reltuples is None or reltuples >= 0:
+    if reltuples is None or reltuples > 0:  # 0: analysed while empty (or PG <= 13's unknown)
         return None if reltuples is None else int(reltuples)
     query = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}").format(quote_table(table))
     [plan] = db.scalar(query)
