@@ -178,6 +178,10 @@ def test_a_password_is_scrubbed_from_an_unparsable_url() -> None:
         scrub(f"failed for {url}", url)
         == "failed for postgresql://user:***@[::1:5432/db?password=***"
     )
+    url = "postgresql://u:pa@s/s@[::1:5432/db"  # '@' and '/' in the password
+    assert scrub(f"could not use {url}", url) == "could not use postgresql://u:***@[::1:5432/db"
+    url = "postgresql://u:pa@ss@[::1:5432/db"
+    assert scrub(f"could not use {url}", url) == "could not use postgresql://u:***@[::1:5432/db"
 
 
 def test_json_may_follow_the_command(database_url) -> None:

@@ -117,18 +117,28 @@ def scrub(text: str, url: str | None) -> str:
     """Remove the URL's password (user info or ?password=) from a message that echoed it."""
     if not url:
         return text
+    secrets = _password_spans(url)  # by shape: also what a parser would cut short at an '@'
     try:
         parsed = make_url(url)
-    except _UNPARSABLE:  # still take out whatever sits where a password would
-        secrets = re.findall(r"^[^:/]+://[^:@/]*:([^@]*)@|[?&]password=([^&]*)", url)
-        for secret in (part for found in secrets for part in found):
-            text = text.replace(secret, "***") if secret else text
-        return text
-    secrets = [parsed.password, parsed.query.get("password")]
-    for secret in secrets:
-        if isinstance(secret, str) and secret:
-            text = text.replace(secret, "***")
+    except _UNPARSABLE:
+        pass
+    else:
+        secrets += [s for s in (parsed.password, parsed.query.get("password")) if s]
+    for secret in sorted(set(map(str, secrets)), key=len, reverse=True):  # longest first
+        text = text.replace(secret, "***")
     return text
+
+
+def _password_spans(url: str) -> list[str]:
+    """The password parts of a URL SQLAlchemy cannot parse, found by shape alone: from the
+    user's ':' to the last '@' before any '?' (a password may hold '@' or '/'), and every
+    `password=` parameter."""
+    found = re.findall(r"[?&]password=([^&]*)", url)
+    _scheme, sep, rest = url.partition("://")
+    userinfo = rest.split("?", 1)[0].rpartition("@")[0] if sep else ""
+    if ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    return [secret for secret in found if secret]
 
 
 def libpq_url(url: str) -> str:
