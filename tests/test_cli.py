@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 from click.testing import CliRunner
@@ -159,17 +160,24 @@ def test_status_of_all_plans_shows_the_valid_ones_and_lists_an_invalid_one(
     shutil.copytree(ROOT / "plans", project / "plans")
     shutil.copy(ALEMBIC_INI, project / "alembic.ini")
     (project / "plans" / "broken.yaml").write_text("plan: broken\napp: x\nphases: {}\n")
+    ghost = PLAN.read_text().replace("plan: bug-root-cause", "plan: ghost")
+    ghost = ghost.replace(
+        '  expand:\n    compatible: "<2"',
+        '  expand:\n    compatible: "<2"\n    revisions: [deadbeef0000]',
+    )
+    assert "deadbeef0000" in ghost
+    (project / "plans" / "ghost.yaml").write_text(ghost)  # valid YAML, unknown revision
     result = Phasegate(database_url, project / "alembic.ini")("status")
     assert result.exit_code == 2, result.output
     assert "plan bug-root-cause (" in result.stdout  # the valid plan is shown
     assert "invalid plan files" in result.stdout and "broken.yaml:" in result.stdout
+    assert "ghost.yaml:" in result.stdout and "deadbeef0000" in result.stdout
     document = json.loads(
         Phasegate(database_url, project / "alembic.ini")("status", json_output=True).stdout
     )
     assert [p["plan"] for p in document["plans"]] == ["bug-root-cause"]
-    assert document["invalid_plans"] and all(
-        "broken.yaml" in i["file"] for i in document["invalid_plans"]
-    )
+    files = {Path(i["file"]).name for i in document["invalid_plans"]}
+    assert files == {"broken.yaml", "ghost.yaml"}
 
 
 def test_a_password_is_scrubbed_from_an_unparsable_url() -> None:

@@ -145,7 +145,7 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
     paths = list(plans) or ctx.plan_paths()
     if not paths:
         raise UsageError("no plans given and none found in plans/; pass PLAN files")
-    loaded, invalid = [], []
+    loaded, invalid = [], []  # invalid: PlanError, or UsageError from its status
     for path in paths:
         try:
             loaded.append(load_plan(path))
@@ -154,10 +154,15 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
                 raise
             invalid.append(exc)
     url = ctx.url(project)
+    statuses = []
     with db.session(url, "phasegate status") as conn:
-        statuses = [
-            Orchestrator(conn, project, plan, Options(actor=actor())).status() for plan in loaded
-        ]
+        for plan in loaded:
+            try:  # revisions resolve, and the phases the ledger recorded are in the file
+                statuses.append(Orchestrator(conn, project, plan, Options(actor=actor())).status())
+            except UsageError as exc:
+                if plans:
+                    raise
+                invalid.append(exc)
         with conn.tx():
             known = {s.plan for s in ledger.all_states(conn)}
     others = sorted(known - {p.name for p in loaded}) if not plans else []
@@ -170,7 +175,11 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
         )
     document = statuses[0] if len(plans) == 1 else {"plans": statuses, "other_plans": others}
     if invalid:
-        document["invalid_plans"] = [issue for exc in invalid for issue in exc.details["issues"]]
+        document["invalid_plans"] = [
+            issue
+            for exc in invalid
+            for issue in exc.details.get("issues") or [{"file": None, "message": exc.message}]
+        ]
     emit(ctx, document, text)
     return EXIT_USAGE if invalid else EXIT_OK
 
