@@ -202,6 +202,14 @@ def test_json_may_follow_the_command(database_url) -> None:
     assert json.loads(invoke("validate", P, "--json").stdout)["valid"] is True
 
 
+def test_json_after_the_command_is_not_taken_from_an_option_that_needs_a_value() -> None:
+    flag = invoke("heartbeat", "--app", "a", "--json")  # moved: a JSON error document
+    assert flag.exit_code == 2 and json.loads(flag.stdout)["error"]["kind"] == "usage"
+    value = invoke("heartbeat", "--app", "a", "--instance", "--json")  # the instance's name
+    assert value.exit_code == 2 and "pass --version" in value.output
+    assert not value.stdout.lstrip().startswith("{")
+
+
 def test_a_password_in_the_query_string_is_masked_too() -> None:
     url = "postgresql://postgres@127.0.0.1:1/nothing?password=hunter2"
     result = invoke("--json", "--database-url", url, "status", P)

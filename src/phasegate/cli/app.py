@@ -131,11 +131,25 @@ class _Group(click.Group):
     take only before the command)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if "--json" in args:
-            end = args.index("--") if "--" in args else len(args)
-            head = [a for a in args[:end] if a != "--json"]
-            args = ["--json", *head, *args[end:]]
+        end = args.index("--") if "--" in args else len(args)
+        moved = [i for i in range(end) if args[i] == "--json" and not self._takes_value(args, i)]
+        if moved:
+            args = ["--json", *(a for i, a in enumerate(args) if i not in moved)]
         return super().parse_args(ctx, args)
+
+    def _takes_value(self, args: list[str], i: int) -> bool:
+        """Whether args[i] is the value of the option before it (`--actor --json`)."""
+        before = args[i - 1] if i else ""
+        if not before.startswith("-") or "=" in before:
+            return False
+        flags = {
+            opt
+            for command in [self, *self.commands.values()]
+            for param in command.params
+            if isinstance(param, click.Option) and (param.is_flag or param.count)
+            for opt in [*param.opts, *param.secondary_opts]
+        }
+        return before not in flags and before not in ("-h", "--help")
 
 
 @click.group(
