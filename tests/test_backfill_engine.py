@@ -718,6 +718,23 @@ def test_a_rollback_then_backfill_of_a_json_column(database_url: str, tmp_path: 
     assert fetch(database_url, "SELECT count(*) FROM doc WHERE body::text <> raw") == [(0,)]
 
 
+def test_a_job_moved_to_another_table_leaves_no_trigger_on_either(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Same job name, so the same trigger function: its trigger on the old table must go
+    before DROP FUNCTION, which would otherwise refuse."""
+    seeded_table(database_url)
+    execute(database_url, "CREATE TABLE t2 (LIKE t INCLUDING ALL)")
+    plan = make_plan(tmp_path)
+    phasegate = Phasegate(database_url)
+    assert phasegate("backfill", plan, "--live-version", "1", "--yes").exit_code == 0
+    Path(plan).write_text(make_plan_text().replace("        table: t\n", "        table: t2\n"))
+    result = phasegate("rollback", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('t'::regclass, 't2'::regclass)"
+    assert fetch(database_url, triggers + " AND NOT tgisinternal") == [(0,)]
+
+
 def test_a_stopped_helper_exits_3(database_url: str, tmp_path: Path) -> None:
     seeded_table(database_url)
     helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "60")

@@ -280,7 +280,10 @@ def _expression_issues(db: Session, plan: Plan, job: Job, loc: Loc) -> list[Plan
             with db.tx():
                 db.execute(probe)
         except psycopg.Error as exc:
-            if not (exc.sqlstate or "").startswith(("42", "22")):  # syntax, names, types, values
+            state = exc.sqlstate or ""
+            # syntax, names, types, values; not a missing privilege (42501): that is the
+            # role's, and the batch would fail on it with PostgreSQL's own words
+            if not state.startswith(("42", "22")) or state == "42501":
                 raise
             issues.append(
                 plan.issue(
@@ -625,7 +628,12 @@ def _prepare(
                 f"{cp.upper_key or '(empty table)'} in {max(len(bounds), 1)} slice(s)"
             )
         cp.status = "running"
-        cp.search_path = db.scalar("SELECT current_setting('search_path')")
+        # the schemas the path resolves to here ("$user" is this role's, not a worker's)
+        cp.search_path = db.scalar(
+            "SELECT string_agg(quote_ident(s), ', ' ORDER BY o)"
+            " FROM unnest(current_schemas(false)) WITH ORDINALITY AS u(s, o)"
+            " WHERE s NOT LIKE 'pg\\_temp\\_%'"  # this session's own: no other may use it
+        )
         cp.run_started_at = db.scalar("SELECT now()")
         cp.run_walked = cp.walked
         ledger.save_checkpoint(db, cp)

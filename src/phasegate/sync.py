@@ -117,10 +117,25 @@ def drop(db: Session, plan: str, job: Job) -> None:
 
 
 def drop_installed(db: Session, name: str, table: str | None) -> None:
-    """Drop one trigger and its function by name (as `installed` lists them)."""
+    """Drop one trigger and its function by name (as `installed` lists them).
+
+    Every trigger that calls the function goes first, on whatever table: a job whose
+    `table:` was edited keeps its name, so its trigger on the old table calls the same
+    function, and DROP FUNCTION would refuse while it depends on it.
+    """
     if table and db.scalar("SELECT to_regclass(%(t)s) IS NOT NULL", {"t": table}):
         db.execute(
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), sql.SQL(table))
+        )
+    others = db.all(
+        "SELECT t.tgname, t.tgrelid::regclass::text FROM pg_trigger t"
+        " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s",
+        {"n": name},
+    )
+    for trigger, relation in others:
+        db.execute(
+            sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger), sql.SQL(relation))
         )
     db.execute(
         sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(
