@@ -168,10 +168,13 @@ def test_a_renamed_job_leaves_no_trigger_behind(phasegate, engine, tmp_path) -> 
     result = phasegate("backfill", renamed, "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output
     assert "dropped the sync trigger of job 'bug-root-cause-id'" in result.stderr
-    assert fetch(
+    [(comment,)] = fetch(
         engine,
         "SELECT obj_description(tgfoid, 'pg_proc') FROM pg_trigger WHERE tgname LIKE 'sync_%'",
-    ) == [("phasegate sync trigger of plan bug-root-cause, job bug-root-cause-ref",)]
+    )
+    assert comment.startswith(
+        "phasegate sync trigger of plan bug-root-cause, job bug-root-cause-ref\n"
+    )
 
 
 def test_an_expression_edited_after_backfill_is_flagged_until_backfill_reinstalls_it(

@@ -11,6 +11,7 @@ rewrite the old columns lossily.
 from __future__ import annotations
 
 import hashlib
+import json
 
 from psycopg import sql
 
@@ -57,10 +58,17 @@ def function_sql(plan: str, job: Job) -> sql.Composed:
     )
 
 
-def owner_comment(plan: str, job: str) -> str:
-    """The comment on a trigger's function that says whose it is: how the plan finds its
-    triggers after the file changed (a job renamed, its `sync` removed)."""
-    return f"{_OWNER_PREFIX}{plan}, job {job}"
+def owner_comment(plan: str, job: Job) -> str:
+    """The comment on a trigger's function: whose it is (how the plan finds its triggers
+    after the file changed: a job renamed, its `sync` removed), and on its second line a
+    digest of the expressions it runs (how `outdated` tells they were edited since; not
+    the function's body, which a newer phasegate may write differently)."""
+    return f"{_OWNER_PREFIX}{plan}, job {job.name}\nexpressions {expressions_digest(job)}"
+
+
+def expressions_digest(job: Job) -> str:
+    text = json.dumps([job.set_ or {}, job.sync.down if job.sync else {}], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 _OWNER_PREFIX = "phasegate sync trigger of plan "
@@ -75,7 +83,7 @@ def install_statements(plan: str, job: Job) -> list[sql.Composed]:
     return [
         function_sql(plan, job),
         sql.SQL("COMMENT ON FUNCTION {}.{}() IS {}").format(
-            sql.Identifier("phasegate"), name, sql.Literal(owner_comment(plan, job.name))
+            sql.Identifier("phasegate"), name, sql.Literal(owner_comment(plan, job))
         ),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table),
         sql.SQL(
@@ -98,17 +106,16 @@ def install(db: Session, plan: str, job: Job) -> None:
 
 
 def outdated(db: Session, plan: str, job: Job) -> bool:
-    """Whether the job's installed trigger function runs other code than the plan file
-    would install now (its `set` or `sync.down` edited since backfill installed it)."""
-    installed_body = db.scalar(
-        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+    """Whether the job's installed trigger runs other expressions than the plan file has
+    now (its `set` or `sync.down` edited since backfill installed it)."""
+    comment = db.scalar(
+        "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p"
+        " JOIN pg_namespace n ON n.oid = p.pronamespace"
         " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s",
         {"n": object_name(plan, job.name)},
     )
-    if installed_body is None:
-        return False
-    body = function_sql(plan, job).as_string(db.raw).split("$phasegate$")[1]
-    return bool(installed_body != body)
+    _owner, _newline, digest = (comment or "").partition("\nexpressions ")
+    return bool(digest) and digest != expressions_digest(job)  # no digest: installed before
 
 
 def drop(db: Session, plan: str, job: Job) -> None:
@@ -148,7 +155,7 @@ def installed(db: Session, plan: str) -> list[tuple[str, str, str | None]]:
     """The plan's sync triggers in the database, told by their functions' comments:
     (job, function name, table as regclass text or None when no trigger uses it)."""
     rows = db.all(
-        "SELECT substr(d.description, length(%(prefix)s) + 1), p.proname,"
+        "SELECT split_part(substr(d.description, length(%(prefix)s) + 1), E'\\n', 1), p.proname,"
         " t.tgrelid::regclass::text"
         " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
         " JOIN pg_description d ON d.objoid = p.oid AND d.classoid = 'pg_proc'::regclass"
