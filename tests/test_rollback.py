@@ -223,6 +223,20 @@ def test_a_job_whose_walk_never_started_is_swept_after_a_backfill_rollback(
     ) == [("beta-cause",)]
 
 
+def test_contract_rollback_checks_the_expressions_before_reinstalling_triggers(
+    phasegate, engine, tmp_path
+) -> None:
+    run_to_done(phasegate)
+    typo = edited_plan(tmp_path, "(SELECT name FROM root_cause", "(SELECT nam FROM root_cause")
+    result = phasegate("rollback", typo, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 2, result.output
+    assert 'column "nam" does not exist' in result.stderr
+    assert sync_triggers(engine) == 0  # no trigger that would fail every write
+    result = phasegate("rollback", P, "--live-version", "2.0", "--yes")  # the file fixed
+    assert result.exit_code == 0, result.output
+    assert sync_triggers(engine) == 1
+
+
 def test_rollback_is_gated_on_the_earlier_state(phasegate, engine) -> None:
     result = phasegate("advance", P, "--to", "backfill", "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output

@@ -244,6 +244,17 @@ def check_columns(db: Session, plan: Plan) -> None:
         raise PlanError(issues)
 
 
+def check_expressions(db: Session, plan: Plan) -> None:
+    """Every synced job's expressions, planned against its table (see `_expression_issues`):
+    for the rollback of contract, which installs the triggers again after its downgrade."""
+    issues = []
+    for index, job in enumerate(plan.jobs()):
+        if job.is_batched and job.sync is not None:
+            issues += _expression_issues(db, plan, job, ("phases", "backfill", "jobs", index))
+    if issues:
+        raise PlanError(issues)
+
+
 def _expression_issues(db: Session, plan: Plan, job: Job, loc: Loc) -> list[PlanIssue]:
     """Each of the job's expressions, planned (never run) against its table.
 

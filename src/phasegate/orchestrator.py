@@ -515,6 +515,7 @@ class Orchestrator:
             )
         if phase != "contract":
             return []
+        backfill.check_expressions(self.db, self.plan)  # edited since? a trigger would break writes
         self.db.retrying("installing the sync triggers", self._install_triggers)
         for job in self._sync_jobs():
             self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
