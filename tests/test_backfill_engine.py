@@ -660,11 +660,16 @@ def test_a_helper_stops_when_the_orchestrator_stops(database_url: str, tmp_path:
     owner.send_signal(signal.SIGINT)
     _out, owner_err = owner.communicate(timeout=60)
     assert owner.returncode == 3, owner_err
+    stopped = time.monotonic()
+    [(left_then,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NULL")
     _helper_out, helper_err = helper.communicate(timeout=30)
     assert helper.returncode == 0, helper_err
     assert "its orchestrator stopped, so this worker stopped too" in helper_err
+    assert time.monotonic() - stopped < 10  # it checks about once a second, not at slice end
     [(left,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NULL")
-    assert left > ROWS // 3  # the helper did not walk the rest alone
+    # alone, at 20 rows a batch, the helper would have walked the rest (hundreds of rows);
+    # it stops within about a second: a few batches at most
+    assert left_then - left <= 20 * 30 and left > ROWS // 3
 
     late = cli(database_url, "worker", plan, "--wait", "1")
     late_out, late_err = late.communicate(timeout=30)
