@@ -740,6 +740,28 @@ def test_a_job_moved_to_another_table_leaves_no_trigger_on_either(
     assert fetch(database_url, triggers + " AND NOT tgisinternal") == [(0,)]
 
 
+def test_a_job_moved_while_its_trigger_is_installed_leaves_the_old_table_alone(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A backfill failed after installing the trigger on t; the file then moves the job to
+    t2. The next run must take the trigger off t: it would call the replaced function."""
+    seeded_table(database_url)
+    execute(database_url, "CREATE TABLE t2 (LIKE t INCLUDING ALL)")
+    plan = tmp_path / "engine.yaml"
+    failing = make_plan_text().replace(
+        "    jobs:\n", "    jobs:\n      - name: boom\n        sql: SELECT 1/0\n"
+    )
+    plan.write_text(failing)
+    phasegate = Phasegate(database_url)
+    assert phasegate("backfill", str(plan), "--live-version", "1", "--yes").exit_code == 3
+    plan.write_text(make_plan_text().replace("        table: t\n", "        table: t2\n"))
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    triggers = "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'sync_%'"
+    assert fetch(database_url, triggers) == [("t2",)]
+    execute(database_url, "INSERT INTO t (k, val) VALUES (999999, 1)")  # no trigger in the way
+
+
 def test_a_stopped_helper_exits_3(database_url: str, tmp_path: Path) -> None:
     seeded_table(database_url)
     helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "60")

@@ -67,7 +67,9 @@ def owner_comment(plan: str, job: Job) -> str:
 
 
 def expressions_digest(job: Job) -> str:
-    text = json.dumps([job.set_ or {}, job.sync.down if job.sync else {}], sort_keys=True)
+    text = json.dumps(
+        [job.table, job.set_ or {}, job.sync.down if job.sync else {}], sort_keys=True
+    )
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -100,9 +102,36 @@ def install_statements(plan: str, job: Job) -> list[sql.Composed]:
 
 
 def install(db: Session, plan: str, job: Job) -> None:
-    """Create (or replace) the function and the trigger; run inside the caller's tx."""
+    """Create (or replace) the function and the trigger; run inside the caller's tx.
+
+    A trigger of the same job on another table goes first: the job's `table:` was edited,
+    and that trigger would call the replaced function, which names the new table's columns.
+    """
+    name = object_name(plan, job.name)
+    _drop_callers(db, name, keep=quote_table(job.table or "").as_string(db.raw))
     for statement in install_statements(plan, job):
         db.execute(statement)
+
+
+def _drop_callers(db: Session, name: str, keep: str | None = None) -> None:
+    """Drop every trigger that calls function phasegate.`name`, except on table `keep`.
+
+    Partition clones of a trigger go with their parent's; IF EXISTS covers them.
+    """
+    callers = db.all(
+        "SELECT t.tgname, t.tgrelid::regclass::text, t.tgrelid = to_regclass(%(keep)s)"
+        " FROM pg_trigger t"
+        " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s",
+        {"n": name, "keep": keep},
+    )
+    for trigger, relation, kept in callers:
+        if not kept:
+            db.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                    sql.Identifier(trigger), sql.SQL(relation)
+                )
+            )
 
 
 def outdated(db: Session, plan: str, job: Job) -> bool:
@@ -134,16 +163,7 @@ def drop_installed(db: Session, name: str, table: str | None) -> None:
         db.execute(
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), sql.SQL(table))
         )
-    others = db.all(
-        "SELECT t.tgname, t.tgrelid::regclass::text FROM pg_trigger t"
-        " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s",
-        {"n": name},
-    )
-    for trigger, relation in others:
-        db.execute(
-            sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger), sql.SQL(relation))
-        )
+    _drop_callers(db, name)
     db.execute(
         sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(
             sql.Identifier("phasegate"), sql.Identifier(name)
