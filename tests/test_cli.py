@@ -12,7 +12,7 @@ import psycopg
 from click.testing import CliRunner
 
 from phasegate.cli import cli
-from phasegate.db import libpq_url, scrub
+from phasegate.db import libpq_url, mask_url, scrub
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 
@@ -190,6 +190,16 @@ def test_a_password_is_scrubbed_from_an_unparsable_url() -> None:
     assert scrub(f"could not use {url}", url) == "could not use postgresql://u:***@[::1:5432/db"
     url = "postgresql://u:pa@ss@[::1:5432/db"
     assert scrub(f"could not use {url}", url) == "could not use postgresql://u:***@[::1:5432/db"
+
+
+def test_a_password_holding_at_signs_in_a_url_sqlalchemy_parses_is_masked_whole() -> None:
+    url = "postgresql://app:s@cret@127.0.0.1:1/prod"  # parsed: password 's', host 'cret@...'
+    shown = mask_url(url)  # how phasegate itself renders it: postgresql://app:***@cret@...
+    message = f'{{"message": "cannot connect to {shown}", "database": "{url}"}}'
+    scrubbed = scrub(message, url)
+    assert "cret" not in scrubbed and '"message"' in scrubbed and '"database"' in scrubbed
+    plain = "postgresql://postgres@127.0.0.1:5432/db"
+    assert scrub(f"using {plain}", plain) == f"using {plain}"  # no password, nothing masked
 
 
 def test_json_may_follow_the_command(database_url) -> None:

@@ -123,8 +123,14 @@ def scrub(text: str, url: str | None) -> str:
     except _UNPARSABLE:
         pass
     else:
-        secrets += [s for s in (parsed.password, parsed.query.get("password")) if s]
-    for secret in sorted(set(map(str, secrets)), key=len, reverse=True):  # longest first
+        for found in (parsed.password, parsed.query.get("password")):
+            if not found:
+                continue
+            longer = [s for s in secrets if s.startswith(str(found)) and len(s) > len(str(found))]
+            # SQLAlchemy cut the password at its first '@' and renders the rest as host
+            # ("app:***@cret@host"): mask that rest, and not the short head everywhere
+            secrets += [s[len(str(found)) :] for s in longer] or [str(found)]
+    for secret in sorted(set(secrets), key=len, reverse=True):  # longest first
         text = text.replace(secret, "***")
     return text
 
@@ -136,8 +142,9 @@ def _password_spans(url: str) -> list[str]:
     found = re.findall(r"[?&]password=([^&]*)", url)
     _scheme, sep, rest = url.partition("://")
     userinfo = rest.split("?", 1)[0].rpartition("@")[0] if sep else ""
-    if ":" in userinfo:
-        found.append(userinfo.split(":", 1)[1])
+    user, colon, password = userinfo.partition(":")
+    if colon and not any(c in user for c in "@/"):  # "user@host:5432/my@db" has none
+        found.append(password)
     return [secret for secret in found if secret]
 
 
