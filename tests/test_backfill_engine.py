@@ -762,6 +762,72 @@ def test_a_job_moved_while_its_trigger_is_installed_leaves_the_old_table_alone(
     execute(database_url, "INSERT INTO t (k, val) VALUES (999999, 1)")  # no trigger in the way
 
 
+GUARDED_PLAN = """\
+plan: engine-test
+app: enginetest
+baseline_compatible: ">=0"
+phases:
+  backfill:
+    compatible: ">=0"
+    jobs:
+      - name: fill
+        table: m
+        set:
+          n: new.raw::int
+        where: new.raw ~ '^[0-9]+$' AND new.n IS NULL
+        sync:
+          down:
+            raw: new.n::text
+"""
+
+
+def test_a_resweep_evaluates_set_only_where_the_plan_guards_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`where` keeps `raw::int` off 'legacy-10'; the walk after a rollback must too."""
+    execute(
+        database_url,
+        "CREATE TABLE m (k bigint PRIMARY KEY, raw text, n int)",
+        "INSERT INTO m SELECT g, CASE WHEN g % 10 = 0 THEN 'legacy-' || g ELSE g::text END"
+        " FROM generate_series(1, 500) g",
+    )
+    plan = tmp_path / "guarded.yaml"
+    plan.write_text(GUARDED_PLAN)
+    phasegate = Phasegate(database_url)
+    for args in (("backfill", str(plan)), ("rollback", str(plan))):
+        result = phasegate(*args, "--live-version", "1", "--yes")
+        assert result.exit_code == 0, result.output
+    execute(database_url, "UPDATE m SET raw = '77' WHERE k = 7")  # old code, no trigger
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(database_url, "SELECT n FROM m WHERE k = 7") == [(77,)]
+    assert fetch(database_url, "SELECT count(*) FROM m WHERE n IS NULL") == [(50,)]
+
+
+def test_a_resweep_sees_a_float_change_in_the_last_bits(database_url: str, tmp_path: Path) -> None:
+    execute(
+        database_url,
+        "CREATE TABLE f (k bigint PRIMARY KEY, x float8 NOT NULL, y float8)",
+        "INSERT INTO f SELECT g, g * 1.1 FROM generate_series(1, 100) g",
+        f"ALTER DATABASE {make_url(database_url).database} SET extra_float_digits = 0",
+    )
+    plan = tmp_path / "float.yaml"
+    plan.write_text(
+        GUARDED_PLAN.replace("table: m", "table: f")
+        .replace("n: new.raw::int", "y: new.x * 3")
+        .replace("where: new.raw ~ '^[0-9]+$' AND new.n IS NULL", "where: new.y IS NULL")
+        .replace("raw: new.n::text", "x: new.y / 3")
+    )
+    phasegate = Phasegate(database_url)
+    for args in (("backfill", str(plan)), ("rollback", str(plan))):
+        result = phasegate(*args, "--live-version", "1", "--yes")
+        assert result.exit_code == 0, result.output
+    execute(database_url, "UPDATE f SET x = x + 4.5e-16 WHERE k = 3")
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(database_url, "SELECT y = x * 3 FROM f WHERE k = 3") == [(True,)]
+
+
 def test_a_stopped_helper_exits_3(database_url: str, tmp_path: Path) -> None:
     seeded_table(database_url)
     helper = cli(database_url, "worker", make_plan(tmp_path), "--wait", "60")

@@ -132,20 +132,38 @@ def forward_work(db: Session, plan: str, job: Job) -> BatchedWork:
 
 def _differs(job: Job, types: Mapping[str, str]) -> sql.Composed:
     """A row whose new columns are not what `set` gives for its old ones (each expression
-    cast to its column's base type, `types`, as the assignment would).
+    cast to its column's base type, `types`: every column of the table, as the assignment
+    would).
 
-    Compared as text: json, xml, point and other types have no `=` for IS DISTINCT FROM,
-    and a walk that cannot plan its predicate fails on every run. Equal values whose text
-    differs ('{"a":1}' and '{"a": 1}') are rewritten with what they already hold: harmless.
+    Only where `set` applies: the author's `where` guards it (`raw ~ '^[0-9]+$'` before
+    `raw::int`), so it is asked of the row with the new columns taken as empty, and CASE
+    keeps `set` from being evaluated on a row it does not apply to; a walk that raised
+    on one row would fail on every run. Compared as text: json, xml, point and other
+    types have no `=` for IS DISTINCT FROM; equal values whose text differs
+    ('{"a":1}' and '{"a": 1}') are rewritten with what they already hold. Floats print
+    exactly in walk sessions (`extra_float_digits = 3`, `set_limits`), so a change in
+    the last bits is not hidden.
     """
-    return sql.SQL("({})").format(
-        sql.SQL(" OR ").join(
-            sql.SQL("new.{c}::text IS DISTINCT FROM CAST(({e}) AS {t})::text").format(
-                c=sql.Identifier(column), e=sql.SQL(expression), t=sql.SQL(types[column])
-            )
-            for column, expression in (job.set_ or {}).items()
+    new_columns = set(job.new_columns)
+    row_with_empty_new_columns = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(
+            sql.SQL("NULL::{}").format(sql.SQL(kind))
+            if column in new_columns
+            else sql.SQL("new.{}").format(sql.Identifier(column)),
+            sql.Identifier(column),
         )
+        for column, kind in types.items()
     )
+    applies = sql.SQL("(SELECT ({}) FROM (SELECT {}) AS new)").format(
+        sql.SQL(job.where or "FALSE"), row_with_empty_new_columns
+    )
+    compared = sql.SQL(" OR ").join(
+        sql.SQL("new.{c}::text IS DISTINCT FROM CAST(({e}) AS {t})::text").format(
+            c=sql.Identifier(column), e=sql.SQL(expression), t=sql.SQL(types[column])
+        )
+        for column, expression in (job.set_ or {}).items()
+    )
+    return sql.SQL("(CASE WHEN {} THEN ({}) ELSE false END)").format(applies, compared)
 
 
 def down_name(job: Job) -> str:
@@ -1007,14 +1025,15 @@ def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
     that estimate can pick a sequential scan over every row. With it off the planner
     walks the key's index, which is what the batch does at any size.
 
-    row_security off: see `whole_table`.
+    row_security off: see `whole_table`. extra_float_digits 3: see `_differs`.
     """
     flag = "true" if local else "false"
     psycopg.Cursor(db.raw).execute(
         f"SELECT set_config('statement_timeout', %(s)s, {flag}),"
         f" set_config('lock_timeout', %(l)s, {flag}),"
         f" set_config('enable_seqscan', 'off', {flag}),"
-        f" set_config('row_security', 'off', {flag})" + client_check(db.raw, local=local),
+        f" set_config('row_security', 'off', {flag}),"
+        f" set_config('extra_float_digits', '3', {flag})" + client_check(db.raw, local=local),
         {"s": settings.statement_timeout, "l": settings.lock_timeout},
     )
 
@@ -1043,6 +1062,7 @@ def reset_limits(db: Session) -> None:
                 "lock_timeout",
                 "enable_seqscan",
                 "row_security",
+                "extra_float_digits",
                 "search_path",
             ):
                 psycopg.Cursor(db.raw).execute(f"RESET {name}")
