@@ -69,8 +69,9 @@ def test_each_phase_rolls_back_newest_first_then_the_plan_runs_again(phasegate, 
         ("bug-root-cause-id", "pending", True)
     ]
 
-    rollback()  # expand: back to the baseline schema
+    rollback()  # expand: back to the baseline schema, and no job progress left
     assert "root_cause_id" not in columns(engine)
+    assert scalar(engine, "SELECT count(*) FROM phasegate.job_checkpoint") == 0
     assert scalar(engine, "SELECT to_regclass('root_cause')") is None
     assert scalar(engine, "SELECT version_num FROM alembic_version") == "bc25b5f8939f"
     status = json.loads(phasegate("status", P, json_output=True).stdout)

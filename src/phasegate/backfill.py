@@ -659,7 +659,7 @@ def _prepare(
         cp.status = "running"
         # the schemas the path resolves to here ("$user" is this role's, not a worker's)
         cp.search_path = db.scalar(
-            "SELECT string_agg(quote_ident(s), ', ' ORDER BY o)"
+            "SELECT coalesce(string_agg(quote_ident(s), ', ' ORDER BY o), '')"
             " FROM unnest(current_schemas(false)) WITH ORDINALITY AS u(s, o)"
             " WHERE s NOT LIKE 'pg\\_temp\\_%'"  # this session's own: no other may use it
         )

@@ -513,6 +513,9 @@ class Orchestrator:
                 f"the downgrade to {target}",
                 lambda: self.project.downgrade(self.db, target, self._on_step(phase)),
             )
+        if phase == "expand":  # the new columns are gone: no job's progress means anything
+            with self.db.tx():
+                ledger.clear_checkpoints(self.db, self.plan.name)
         if phase != "contract":
             return []
         backfill.check_expressions(self.db, self.plan)  # edited since? a trigger would break writes

@@ -162,6 +162,7 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
             except UsageError as exc:
                 if plans:
                     raise
+                exc.details.setdefault("issues", [{"file": plan.source, "message": exc.message}])
                 invalid.append(exc)
         with conn.tx():
             known = {s.plan for s in ledger.all_states(conn)}
@@ -175,11 +176,7 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
         )
     document = statuses[0] if len(plans) == 1 else {"plans": statuses, "other_plans": others}
     if invalid:
-        document["invalid_plans"] = [
-            issue
-            for exc in invalid
-            for issue in exc.details.get("issues") or [{"file": None, "message": exc.message}]
-        ]
+        document["invalid_plans"] = [issue for exc in invalid for issue in exc.details["issues"]]
     emit(ctx, document, text)
     return EXIT_USAGE if invalid else EXIT_OK
 
