@@ -49,14 +49,27 @@ phases:
     compatible: ">=0"
     jobs:
       - name: fill
-        table: t
+        table: {table}
 {key}        set:
-          doubled: new.val * 2
-        where: new.doubled IS NULL
+          {set_}
+        where: {where}
         sync:
           down:
-            val: new.doubled / 2
+            {down}
 """
+
+
+def engine_plan_text(
+    table: str = "t",
+    set_: str = "doubled: new.val * 2",
+    where: str = "new.doubled IS NULL",
+    down: str = "val: new.doubled / 2",
+    key: str = "",
+) -> str:
+    """The engine tests' one-job plan; each argument is one line of the job."""
+    key_line = f"        key: {key}\n" if key else ""
+    return PLAN_TEXT.format(table=table, key=key_line, set_=set_, where=where, down=down)
+
 
 KEYS = {
     "bigint": ("k bigint PRIMARY KEY", "g"),
@@ -74,7 +87,7 @@ DOMAINS = (
 
 
 def make_plan_text(key: str = "") -> str:
-    return PLAN_TEXT.format(key=f"        key: {key}\n" if key else "")
+    return engine_plan_text(key=key)
 
 
 def make_plan(tmp_path: Path, key: str = "") -> str:
@@ -685,23 +698,9 @@ def test_a_helper_stops_when_the_orchestrator_stops(database_url: str, tmp_path:
     assert_all_agree(database_url, ROWS)
 
 
-JSON_PLAN = """\
-plan: engine-test
-app: enginetest
-baseline_compatible: ">=0"
-phases:
-  backfill:
-    compatible: ">=0"
-    jobs:
-      - name: fill
-        table: doc
-        set:
-          body: new.raw::json
-        where: new.body IS NULL
-        sync:
-          down:
-            raw: new.body::text
-"""
+JSON_PLAN = engine_plan_text(
+    "doc", "body: new.raw::json", "new.body IS NULL", "raw: new.body::text"
+)
 
 
 def test_a_rollback_then_backfill_of_a_json_column(database_url: str, tmp_path: Path) -> None:
@@ -762,23 +761,9 @@ def test_a_job_moved_while_its_trigger_is_installed_leaves_the_old_table_alone(
     execute(database_url, "INSERT INTO t (k, val) VALUES (999999, 1)")  # no trigger in the way
 
 
-GUARDED_PLAN = """\
-plan: engine-test
-app: enginetest
-baseline_compatible: ">=0"
-phases:
-  backfill:
-    compatible: ">=0"
-    jobs:
-      - name: fill
-        table: m
-        set:
-          n: new.raw::int
-        where: new.raw ~ '^[0-9]+$' AND new.n IS NULL
-        sync:
-          down:
-            raw: new.n::text
-"""
+GUARDED_PLAN = engine_plan_text(
+    "m", "n: new.raw::int", "new.raw ~ '^[0-9]+$' AND new.n IS NULL", "raw: new.n::text"
+)
 
 
 def test_a_resweep_evaluates_set_only_where_the_plan_guards_it(
@@ -812,12 +797,7 @@ def test_a_resweep_sees_a_float_change_in_the_last_bits(database_url: str, tmp_p
         f"ALTER DATABASE {make_url(database_url).database} SET extra_float_digits = 0",
     )
     plan = tmp_path / "float.yaml"
-    plan.write_text(
-        GUARDED_PLAN.replace("table: m", "table: f")
-        .replace("n: new.raw::int", "y: new.x * 3")
-        .replace("where: new.raw ~ '^[0-9]+$' AND new.n IS NULL", "where: new.y IS NULL")
-        .replace("raw: new.n::text", "x: new.y / 3")
-    )
+    plan.write_text(engine_plan_text("f", "y: new.x * 3", "new.y IS NULL", "x: new.y / 3"))
     phasegate = Phasegate(database_url)
     for args in (("backfill", str(plan)), ("rollback", str(plan))):
         result = phasegate(*args, "--live-version", "1", "--yes")
@@ -1441,11 +1421,12 @@ def test_batches_leave_the_old_columns_of_a_lossy_pair_as_they_were(
     )
     path = tmp_path / "lossy.yaml"
     path.write_text(
-        PLAN_TEXT.format(key="")
-        .replace("table: t", "table: u")
-        .replace("doubled: new.val * 2", "email_lower: lower(new.email)")
-        .replace("where: new.doubled IS NULL", "where: new.email_lower IS NULL")
-        .replace("val: new.doubled / 2", "email: new.email_lower")
+        engine_plan_text(
+            "u",
+            "email_lower: lower(new.email)",
+            "new.email_lower IS NULL",
+            "email: new.email_lower",
+        )
     )
     result = Phasegate(database_url)(
         "backfill", str(path), "--live-version", "1", "--batch-size", "50", "--yes"
