@@ -703,6 +703,19 @@ JSON_PLAN = engine_plan_text(
 )
 
 
+def backfill_rollback_write_backfill(url: str, plan: Path, text: str, old_code_write: str) -> None:
+    """Backfill, roll it back, let old code write with no trigger, backfill again: the
+    walk after a rollback (resweep) must find the row the write left stale."""
+    plan.write_text(text)
+    phasegate = Phasegate(url)
+    for args in (("backfill", str(plan)), ("rollback", str(plan))):
+        result = phasegate(*args, "--live-version", "1", "--yes")
+        assert result.exit_code == 0, result.output
+    execute(url, old_code_write)
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_rollback_then_backfill_of_a_json_column(database_url: str, tmp_path: Path) -> None:
     """json has no `=`: the next walk after a rollback must still tell stale rows apart."""
     execute(
@@ -710,15 +723,12 @@ def test_a_rollback_then_backfill_of_a_json_column(database_url: str, tmp_path: 
         "CREATE TABLE doc (k bigint PRIMARY KEY, raw text NOT NULL, body json)",
         "INSERT INTO doc SELECT g, format('{\"n\": %s}', g) FROM generate_series(1, 500) g",
     )
-    plan = tmp_path / "json.yaml"
-    plan.write_text(JSON_PLAN)
-    phasegate = Phasegate(database_url)
-    for args in (("backfill", str(plan)), ("rollback", str(plan))):
-        result = phasegate(*args, "--live-version", "1", "--yes")
-        assert result.exit_code == 0, result.output
-    execute(database_url, """UPDATE doc SET raw = '{"n": "edited"}' WHERE k = 7""")
-    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
-    assert result.exit_code == 0, result.output
+    backfill_rollback_write_backfill(
+        database_url,
+        tmp_path / "json.yaml",
+        JSON_PLAN,
+        """UPDATE doc SET raw = '{"n": "edited"}' WHERE k = 7""",
+    )
     assert fetch(database_url, "SELECT count(*) FROM doc WHERE body::text <> raw") == [(0,)]
 
 
@@ -776,15 +786,12 @@ def test_a_resweep_evaluates_set_only_where_the_plan_guards_it(
         "INSERT INTO m SELECT g, CASE WHEN g % 10 = 0 THEN 'legacy-' || g ELSE g::text END"
         " FROM generate_series(1, 500) g",
     )
-    plan = tmp_path / "guarded.yaml"
-    plan.write_text(GUARDED_PLAN)
-    phasegate = Phasegate(database_url)
-    for args in (("backfill", str(plan)), ("rollback", str(plan))):
-        result = phasegate(*args, "--live-version", "1", "--yes")
-        assert result.exit_code == 0, result.output
-    execute(database_url, "UPDATE m SET raw = '77' WHERE k = 7")  # old code, no trigger
-    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
-    assert result.exit_code == 0, result.output
+    backfill_rollback_write_backfill(
+        database_url,
+        tmp_path / "guarded.yaml",
+        GUARDED_PLAN,
+        "UPDATE m SET raw = '77' WHERE k = 7",
+    )
     assert fetch(database_url, "SELECT n FROM m WHERE k = 7") == [(77,)]
     assert fetch(database_url, "SELECT count(*) FROM m WHERE n IS NULL") == [(50,)]
 
@@ -796,15 +803,12 @@ def test_a_resweep_sees_a_float_change_in_the_last_bits(database_url: str, tmp_p
         "INSERT INTO f SELECT g, g * 1.1 FROM generate_series(1, 100) g",
         f"ALTER DATABASE {make_url(database_url).database} SET extra_float_digits = 0",
     )
-    plan = tmp_path / "float.yaml"
-    plan.write_text(engine_plan_text("f", "y: new.x * 3", "new.y IS NULL", "x: new.y / 3"))
-    phasegate = Phasegate(database_url)
-    for args in (("backfill", str(plan)), ("rollback", str(plan))):
-        result = phasegate(*args, "--live-version", "1", "--yes")
-        assert result.exit_code == 0, result.output
-    execute(database_url, "UPDATE f SET x = x + 4.5e-16 WHERE k = 3")
-    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
-    assert result.exit_code == 0, result.output
+    backfill_rollback_write_backfill(
+        database_url,
+        tmp_path / "float.yaml",
+        engine_plan_text("f", "y: new.x * 3", "new.y IS NULL", "x: new.y / 3"),
+        "UPDATE f SET x = x + 4.5e-16 WHERE k = 3",
+    )
     assert fetch(database_url, "SELECT y = x * 3 FROM f WHERE k = 3") == [(True,)]
 
 
