@@ -280,30 +280,44 @@ def test_rollback_to_a_phase_not_reached_yet_says_where_the_plan_is(phasegate) -
     assert "bug-root-cause is already at expand" in result.stdout
 
 
-def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seeded_url) -> None:
+def project_with_foreign_revision(
+    tmp_path: Path, revision: str, down_revision: str, table: str
+) -> Path:
+    """A copy of the bug tracker's project with one more revision, another team's, that
+    creates `table`; returns its alembic.ini."""
     project = tmp_path / "project"
     shutil.copytree(ROOT / "migrations", project / "migrations")
     shutil.copy(ALEMBIC_INI, project / "alembic.ini")
-    (project / "migrations" / "versions" / "f00000000001_unrelated.py").write_text(
-        '"""someone else\'s change."""\nfrom alembic import op\n\n'
-        'revision = "f00000000001"\ndown_revision = "e59b1f0c3d82"\n'
+    (project / "migrations" / "versions" / f"{revision}_foreign.py").write_text(
+        '"""another team\'s change."""\nfrom alembic import op\n\n'
+        f'revision = "{revision}"\ndown_revision = "{down_revision}"\n'
         "branch_labels = None\ndepends_on = None\n\n\n"
-        "def upgrade():\n    op.execute('CREATE TABLE unrelated (id int)')\n\n\n"
-        "def downgrade():\n    op.execute('DROP TABLE unrelated')\n"
+        f"def upgrade():\n    op.execute('CREATE TABLE {table} (id int)')\n\n\n"
+        f"def downgrade():\n    op.execute('DROP TABLE {table}')\n"
     )
-    phasegate = Phasegate(seeded_url, project / "alembic.ini")
-    run_to_done(phasegate)
+    return project / "alembic.ini"
+
+
+def alembic_upgrade(ini: Path, url: str, target: str) -> None:
+    """`alembic upgrade target` by hand, on a connection handed to env.py."""
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(project / "alembic.ini"))
-    engine = sa.create_engine(seeded_url)
+    config = Config(str(ini))
+    engine = sa.create_engine(url)
     with engine.connect() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, target)
         connection.commit()
-    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
     engine.dispose()
+
+
+def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seeded_url) -> None:
+    ini = project_with_foreign_revision(tmp_path, "f00000000001", "e59b1f0c3d82", "unrelated")
+    phasegate = Phasegate(seeded_url, ini)
+    run_to_done(phasegate)
+    alembic_upgrade(ini, seeded_url, "head")
+    result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
     assert result.exit_code == 1, result.output
     assert "would also undo f00000000001" in result.stdout
     assert scalar(sa.create_engine(seeded_url), "SELECT to_regclass('unrelated')") is not None
@@ -312,30 +326,14 @@ def test_rollback_refuses_when_another_revision_sits_above(tmp_path: Path, seede
 def test_a_branch_beside_the_plan_does_not_block_its_rollback(tmp_path: Path, seeded_url) -> None:
     """Another team's revision on its own branch off the baseline: downgrading switch
     leaves it, as Alembic does, so nothing foreign is undone and the rollback runs."""
-    project = tmp_path / "project"
-    shutil.copytree(ROOT / "migrations", project / "migrations")
-    shutil.copy(ALEMBIC_INI, project / "alembic.ini")
-    (project / "migrations" / "versions" / "f00000000002_other_branch.py").write_text(
-        '"""another team\'s change, on its own branch."""\nfrom alembic import op\n\n'
-        'revision = "f00000000002"\ndown_revision = "bc25b5f8939f"\n'
-        "branch_labels = None\ndepends_on = None\n\n\n"
-        "def upgrade():\n    op.execute('CREATE TABLE other_team (id int)')\n\n\n"
-        "def downgrade():\n    op.execute('DROP TABLE other_team')\n"
-    )
-    phasegate = Phasegate(seeded_url, project / "alembic.ini")
+    ini = project_with_foreign_revision(tmp_path, "f00000000002", "bc25b5f8939f", "other_team")
+    phasegate = Phasegate(seeded_url, ini)
     result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(str(project / "alembic.ini"))
-    engine = sa.create_engine(seeded_url)
-    with engine.connect() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "f00000000002")
-        connection.commit()
+    alembic_upgrade(ini, seeded_url, "f00000000002")
     result = phasegate("rollback", P, "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output
+    engine = sa.create_engine(seeded_url)
     heads = {r[0] for r in fetch(engine, "SELECT version_num FROM alembic_version")}
     assert heads == {"8f3a2d1c9b7e", "f00000000002"}
     assert scalar(engine, "SELECT to_regclass('other_team')") is not None
