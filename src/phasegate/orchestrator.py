@@ -384,6 +384,7 @@ class Orchestrator:
 
             for name in self.db.retrying("dropping the sync triggers", drop_triggers):
                 self.notify(f"dropped sync trigger of job {name!r}")
+        # read now, not before the gate (which may wait): a revision must never be skipped
         applied = self.project.applied(self.project.current_heads(self.db))
         for revision in self.revisions.of(phase):
             if revision in applied:  # a run that stopped part way: Alembic would skip it too
@@ -542,9 +543,9 @@ class Orchestrator:
         place that finds it."""
         with self.db.tx():
             current = {job.name for job in self._sync_jobs()}
-            for job, name, table in sync.installed(self.db, self.plan.name):
+            for job, name, _table in sync.installed(self.db, self.plan.name):
                 if job not in current:
-                    sync.drop_installed(self.db, name, table)
+                    sync.drop_installed(self.db, name)
                     self.notify(
                         f"dropped the sync trigger of job {job!r}, which the plan no longer has"
                     )

@@ -149,20 +149,14 @@ def outdated(db: Session, plan: str, job: Job) -> bool:
 
 def drop(db: Session, plan: str, job: Job) -> None:
     """Drop the trigger and its function; a no-op when they are already gone."""
-    drop_installed(db, object_name(plan, job.name), quote_table(job.table or "").as_string(db.raw))
+    drop_installed(db, object_name(plan, job.name))
 
 
-def drop_installed(db: Session, name: str, table: str | None) -> None:
-    """Drop one trigger and its function by name (as `installed` lists them).
-
-    Every trigger that calls the function goes first, on whatever table: a job whose
-    `table:` was edited keeps its name, so its trigger on the old table calls the same
-    function, and DROP FUNCTION would refuse while it depends on it.
-    """
-    if table and db.scalar("SELECT to_regclass(%(t)s) IS NOT NULL", {"t": table}):
-        db.execute(
-            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), sql.SQL(table))
-        )
+def drop_installed(db: Session, name: str) -> None:
+    """Drop a trigger function by name (as `installed` lists them) and every trigger that
+    calls it, on whatever table: a job whose `table:` was edited keeps its name, so its
+    trigger on the old table calls the same function, and DROP FUNCTION would refuse while
+    it depends on it."""
     _drop_callers(db, name)
     db.execute(
         sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(
@@ -194,8 +188,8 @@ def drop_all(db: Session, plan: str, jobs: list[Job]) -> list[str]:
     for job in jobs:
         drop(db, plan, job)
     orphans = installed(db, plan)
-    for _job, name, table in orphans:
-        drop_installed(db, name, table)
+    for _job, name, _table in orphans:
+        drop_installed(db, name)
     return [job.name for job in jobs] + [job for job, _name, _table in orphans]
 
 
