@@ -14,11 +14,20 @@ instance (``bugtracker/2.0.0``).
 * naive: the same end schema in ONE transaction on one connection, as a hand-written Alembic
   revision would do it; v1 writes meanwhile, v2 is rolled out once it commits, v1 stopped.
 
-For each: migration wall time, app operations, failed operations, lost or wrong writes
-(checked row by row at the end against what every successful write should have left), p99 and
-worst write latency, and which phase/statement the worst write waited for (app ops are
-timestamped and a watcher samples pg_locks for app sessions waiting on a lock). Targets for
-phasegate: 0 failed, 0 lost, worst write latency < 500 ms; exit 0 when they are met, else 1.
+For each: migration wall time, app operations, failed operations, lost or wrong writes,
+p99 and worst write latency, and which phase/statement the worst write waited for (a watcher
+samples pg_locks for app sessions waiting on a lock). Targets for phasegate: 0 failed, 0
+lost, worst write latency < 500 ms; exit 0 when they are met, else 1.
+
+How writes are checked. Every row of the table is checked at the end, not only the ones the
+app wrote: a seeded row the app never touched must still hold its seeded root cause, a row an
+app wrote the root cause of its last successful write (``root_cause.name`` through
+``bug.root_cause_id``, the v2 schema). An app UPDATE that changes no row counts as a failed
+operation (app.py). For phasegate, before contract drops the old column and while v2 still
+writes, every row's two columns must agree (``root_cause`` = the name ``root_cause_id``
+points at, which catches a wrong sync in either direction), and v1's writes must be in
+both columns. Latency runs from when an op was due, so an op
+that started late because its writer was blocked counts its wait.
 
 Run (results are printed side by side; this is a benchmark, never a timed test):
 
@@ -122,23 +131,17 @@ WHERE a.datname = current_database() AND a.application_name LIKE 'bugtracker/%'
 """
 
 
+# Rows whose two root-cause columns disagree while the sync triggers keep both: a wrong or
+# missing sync in either direction, on any row (seeded, v1's or v2's).
+DISAGREEING_SQL = """
+SELECT b.bug_tracker_url, b.root_cause, rc.name
+FROM bug AS b LEFT JOIN root_cause AS rc ON rc.id = b.root_cause_id
+WHERE b.root_cause IS DISTINCT FROM rc.name
+ORDER BY b.id
+"""
+
 app_mod = load_example("app")
-
-
-class TimedInstance(app_mod.AppInstance):  # type: ignore[name-defined,misc]
-    """An AppInstance that also notes when each op started (monotonic clock).
-
-    AppInstance appends one latency per op, in order, from its own thread; this appends the
-    start time just before, so ``op_started[i]`` belongs to ``latencies[i]``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.op_started: list[float] = []
-
-    def _one_op(self) -> None:
-        self.op_started.append(time.monotonic())
-        super()._one_op()
+AppInstance = app_mod.AppInstance
 
 
 def p99(values: Sequence[float]) -> float:
@@ -255,9 +258,11 @@ class Traffic:
         self.url = url
         self.rows = rows
         self.ops = ops_per_second
-        self.v1: list[TimedInstance] = []
-        self.v2: list[TimedInstance] = []
+        self.v1: list[AppInstance] = []
+        self.v2: list[AppInstance] = []
         self.t0 = time.monotonic()
+        self.seeded = seeded_causes(url)  # url → root cause of every bug before any write
+        self.hung: list[tuple[float, float]] = []  # (latency, due) of ops that never ended
 
     def _ids(self, slice_no: int) -> range:
         """Seeded ids with id % 3 == slice_no: disjoint per instance, spread over the table."""
@@ -266,14 +271,14 @@ class Traffic:
     def start_v1(self) -> None:
         self.t0 = time.monotonic()
         for n, seed in enumerate(V1_SEEDS):
-            instance = TimedInstance(
+            instance = AppInstance(
                 self.url, V1, ops_per_second=self.ops, seed=seed, update_ids=self._ids(n)
             )
             instance.start()
             self.v1.append(instance)
 
     def start_v2(self) -> None:
-        instance = TimedInstance(
+        instance = AppInstance(
             self.url, V2, ops_per_second=self.ops, seed=V2_SEED, update_ids=self._ids(2)
         )
         instance.start()
@@ -283,23 +288,51 @@ class Traffic:
         for instance in self.v1:
             instance.stop(timeout=PHASE_TIMEOUT_S)
 
-    def stop_all(self) -> None:
+    def stop_all(self, result: Result) -> None:
+        """Stop every instance; one that does not stop has an op hanging: a failed op."""
         for instance in [*self.v1, *self.v2]:
             try:
                 instance.stop(timeout=PHASE_TIMEOUT_S)
-            except Exception as exc:  # still report the rest
-                print(f"warning: stopping {instance.name}: {exc}", file=sys.stderr)
+            except TimeoutError as exc:  # still report the rest
+                result.failed_ops += 1
+                result.app_ops += 1
+                result.misbehaved.append(f"{exc}: its last op is counted as failed")
+                # due after the last op that ended: this bounds its wait from above
+                due = (instance.op_due or [self.t0])[-1]
+                self.hung.append((time.monotonic() - due, due - self.t0))
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def check_before_contract(self, result: Result) -> None:
+        """With v1 stopped and v2 writing, both columns still kept in sync: every row's two
+        columns must agree, and v1's writes must be in both.
+
+        Together with the check of every row at the end this covers the old column too: a
+        row whose columns agree here and whose new column is right at the end held the
+        right text before contract dropped it. The comparison runs in the server, so this
+        process's app threads keep their pace (a Python loop over every row here would
+        delay them and show up as their latency).
+        """
+        with psycopg.connect(libpq_url(self.url), autocommit=True) as conn:
+            disagreeing = conn.execute(DISAGREEING_SQL).fetchall()
+        result.problems += [
+            f"before contract: {url}: root_cause {old!r} but root_cause_id names {new!r}"
+            for url, old, new in disagreeing
+        ]
+        written = {url: cause for i in self.v1 for url, cause in i.expectations.items()}
+        for schema in ("v1", "v2"):  # v2 never writes v1's rows: these are final
+            result.problems += [
+                f"before contract ({schema} column): {problem}"
+                for problem in app_mod.check_writes(self.url, written, schema)
+            ]
+
     def finish(self, result: Result) -> None:
-        """Stop everything, fill in the app numbers, and check every write row by row."""
-        self.stop_all()
+        """Stop everything, fill in the app numbers, and check every row of the table."""
+        self.stop_all(result)
         instances = [*self.v1, *self.v2]
-        latencies: list[float] = []
-        worst = (0.0, 0.0)  # (latency, started)
-        expectations: dict[str, str] = {}
+        latencies: list[float] = [seconds for seconds, _ in self.hung]
+        worst = max(self.hung, default=(0.0, 0.0))  # (latency, due)
         for instance in instances:
             stats = instance.stats()
             result.app_ops += stats.ok + stats.failed
@@ -307,21 +340,30 @@ class Traffic:
             result.errors.extend(f"{instance.name}: {e}" for e in stats.errors)
             lat = instance.latencies
             latencies.extend(lat)
-            for started, seconds in zip(instance.op_started, lat, strict=False):
+            for due, seconds in zip(instance.op_due, lat, strict=False):
                 if seconds > worst[0]:
-                    worst = (seconds, started - self.t0)
-            expectations.update(instance.expectations)
+                    worst = (seconds, due - self.t0)
         result.p99_ms = 1000 * p99(latencies)
         result.worst_ms = 1000 * worst[0]
         result.worst_at_s = worst[1]
         result.worst_during = during(result.steps, worst[1], worst[1] + worst[0])
+        expectations = dict(self.seeded)
+        for instance in instances:  # the last successful write to a row is what it holds
+            expectations.update(instance.expectations)
         try:
-            result.problems = app_mod.check_writes(self.url, expectations, "v2")
+            result.problems += app_mod.check_writes(self.url, expectations, "v2")
         except sa.exc.ProgrammingError:  # the migration stopped before the v2 schema
             result.misbehaved.append("no v2 schema at the end: writes checked as v1 instead")
-            result.problems = app_mod.check_writes(self.url, expectations, "v1")
+            result.problems += app_mod.check_writes(self.url, expectations, "v1")
         result.lost_or_wrong = len(result.problems)
         result.checked_rows = len(expectations)
+
+
+def seeded_causes(url: str) -> dict[str, str]:
+    """bug_tracker_url → root cause of every bug, read before any app writes."""
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        rows = conn.execute("SELECT bug_tracker_url, root_cause FROM bug")
+        return {str(url_): str(cause) for url_, cause in rows}
 
 
 class PhaseFailed(Exception):
@@ -384,10 +426,17 @@ def run_phasegate(url: str, rows: int, ops: float) -> Result:
         traffic.start_v2()
         time.sleep(V2_SETTLE_S)
         phase("switch", "switch", 0)
-        phase("contract", "contract while v1 connected", 1)
+        refused = phase("contract", "contract while v1 connected", 1)
+        if V1 not in refused.message:  # exit 1 for another reason is no gate refusal
+            result.misbehaved.append(
+                f"phasegate contract while v1 connected: exit 1, but the message does not "
+                f"name v1 ({V1}): {refused.message}"
+            )
+            raise PhaseFailed("contract")
         stop_started = traffic.now()
         traffic.stop_v1()
         result.steps.append(Step("stop v1", stop_started, traffic.now() - stop_started))
+        traffic.check_before_contract(result)
         phase("contract", "contract", 0)
         time.sleep(V2_TAIL_S)
     except PhaseFailed:

@@ -457,6 +457,51 @@ def test_a_long_transaction_blocking_switch_under_app_traffic(seeded_url) -> Non
         assert app.check_writes(seeded_url, expectations, schema) == []
 
 
+def test_the_simulated_app_counts_an_update_that_changed_no_row_as_failed(seeded_url) -> None:
+    """The benchmarks' zero-lost-writes claim rests on this: a write a trigger silently
+    cancels (RETURN NULL) must be a failed op, not a success the final check cannot see."""
+    app = load_example("app")
+    with psycopg.connect(libpq_url(seeded_url), autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION drop_updates() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN RETURN NULL; END$$"
+        )
+        conn.execute(
+            "CREATE TRIGGER drop_updates BEFORE UPDATE ON bug FOR EACH ROW "
+            "EXECUTE FUNCTION drop_updates()"
+        )
+        [(first,)] = conn.execute("SELECT min(id) FROM bug").fetchall()
+    instance = app.AppInstance(seeded_url, "1.4.2", ops_per_second=50, seed=1, update_ids=[first])
+    instance.start()
+    time.sleep(1.5)
+    instance.stop()
+    stats = instance.stats()
+    assert stats.failed > 0 and stats.ok > 0  # updates failed, inserts went through
+    assert any("changed no row" in error for error in stats.errors), stats.errors
+    assert len(instance.latencies) == len(instance.op_due) == stats.ok + stats.failed
+
+
+def test_the_simulated_app_counts_the_wait_of_ops_that_were_due_while_it_was_blocked(
+    seeded_url,
+) -> None:
+    """Latency runs from when an op was due: the ops queued up behind a blocked one waited
+    too, so after a 0.6 s lock several ops show a long latency, not only the blocked one."""
+    app = load_example("app")
+    instance = app.AppInstance(seeded_url, "1.4.2", ops_per_second=50, seed=1)
+    instance.start()
+    try:
+        time.sleep(0.3)
+        with psycopg.connect(libpq_url(seeded_url)) as blocker:
+            blocker.execute("LOCK TABLE bug IN ACCESS EXCLUSIVE MODE")
+            time.sleep(0.6)
+            blocker.rollback()
+        time.sleep(0.3)
+    finally:
+        instance.stop()
+    assert instance.stats().failed == 0
+    assert sum(latency >= 0.2 for latency in instance.latencies) >= 3, instance.latencies
+
+
 # -- app traffic through every phase and every rollback ----------------------------------------
 
 

@@ -122,6 +122,7 @@ class AppInstance(threading.Thread):
         self._ok = 0
         self._failed = 0
         self._latencies: list[float] = []
+        self._scheduled: list[float] = []  # when each op was due (time.monotonic())
         self._errors: list[str] = []
         self._expected: dict[str, str] = {}
 
@@ -143,11 +144,16 @@ class AppInstance(threading.Thread):
         self.engine.dispose()
 
     def run(self) -> None:
-        """Issue ops at the configured rate; a failed op is recorded, never raised."""
+        """Issue ops at the configured rate; a failed op is recorded, never raised.
+
+        An op's latency runs from when it was due, not from when it started: an op that
+        could only start late, because the one before it was blocked, waited too
+        (otherwise a blocked writer's backlog would vanish from the numbers).
+        """
         interval = 1.0 / self.ops_per_second if self.ops_per_second > 0 else 0.0
         next_at = time.monotonic()
         while not self._stop_event.is_set():
-            self._one_op()
+            self._one_op(next_at if interval else time.monotonic())
             if interval:
                 next_at += interval
                 delay = next_at - time.monotonic()
@@ -171,9 +177,15 @@ class AppInstance(threading.Thread):
 
     @property
     def latencies(self) -> list[float]:
-        """Every op's duration in seconds, failed ones included."""
+        """Every op's latency in seconds (from when it was due), failed ones included."""
         with self._lock:
             return list(self._latencies)
+
+    @property
+    def op_due(self) -> list[float]:
+        """When each op was due (time.monotonic()), in the order of `latencies`."""
+        with self._lock:
+            return list(self._scheduled)
 
     @property
     def expectations(self) -> dict[str, str]:
@@ -183,11 +195,15 @@ class AppInstance(threading.Thread):
 
     # -- one op ----------------------------------------------------------------------------
 
-    def _one_op(self) -> None:
-        """Pick an insert or an update, run it in its own transaction, record the outcome."""
+    def _one_op(self, due: float) -> None:
+        """Pick an insert or an update, run it in its own transaction, record the outcome.
+
+        An update that matches no row failed: every id it picks exists (nothing deletes
+        bugs), so a row the UPDATE did not reach means a write was silently dropped (a
+        trigger returning NULL, say), and it must not count as done.
+        """
         can_update = bool(self._own_ids or self.update_ids)
         cause = self._rng.choices(ROOT_CAUSE_NAMES, weights=ROOT_CAUSE_WEIGHTS)[0]
-        started = time.perf_counter()
         try:
             if can_update and self._rng.random() < 0.5:
                 bug_id = self._pick_update_id()
@@ -196,6 +212,8 @@ class AppInstance(threading.Thread):
                     if self.major == 1
                     else self._update_v2(bug_id, cause)
                 )
+                if url is None:
+                    raise LookupError(f"UPDATE of bug {bug_id} changed no row")
             else:
                 self._counter += 1
                 url = f"{URL_PREFIX}{self.app}-{self.version}-{self.seed}-{self._counter}"
@@ -206,20 +224,21 @@ class AppInstance(threading.Thread):
                     bug_id = self._insert_v2(url, cause, who)
                 self._own_ids.append(bug_id)
         except Exception as exc:  # a failed app query is data for the report, never a crash
-            elapsed = time.perf_counter() - started
+            elapsed = time.monotonic() - due
             first_line = (str(exc).strip().splitlines() or [""])[0]
             with self._lock:
                 self._failed += 1
                 self._latencies.append(elapsed)
+                self._scheduled.append(due)
                 if len(self._errors) < MAX_ERRORS_KEPT:
                     self._errors.append(f"{type(exc).__name__}: {first_line}")
             return
-        elapsed = time.perf_counter() - started
+        elapsed = time.monotonic() - due
         with self._lock:
             self._ok += 1
             self._latencies.append(elapsed)
-            if url is not None:
-                self._expected[url] = cause
+            self._scheduled.append(due)
+            self._expected[url] = cause
 
     def _pick_update_id(self) -> int:
         """One of this instance's own bugs, or one of the ids it was given to update."""
@@ -236,7 +255,7 @@ class AppInstance(threading.Thread):
             return bug.id
 
     def _update_v1(self, bug_id: int, cause: str) -> str | None:
-        """v1: rewrite a bug's root cause text; returns its URL (None if the id is gone)."""
+        """v1: rewrite a bug's root cause text; returns its URL (None if no row changed)."""
         Bug = models_v1.Bug
         with Session(self.engine) as session, session.begin():
             return session.scalar(
@@ -269,7 +288,7 @@ class AppInstance(threading.Thread):
             return bug.id
 
     def _update_v2(self, bug_id: int, cause: str) -> str | None:
-        """v2: point a bug at another root cause; returns its URL (None if the id is gone)."""
+        """v2: point a bug at another root cause; returns its URL (None if no row changed)."""
         Bug = models_v2.Bug
         with Session(self.engine) as session, session.begin():
             return session.scalar(
