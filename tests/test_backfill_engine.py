@@ -888,6 +888,11 @@ def test_a_table_lock_between_batches_times_out_the_next_one_which_is_retried(
     assert "batch hit lock timeout; retrying" in err
     assert checkpoint(database_url)["status"] == "done"
     assert_all_agree(database_url, ROWS)
+    # the attempt that waited out its lock_timeout is one of the batch durations reported
+    [(detail,)] = fetch(
+        database_url, "SELECT detail FROM phasegate.event WHERE kind = 'job.finished'"
+    )
+    assert detail["batch_ms"]["max"] >= 200, detail
 
 
 def test_a_batch_whose_slice_was_taken_over_writes_nothing(

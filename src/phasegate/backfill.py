@@ -922,10 +922,15 @@ class _Walk:
         upper: KeyValue | None,
     ) -> tuple[float, int, int, KeyValue | None, bool]:
         """One batch, one statement in its own transaction (autocommit), retried smaller on
-        timeouts, deadlocks and the like."""
+        timeouts, deadlocks and the like.
+
+        An attempt that failed still ran for a while, holding its row locks: its time goes
+        into the batch durations the percentiles are taken from (not into the sizing).
+        """
         checkpoint = ledger.checkpoint_params(piece)
         attempt = 0
         while True:
+            started = None
             try:
                 assert upper is not None  # a slice always has an upper key
                 with db.autocommit():
@@ -945,6 +950,9 @@ class _Walk:
                 return elapsed, outcome.scanned, outcome.updated, outcome.reached, outcome.done
             except Exception as exc:
                 reason = retry_reason(exc)
+                if reason is not None and started is not None:
+                    with self.lock:
+                        self.durations.append(time.perf_counter() - started)
                 if reason is not None and self.settings.stop.is_set():
                     raise Interrupted(
                         f"job {self.work.checkpoint!r} stopped on request while a batch waited "
