@@ -36,7 +36,7 @@ def test_validate_invalid_plan_exits_2_with_file_and_line(tmp_path) -> None:
     assert result.exit_code == 2
     assert f"{bad}:" in result.stdout and "unknown key 'swtich'" in result.stdout
     document = json.loads(invoke("--json", "validate", str(bad)).stdout)
-    assert document["ok"] is False
+    assert document["ok"] is False and document["exit_code"] == 2  # as every document says
     [issue] = document["plans"][0]["issues"]
     assert issue["key"] == "phases.swtich" and issue["line"] > 1
 
@@ -73,6 +73,7 @@ def test_gate_with_nothing_observed_fails_closed(seeded_url) -> None:
     result = Phasegate(seeded_url)("gate", P, "--phase", "contract", json_output=True)
     assert result.exit_code == 1
     document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 1
     assert document["passed"] is False and document["observed"] == []
     assert "fails closed" in document["message"]
 

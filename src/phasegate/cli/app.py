@@ -43,6 +43,7 @@ class Context:
     config_path: str
     as_json: bool
     resolved_url: str | None = None  # whichever URL was used, so errors can scrub it
+    document: dict[str, Any] | None = None  # the command's --json answer, printed at its exit
 
     def project(self) -> AlembicProject:
         return AlembicProject(self.config_path)
@@ -65,11 +66,19 @@ class Context:
 
 
 def emit(ctx: Context, document: dict[str, Any], text: str) -> None:
-    """Print the JSON document on stdout, or the human text."""
+    """Print the human text now, or keep the JSON document for `handle_errors` to print
+    once the exit code is known: every document carries it, and a command that fails after
+    emitting prints only its error document (one document per command, always)."""
     if ctx.as_json:
-        click.echo(json.dumps(document, indent=2, default=_json_default))
+        ctx.document = document
     elif text:
         click.echo(text)
+
+
+def _print_document(ctx: Context, code: int) -> None:
+    if ctx.as_json and ctx.document is not None:
+        document = {"ok": ctx.document.get("ok", code == EXIT_OK), "exit_code": code}
+        click.echo(json.dumps({**document, **ctx.document}, indent=2, default=_json_default))
 
 
 def log(message: str) -> None:
@@ -84,6 +93,7 @@ def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
         ctx: Context = click.get_current_context().find_object(Context)  # type: ignore[assignment]
         try:
             code = fn(*args, **kwargs) or EXIT_OK
+            _print_document(ctx, code)
         except PhasegateError as exc:
             message = ctx.scrub(exc.message)
             details = json.loads(ctx.scrub(json.dumps(exc.to_dict(), default=str)))
