@@ -106,8 +106,33 @@ def test_contract_before_expand_is_out_of_order(tmp_path: Path) -> None:
     with pytest.raises(PlanError) as caught:
         project.resolve(parse_plan(plan_text()))
     [issue] = caught.value.issues
-    assert issue.file.endswith("c000000000c1.py") and issue.line == 6
-    assert "comes before e000000000e1 (expand)" in issue.message
+    assert issue.file.endswith("e000000000e1.py") and issue.line == 6
+    assert "comes after c000000000c1 (contract)" in issue.message
+
+
+def test_an_expand_revision_appended_after_contract_is_the_one_named(tmp_path: Path) -> None:
+    """`alembic revision` appends at the head: a new expand revision after the plan's switch
+    and contract ones is one issue, at the new file, naming all three, not three issues
+    blaming the old revisions."""
+    project = make_project(
+        tmp_path,
+        [
+            ("e000000000e1", None, "p", "expand"),
+            ("s000000000s1", "e000000000e1", "p", "switch"),
+            ("s000000000s2", "s000000000s1", "p", "switch"),
+            ("c000000000c1", "s000000000s2", "p", "contract"),
+            ("e000000000e2", "c000000000c1", "p", "expand"),
+        ],
+    )
+    with pytest.raises(PlanError) as caught:
+        project.resolve(parse_plan(plan_text()))
+    [issue] = caught.value.issues
+    assert issue.file.endswith("e000000000e2.py")
+    assert (
+        "comes after s000000000s1 (switch), s000000000s2 (switch), c000000000c1 (contract)"
+        in issue.message
+    )
+    assert "tag it for contract or a later phase, or move it to a plan of its own" in issue.hint
 
 
 def test_revision_tagged_for_a_phase_the_plan_lacks_or_backfill(tmp_path: Path) -> None:

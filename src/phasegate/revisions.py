@@ -221,23 +221,37 @@ class AlembicProject:
         return issues
 
     def _order_issues(self, plan: Plan, by_phase: dict[str, list[str]]) -> list[PlanIssue]:
+        """One issue per revision that descends from revisions of a later phase.
+
+        The issue is filed at the descendant, the newer of the two: the usual slip is a
+        revision added at the head after the later phases' revisions (`alembic revision`
+        appends there), not an old, applied one in the wrong place; the hint covers both.
+        """
         issues = []
         phases = [p for p in REVISION_PHASES if by_phase.get(p)]
         for i, earlier in enumerate(phases):
-            for later in phases[i + 1 :]:
-                for late in by_phase[later]:
-                    for early in by_phase[earlier]:
-                        if late in self.ancestors(early):
-                            info = self.revisions[late]
-                            issues.append(
-                                self._file_issue(
-                                    info,
-                                    f"this {later} revision comes before {early} "
-                                    f"({earlier}) in the revision graph",
-                                    f"phases apply in order; make {late} descend from the "
-                                    f"{earlier} revisions (edit its down_revision)",
-                                )
-                            )
+            for early in by_phase[earlier]:
+                before = self.ancestors(early)
+                ahead = [
+                    (late, later)
+                    for later in phases[i + 1 :]
+                    for late in by_phase[later]
+                    if late in before
+                ]
+                if not ahead:
+                    continue
+                named = ", ".join(f"{late} ({later})" for late, later in ahead)
+                last = ahead[-1][1]
+                issues.append(
+                    self._file_issue(
+                        self.revisions[early],
+                        f"this {earlier} revision comes after {named} in the revision graph, "
+                        f"so it would run after them",
+                        f"phases apply in order: tag it for {last} or a later phase, or move "
+                        f"it to a plan of its own; if those revisions were meant to follow it, "
+                        f"make them descend from {early} (edit their down_revision)",
+                    )
+                )
         return issues
 
     def _foreign_ancestors(self, plan: Plan, revisions: list[str]) -> list[RevisionInfo]:
