@@ -145,7 +145,9 @@ def test_single_column_keys_of_every_type(kind: str, database_url: str, tmp_path
         "batches": batches,
     }
     # the summary on stderr and in the event log
-    assert f"job fill: {ROWS:,} rows in {batches} batch(es), " in result.stderr
+    assert f"job fill: {ROWS:,} rows walked, {ROWS:,} written, in {batches} batches, " in (
+        result.stderr
+    )
     [(event,)] = fetch(
         database_url, "SELECT detail FROM phasegate.event WHERE kind = 'job.finished'"
     )
@@ -340,8 +342,9 @@ def test_resume_after_kill_at_a_random_batch(database_url: str, tmp_path: Path) 
     # the summary and the event give this run's rows and the whole job's
     this_run = ROWS - before["rows"]
     assert (
-        f"job fill: {this_run:,} rows in {after['batches'] - before['batches']:,} batch(es) "
-        f"this run ({ROWS:,} rows in {after['batches']:,} batch(es) in all"
+        f"job fill: {ROWS - before['walked']:,} rows walked, {this_run:,} written, in "
+        f"{after['batches'] - before['batches']:,} batches "
+        f"this run ({ROWS:,} rows written in {after['batches']:,} batches in all"
     ) in result.stderr
     [(event,)] = fetch(
         database_url,
@@ -652,7 +655,7 @@ def test_a_helper_on_another_process_takes_slices_and_exits_0(
     helper_out, helper_err = helper.communicate(timeout=120)
     assert owner.returncode == 0, owner_err
     assert helper.returncode == 0, helper_err
-    assert "helped with" in helper_out
+    assert "helped, " in helper_out and " walked, " in helper_out
     assert_all_agree(database_url, ROWS)
     owners = {r[0] for r in fetch(database_url, "SELECT owner FROM phasegate.job_slice")}
     assert "assist 0" in owners and "worker 0" in owners
@@ -1532,7 +1535,7 @@ def test_a_terminal_gets_the_bar_and_a_pipe_gets_log_lines(
     assert code == 0, shown
     assert "rows/s" in shown and "━" in shown  # rich's bar and its rate column
     assert "job fill: started" not in shown  # no log lines
-    assert f"job fill: {ROWS:,} rows in 20 batch(es)" in shown  # the summary stays
+    assert f"job fill: {ROWS:,} rows walked, {ROWS:,} written, in 20 batches" in shown
 
     execute(database_url, "DROP SCHEMA phasegate CASCADE", "UPDATE t SET doubled = NULL")
     piped = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *slow)

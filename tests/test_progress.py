@@ -46,4 +46,6 @@ def test_the_bar_of_a_resumed_job_starts_where_the_job_is() -> None:
 
 def test_an_sql_jobs_summary_claims_no_batches_and_no_verification() -> None:
     result = JobResult("root-causes", "sql", "done", rows=12, batches=1, seconds=0.004)
-    assert summary(result) == "job root-causes: 12 rows, one statement, 0.00s"
+    assert summary(result) == "job root-causes: 12 rows written, one statement, 0.00s"
+    one = JobResult("fill", "update", "done", rows=1, batches=1, seconds=0.5, walked=1)
+    assert summary(one).startswith("job fill: 1 row walked, 1 written, in 1 batch, 0.50s")

@@ -106,19 +106,32 @@ class LogProgress:
         print(line, file=self.stream, flush=True)
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 batch`, `2 batches`, `1,000 rows`."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def summary(result: JobResult) -> str:
+    """The job's closing line: rows walked (what the rate counts) and rows written differ
+    on a resumed or partly done job, so both are said."""
     if result.status == "skipped":
-        return f"job {result.name}: already done ({result.rows:,} rows), skipped"
+        return f"job {result.name}: already done ({counted(result.rows, 'row')}), skipped"
     if result.kind == "sql":  # one statement, and no `where` to verify
-        return f"job {result.name}: {result.rows:,} rows, one statement, {result.seconds:.2f}s"
+        return (
+            f"job {result.name}: {counted(result.rows, 'row')} written, one statement, "
+            f"{result.seconds:.2f}s"
+        )
     totals = (result.job_rows, result.job_batches)
     in_all = (
-        f" this run ({totals[0]:,} rows in {totals[1]:,} batch(es) in all, earlier runs and "
-        "helpers included)"
-        if None not in totals and totals != (result.rows, result.batches)
+        f" this run ({counted(totals[0], 'row')} written in "
+        f"{counted(totals[1], 'batch', 'batches')} in all, earlier runs and helpers included)"
+        if totals[0] is not None
+        and totals[1] is not None
+        and totals != (result.rows, result.batches)
         else ""
     )
     return (
-        f"job {result.name}: {result.rows:,} rows in {result.batches:,} batch(es){in_all}, "
-        f"{result.seconds:.2f}s ({result.rate:,.0f} rows/s), verified"
+        f"job {result.name}: {counted(result.walked, 'row')} walked, {result.rows:,} written, "
+        f"in {counted(result.batches, 'batch', 'batches')}{in_all}, {result.seconds:.2f}s "
+        f"({result.rate:,.0f} rows/s), verified"
     )

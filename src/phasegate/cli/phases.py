@@ -32,7 +32,7 @@ from phasegate.lockguard import LockPolicy
 from phasegate.orchestrator import START, Options, Orchestrator, Outcome
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import PHASES, load_plan
-from phasegate.progress import BarProgress, LogProgress
+from phasegate.progress import BarProgress, LogProgress, counted
 
 # -- mutating commands ----------------------------------------------------------------------
 
@@ -380,7 +380,9 @@ def worker(ctx: Context, plan_path: str, wait: float, **kw: Any) -> int:
         conn.set_timeouts(settings.lock_timeout, settings.statement_timeout)
         results = backfill.assist(conn, plan, settings, progress, log, wait)
     lines = [
-        f"job {r.name}: helped with {r.walked:,} rows in {r.batches:,} batches" for r in results
+        f"job {r.name}: helped, {counted(r.walked, 'row')} walked, {r.rows:,} written, in "
+        f"{counted(r.batches, 'batch', 'batches')}"
+        for r in results
     ] or [f"no running job of {plan.name} needed help within {wait:g}s"]
     document = {"ok": True, "plan": plan.name, "jobs": [r.to_dict() for r in results]}
     emit(ctx, document, "\n".join(lines))

@@ -201,7 +201,7 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(f"  [{mark}] {phase['name']:<8} compatible {phase['compatible']!r}{revs}")
     for job in s["jobs"]:
         line = (
-            f"  job {job['name']}: {job['status']}, {job['rows_done']:,} rows updated, "
+            f"  job {job['name']}: {job['status']}, {job['rows_done']:,} rows written, "
             f"{job['walked']:,} walked, {job['batches']:,} batches"
         )
         if job["rows_per_second"]:
