@@ -375,8 +375,12 @@ def test_sigterm_finishes_the_batch_checkpoints_and_says_how_to_resume(
     status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
     assert (status["state"], status["next"]) == ("failed", "backfill")
 
-    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    # a resume keeps the walk's slices, and says so when asked for others
+    result = Phasegate(database_url)(
+        "backfill", plan, "--live-version", "1", "--yes", "--slices", "4"
+    )
     assert result.exit_code == 0, result.output
+    assert "resuming in the 1 slice(s) it was cut into when its walk started" in result.stderr
     assert_all_agree(database_url, ROWS)
     assert checkpoint(database_url)["walked"] == ROWS
 

@@ -656,6 +656,15 @@ def _prepare(
                 f"job {work.checkpoint}: walking {key.describe()} up to "
                 f"{cp.upper_key or '(empty table)'} in {max(len(bounds), 1)} slice(s)"
             )
+        elif (settings.slices or settings.workers > 1) and settings.slice_count() != len(
+            existing
+        ):
+            left = sum(1 for s in existing if s.status != "done")
+            notify(
+                f"job {work.checkpoint}: resuming in the {len(existing)} slice(s) it was cut "
+                f"into when its walk started ({left} unfinished, so at most {left} worker(s) "
+                f"can share it); --slices and --workers cut a new walk only"
+            )
         cp.status = "running"
         # the schemas the path resolves to here ("$user" is this role's, not a worker's)
         cp.search_path = db.scalar(
