@@ -80,7 +80,8 @@ def test_preview_of_a_seeded_database_estimates_and_changes_nothing(phasegate, s
     with psycopg.connect(libpq_url(seeded_url)) as conn:
         real = conn.execute("SELECT count(*) FROM bug").fetchone()[0]
     assert abs(job["estimated_rows"] - real) <= 0.2 * real
-    assert "error" in job["sample"]  # root_cause_id is added by expand: nothing to time yet
+    # root_cause_id is added by expand: nothing to time yet, and preview says why
+    assert job["sample"]["error"].endswith("(expand not applied yet: timed once it is)")
     statements = phases["expand"]["revisions"][0]["statements"]
     add_column = next(s for s in statements if "ADD COLUMN root_cause_id" in s["sql"])
     assert add_column["locks"] == [{"mode": "ACCESS EXCLUSIVE", "table": "bug"}]
@@ -170,3 +171,13 @@ def test_a_locked_table_stops_preview_at_its_lock_timeout(phasegate, seeded_url)
     assert result.exit_code == 3, result.output
     assert "lock timeout" in result.stderr
     assert waited < 15
+
+
+def test_preview_text_marks_a_statement_it_cuts_short() -> None:
+    """The text shows each statement's first lines; a longer one (root_cause_id_for's body)
+    says how much is left out and where to see it, instead of stopping mid-statement."""
+    args = ["--config", str(ALEMBIC_INI), "preview", P, "--phase", "expand", "--offline"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "CREATE FUNCTION root_cause_id_for" in result.stdout
+    assert "more line(s); --json shows the whole statement" in result.stdout

@@ -656,9 +656,7 @@ def _prepare(
                 f"job {work.checkpoint}: walking {key.describe()} up to "
                 f"{cp.upper_key or '(empty table)'} in {max(len(bounds), 1)} slice(s)"
             )
-        elif (settings.slices or settings.workers > 1) and settings.slice_count() != len(
-            existing
-        ):
+        elif (settings.slices or settings.workers > 1) and settings.slice_count() != len(existing):
             left = sum(1 for s in existing if s.status != "done")
             notify(
                 f"job {work.checkpoint}: resuming in the {len(existing)} slice(s) it was cut "

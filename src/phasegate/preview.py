@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import sql
+from psycopg.errors import UndefinedColumn, UndefinedFunction, UndefinedTable
 
 from phasegate import backfill, gates, ledger, lint, sources, sync
 from phasegate.config import ProjectConfig
@@ -67,7 +68,8 @@ def preview(
                 for job in plan.jobs()
                 if job.is_batched and job.sync is not None
             ]
-            entry["jobs"] = [_job(db, job, options) for job in plan.jobs()]
+            unapplied = [p for p in pending[: pending.index(phase)] if resolved.of(p)]
+            entry["jobs"] = [_job(db, job, options, unapplied) for job in plan.jobs()]
         phases.append(entry)
     return {
         "plan": plan.name,
@@ -148,7 +150,14 @@ def _revision(
     }
 
 
-def _job(db: Session | None, job: Any, options: PreviewOptions) -> dict[str, Any]:
+def _job(
+    db: Session | None, job: Any, options: PreviewOptions, unapplied: list[str]
+) -> dict[str, Any]:
+    """The job as it would run, timed on one rolled-back sample batch where it can be.
+
+    `unapplied`: the pending phases before backfill that have revisions; while they are
+    not applied, the job's new columns may not exist yet, and the sample says so.
+    """
     entry: dict[str, Any] = {"name": job.name, "kind": "batched" if job.is_batched else "sql"}
     if not job.is_batched:
         entry["sql"] = job.sql
@@ -167,6 +176,8 @@ def _job(db: Session | None, job: Any, options: PreviewOptions) -> dict[str, Any
             sample = backfill.sample_batch(db, backfill.up_work(job))
         except Exception as exc:  # a column that expand has yet to add, a lock, ...
             message = str(getattr(exc, "message", exc)).strip().splitlines()[0]
+            if unapplied and isinstance(exc, UndefinedColumn | UndefinedTable | UndefinedFunction):
+                message += f" ({' and '.join(unapplied)} not applied yet: timed once it is)"
             entry["sample"] = {"error": message}
         else:
             entry["sample"] = {"rows": sample.rows, "seconds": round(sample.seconds, 4)}

@@ -311,6 +311,9 @@ def preview_command(
     return EXIT_OK
 
 
+STATEMENT_LINES = 12  # of each revision statement in preview's text (JSON has them all)
+
+
 def _preview_text(doc: dict[str, Any]) -> str:
     state = doc["state"]
     where = (
@@ -338,7 +341,11 @@ def _preview_text(doc: dict[str, Any]) -> str:
                 locks = ", ".join(f"{k['mode']} on {k['table']}" for k in statement["locks"])
                 tx = "autocommit" if statement["transaction"] is None else "in transaction"
                 lines.append(f"  - [{locks or 'no table lock'}; {tx}]")
-                lines += [f"      {line}" for line in statement["sql"].splitlines()[:12]]
+                text = statement["sql"].splitlines()
+                lines += [f"      {line}" for line in text[:STATEMENT_LINES]]
+                if len(text) > STATEMENT_LINES:
+                    more = len(text) - STATEMENT_LINES
+                    lines.append(f"      … {more} more line(s); --json shows the whole statement")
             for finding in revision["lint"]:
                 waived = f" (waived: {finding['waived']})" if finding["waived"] else ""
                 lines.append(
