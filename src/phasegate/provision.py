@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,9 +122,20 @@ def _testcontainers() -> Server:
     return Server(normalize_url(container.get_connection_url()), "testcontainers", container.stop)
 
 
+@contextlib.contextmanager
+def _quiet_runtime_dir() -> Iterator[None]:
+    """pgserver asks platformdirs for a runtime directory, which warns on every machine
+    without XDG_RUNTIME_DIR (containers, CI): noise in the demo's output, and the fallback
+    it takes (/tmp/runtime-<uid>) is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        yield
+
+
 def _embedded() -> Server:
     try:
-        import pgserver
+        with _quiet_runtime_dir():
+            import pgserver
     except ImportError:
         raise RuntimeFailure(
             "no PostgreSQL available: set PHASEGATE_TEST_DATABASE_URL or --database-url, "
@@ -131,7 +143,8 @@ def _embedded() -> Server:
         ) from None
     directory = tempfile.mkdtemp(prefix="phasegate-pg-")
     try:
-        server = pgserver.get_server(directory, cleanup_mode="stop")
+        with _quiet_runtime_dir():
+            server = pgserver.get_server(directory, cleanup_mode="stop")
     except Exception as exc:
         shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeFailure(f"the embedded PostgreSQL did not start: {exc}") from None
