@@ -370,6 +370,7 @@ def test_sigterm_finishes_the_batch_checkpoints_and_says_how_to_resume(
     assert process.returncode == 3, err
     assert "SIGTERM: finishing the current step" in err
     assert "stopped on request" in err and "Resume with the same command" in err
+    assert "phasegate: stopped: " in err  # a stop asked for is not reported as a failure
     stopped = checkpoint(database_url)
     assert 0 < stopped["walked"] < ROWS and stopped["rows"] == stopped["walked"]
     status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)

@@ -132,6 +132,8 @@ def _report_error(ctx: Context, code: int, error: dict[str, Any]) -> None:
     if ctx.as_json:
         click.echo(json.dumps({"ok": False, "exit_code": code, "error": error}, indent=2))
     prefix = {1: "refused", 2: "error", 3: "failed", 4: "busy"}.get(code, "error")
+    if error.get("kind") == "interrupted":  # asked for, not a failure (exit 3 all the same)
+        prefix = "stopped"
     log(f"phasegate: {prefix}: {error['message']}")
 
 
