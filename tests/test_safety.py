@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.pool import NullPool
 
 from phasegate.db import libpq_url
+from phasegate.errors import Interrupted
+from phasegate.lockguard import LockPolicy
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 from .lint_project import Revision, build
@@ -332,3 +335,12 @@ def test_an_error_allowed_in_a_done_phase_is_not_judged_again(tmp_path, database
     assert result.exit_code == 0, result.output
     result = project.run("switch", str(project.plan), "--live-version", "1", "--yes")
     assert result.exit_code == 0, result.output
+
+
+def test_a_stop_while_waiting_for_a_lock_is_an_interruption_not_a_failure() -> None:
+    """SIGINT during a lock retry's pause: exit 3 all the same, but reported as 'stopped'."""
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted) as caught:
+        LockPolicy(stop=stop).pause(5.0, "revision a41c7e9d2b58")
+    assert caught.value.kind == "interrupted" and "stopped on request" in caught.value.message

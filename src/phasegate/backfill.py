@@ -27,7 +27,7 @@ from phasegate import db as dbmod
 from phasegate import keys, ledger
 from phasegate.batch import BatchedWork, BatchSQL
 from phasegate.db import Session, quote_table
-from phasegate.errors import RuntimeFailure
+from phasegate.errors import Interrupted, RuntimeFailure
 from phasegate.keys import Key, KeyValue
 from phasegate.lockguard import client_check
 from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
@@ -55,12 +55,6 @@ class NoProgress:
 
     def job_finished(self, result: JobResult) -> None:
         pass
-
-
-class Interrupted(RuntimeFailure):
-    """A stop was asked for (SIGINT/SIGTERM): the last batch is committed, resume later."""
-
-    kind = "interrupted"
 
 
 @dataclass
@@ -658,10 +652,10 @@ def _prepare(
             )
         elif (settings.slices or settings.workers > 1) and settings.slice_count() != len(existing):
             left = sum(1 for s in existing if s.status != "done")
-            notify(
+            notify(  # the cut may have given fewer slices than asked for: a small table
                 f"job {work.checkpoint}: resuming in the {len(existing)} slice(s) it was cut "
                 f"into when its walk started ({left} unfinished, so at most {left} worker(s) "
-                f"can share it); --slices and --workers cut a new walk only"
+                f"can share it); the slices of a walk are fixed when it starts"
             )
         cp.status = "running"
         # the schemas the path resolves to here ("$user" is this role's, not a worker's)

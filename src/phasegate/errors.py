@@ -52,6 +52,15 @@ class RuntimeFailure(PhasegateError):
     kind = "failure"
 
 
+class Interrupted(RuntimeFailure):
+    """A stop was asked for (SIGINT/SIGTERM): what was committed stays, resume later.
+
+    Exit 3 like any failure, but reported as a stop, not as something that went wrong.
+    """
+
+    kind = "interrupted"
+
+
 class Busy(PhasegateError):
     """Another orchestrator holds the advisory lock."""
 

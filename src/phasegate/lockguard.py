@@ -30,7 +30,7 @@ from pglast.parser import ParseError
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from phasegate.errors import RuntimeFailure
+from phasegate.errors import Interrupted, RuntimeFailure
 from phasegate.locks import locks_of
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class LockPolicy:
         """Sleep before the next attempt, unless asked to stop (then the step fails as a
         whole: a rolled-back revision, or a statement that never ran)."""
         if self.stop is not None and self.stop.wait(seconds):
-            raise RuntimeFailure(
+            raise Interrupted(
                 f"stopped on request while {what} waited for a lock; nothing of it is "
                 "applied. Run the same command again to continue"
             )
