@@ -126,7 +126,7 @@ def test_demo_json_reports_the_crash_and_the_summary(pg_server) -> None:
     result = run_demo(pg_server.url, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] is True and report["crash"]["killed"] is True
+    assert report["ok"] is True and report["exit_code"] == 0 and report["crash"]["killed"] is True
     assert 0 < report["crash"]["rows_done_at_kill"] < 3000
     assert (report["app_failures"], report["lost_or_wrong_writes"]) == (0, 0)
     steps = [t["step"] for t in report["timings"]]

@@ -98,7 +98,8 @@ def load_example(root: Path, name: str) -> ModuleType:
     return module
 
 
-def run_demo(database_url: str | None, rows: int, keep: bool, as_json: bool) -> int:
+def run_demo(database_url: str | None, rows: int, keep: bool, as_json: bool) -> DemoReport:
+    """The story, told on stderr under --json (stdout is the report's, printed by the CLI)."""
     console = Console(stderr=as_json, highlight=False)
     root = find_example_root()
     explicit = database_url or next(
@@ -118,11 +119,7 @@ def run_demo(database_url: str | None, rows: int, keep: bool, as_json: bool) -> 
         else:
             server.drop_database(url)
             server.close()
-    if as_json:
-        import json
-
-        print(json.dumps(report.to_dict(), indent=2))
-    return 0
+    return report
 
 
 def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport) -> None:

@@ -403,4 +403,6 @@ def demo(ctx: Context, rows: int, keep: bool) -> int:
     """
     from phasegate.demo import run_demo  # the demo pulls in the example app
 
-    return run_demo(ctx.database_url, rows=rows, keep=keep, as_json=ctx.as_json)
+    report = run_demo(ctx.database_url, rows=rows, keep=keep, as_json=ctx.as_json)
+    emit(ctx, report.to_dict(), "")
+    return EXIT_OK
