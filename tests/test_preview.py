@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from phasegate.cli import cli
 from phasegate.db import libpq_url
 
-from .conftest import ALEMBIC_INI, PLAN, ROOT
+from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 
 P = str(PLAN)
 
@@ -148,6 +148,10 @@ def test_preview_of_one_phase_in_text(seeded_url) -> None:
     assert "## switch (compatible >=1)" in result.stdout
     assert "## expand" not in result.stdout
     assert "[SHARE UPDATE EXCLUSIVE on bug; in transaction]" in result.stdout
+    backfill = Phasegate(seeded_url)("preview", P, "--phase", "backfill", json_output=True)
+    [phase] = json.loads(backfill.stdout)["phases"]
+    job = next(j for j in phase["jobs"] if j["kind"] == "batched")
+    assert job["sample"]["error"].endswith("(expand not applied yet: timed once it is)")
     engine = sa.create_engine(seeded_url)
     with engine.connect() as c:
         assert c.execute(sa.text("SELECT to_regnamespace('phasegate')")).scalar() is None

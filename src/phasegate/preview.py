@@ -68,7 +68,9 @@ def preview(
                 for job in plan.jobs()
                 if job.is_batched and job.sync is not None
             ]
-            unapplied = [p for p in pending[: pending.index(phase)] if resolved.of(p)]
+            ahead = _pending(plan, state, None)  # --phase backfill: what is not done still
+            earlier = ahead[: ahead.index(phase)] if phase in ahead else []
+            unapplied = [p for p in earlier if resolved.of(p)]
             entry["jobs"] = [_job(db, job, options, unapplied) for job in plan.jobs()]
         phases.append(entry)
     return {
