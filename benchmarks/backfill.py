@@ -32,8 +32,8 @@ phasegate's peak RSS (one worker) at ``--rows`` within ±10 % of its peak RSS at
 Why medians. A shared machine wanders by 10-20 % from one run to the next, more than
 the margin the targets care about. So the contestants run interleaved in ``--repeat`` rounds
 (set-based, phasegate 1 worker, phasegate 2 workers, phasegate 1 worker on the small table;
-each round starts one further along that list, so no contestant always runs after the same
-one), every run is printed, and the ratios are ratios of the medians: one slow run in either
+each round starts one further along that list, so no contestant always opens the round),
+every run is printed, and the ratios are ratios of the medians: one slow run in either
 contestant moves nothing.
 
 Both contestants do the same work. The set-based statement runs the plan's own ``set`` and
@@ -96,10 +96,10 @@ P99_MIN_BATCHES = 100  # below this many batches, "p99" is simply the slowest ba
 TARGET_RSS_SPREAD = 0.10  # |RSS(rows) / RSS(small rows) - 1| at most this
 RUN_TIMEOUT_S = 3600
 OVERRIDE = ("--override-gate", "benchmark", "--yes")  # no app is connected: nothing to gate on
-# Every row must end with root_cause_id naming its own root_cause text: a NULL left behind,
-# or a wrong (or merely cheaper) value, fails the run.
+# Every row must end with root_cause_id naming its own root_cause text: a NULL left behind
+# (where the plan's `where` asks for a value), or a wrong (or merely cheaper) value, fails.
 CHECK_SQL = (
-    "SELECT count(*) FILTER (WHERE b.root_cause_id IS NULL),"
+    "SELECT count(*) FILTER (WHERE b.root_cause_id IS NULL AND b.root_cause IS NOT NULL),"
     " count(*) FILTER (WHERE b.root_cause_id IS NOT NULL AND rc.name IS DISTINCT FROM b.root_cause)"
     " FROM bug AS b LEFT JOIN root_cause AS rc ON rc.id = b.root_cause_id"
 )

@@ -27,7 +27,8 @@ operation (app.py). For phasegate, before contract drops the old column and whil
 writes, every row's two columns must agree (``root_cause`` = the name ``root_cause_id``
 points at, which catches a wrong sync in either direction), and v1's writes must be in
 both columns. Latency runs from when an op was due, so an op
-that started late because its writer was blocked counts its wait.
+that started late because its writer was blocked counts its wait (a backlog of more than a
+second is dropped, not replayed: the blocked op counts that wait once).
 
 Run (results are printed side by side; this is a benchmark, never a timed test):
 
@@ -81,6 +82,7 @@ V2_SETTLE_S = 1.0  # v2 next to v1 before switch
 V2_TAIL_S = 2.0  # v2 alone after the migration
 TARGET_WORST_MS = 500.0
 PHASE_TIMEOUT_S = 1800
+STOP_TIMEOUT_S = 120  # for an instance's op in flight to end once it is told to stop
 
 # The naive migration: the same end schema as phasegate's expand → contract, in one transaction,
 # the way a hand-written Alembic revision (or `alembic upgrade head` of a single revision) does
@@ -263,6 +265,7 @@ class Traffic:
         self.t0 = time.monotonic()
         self.seeded = seeded_causes(url)  # url → root cause of every bug before any write
         self.hung: list[tuple[float, float]] = []  # (latency, due) of ops that never ended
+        self.stopped: list[AppInstance] = []
 
     def _ids(self, slice_no: int) -> range:
         """Seeded ids with id % 3 == slice_no: disjoint per instance, spread over the table."""
@@ -284,22 +287,31 @@ class Traffic:
         instance.start()
         self.v2.append(instance)
 
-    def stop_v1(self) -> None:
+    def stop_v1(self, result: Result) -> None:
         for instance in self.v1:
-            instance.stop(timeout=PHASE_TIMEOUT_S)
+            self._stop(instance, result)
 
     def stop_all(self, result: Result) -> None:
-        """Stop every instance; one that does not stop has an op hanging: a failed op."""
         for instance in [*self.v1, *self.v2]:
-            try:
-                instance.stop(timeout=PHASE_TIMEOUT_S)
-            except TimeoutError as exc:  # still report the rest
-                result.failed_ops += 1
-                result.app_ops += 1
-                result.misbehaved.append(f"{exc}: its last op is counted as failed")
-                # due after the last op that ended: this bounds its wait from above
-                due = (instance.op_due or [self.t0])[-1]
-                self.hung.append((time.monotonic() - due, due - self.t0))
+            self._stop(instance, result)
+
+    def _stop(self, instance: AppInstance, result: Result) -> None:
+        """Stop one instance, once; one whose op hangs has a failed op, and the run goes on
+        so the report still comes out."""
+        if instance in self.stopped:
+            return
+        self.stopped.append(instance)
+        try:
+            instance.stop(timeout=STOP_TIMEOUT_S)
+        except TimeoutError as exc:
+            result.failed_ops += 1
+            result.app_ops += 1
+            result.misbehaved.append(f"{exc}: its last op is counted as failed")
+            # due after the last op that ended: this bounds its wait from above
+            due = (instance.op_due or [self.t0])[-1]
+            self.hung.append((time.monotonic() - due, due - self.t0))
+        except Exception as exc:
+            result.misbehaved.append(f"stopping {instance.name}: {type(exc).__name__}: {exc}")
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -434,7 +446,7 @@ def run_phasegate(url: str, rows: int, ops: float) -> Result:
             )
             raise PhaseFailed("contract")
         stop_started = traffic.now()
-        traffic.stop_v1()
+        traffic.stop_v1(result)
         result.steps.append(Step("stop v1", stop_started, traffic.now() - stop_started))
         traffic.check_before_contract(result)
         phase("contract", "contract", 0)
@@ -474,7 +486,7 @@ def run_naive(url: str, rows: int, ops: float) -> Result:
         result.migration_s = traffic.now() - migration_started
         traffic.start_v2()
         stop_started = traffic.now()
-        traffic.stop_v1()
+        traffic.stop_v1(result)
         result.steps.append(Step("stop v1", stop_started, traffic.now() - stop_started))
         time.sleep(V2_TAIL_S)
     finally:

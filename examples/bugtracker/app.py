@@ -148,7 +148,8 @@ class AppInstance(threading.Thread):
 
         An op's latency runs from when it was due, not from when it started: an op that
         could only start late, because the one before it was blocked, waited too
-        (otherwise a blocked writer's backlog would vanish from the numbers).
+        (otherwise a blocked writer's backlog would vanish from the numbers). A backlog of
+        more than a second is dropped, not replayed: the blocked op counts that wait once.
         """
         interval = 1.0 / self.ops_per_second if self.ops_per_second > 0 else 0.0
         next_at = time.monotonic()
