@@ -26,9 +26,9 @@ app wrote the root cause of its last successful write (``root_cause.name`` throu
 operation (app.py). For phasegate, before contract drops the old column and while v2 still
 writes, every row's two columns must agree (``root_cause`` = the name ``root_cause_id``
 points at, which catches a wrong sync in either direction), and v1's writes must be in
-both columns. Latency runs from when an op was due, so an op
-that started late because its writer was blocked counts its wait (a backlog of more than a
-second is dropped, not replayed: the blocked op counts that wait once).
+both columns. Latency runs from when an op was due, so an op that started late because
+its writer was blocked counts its wait (a backlog of more than a second is dropped, not
+replayed: the blocked op counts that wait once).
 
 Run (results are printed side by side; this is a benchmark, never a timed test):
 
