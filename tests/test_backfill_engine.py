@@ -1001,26 +1001,40 @@ def test_a_slice_first_batch_walks_the_index(database_url: str, tmp_path: Path) 
     """A first batch has no lower key: its upper key, found by the batch, reaches the
     UPDATE as a parameter of the session's batch function, so the planner sees the real
     range and walks the index (a sequential scan would read every row of a large table
-    for each first batch)."""
+    for each first batch). The session keeps `enable_seqscan` as it was: turned off, it
+    would push the author's expressions and the foreign-key checks under every row onto
+    indexes too. Past PostgreSQL's first five (custom) plans of each statement, the
+    batches stay on the index."""
     uuid_table(database_url)
     with walk_statements(database_url, tmp_path) as (session, statements, upper):
         assert 'pg_temp."phasegate_batch_' in statements.statement[True]
-        params = {**statements.key.params("upper", upper), "skip": 99}
         scans = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 't'"
-        with session.tx():  # no walk-session limits: the plan alone walks the index
+        with session.tx():  # under a walk session's limits, which leave the planner alone
+            backfill.set_limits(session, BackfillSettings(), local=True)
+            assert session.scalar("SHOW enable_seqscan") == "on"
             [before] = session.all(scans)
-            outcome = session.execute(statements.statement[True], params).fetchone()
+            first = statements.run(session, None, upper, 100)
+            for _ in range(7):  # the first batch's statement, planned again and again
+                statements.run(session, None, upper, 100)
+            last, later = first.reached, []
+            for _ in range(8):
+                later.append(statements.run(session, last, upper, 100))
+                last = later[-1].reached
             [after] = session.all(scans)
-    assert outcome is not None and outcome[1:] == (100, 100, False)
+    assert (first.scanned, first.updated, first.done) == (100, 100, False)
+    assert [(o.scanned, o.updated) for o in later] == [(100, 100)] * 8
     seq_scans, index_scans = (b - a for a, b in zip(before, after, strict=True))
-    assert seq_scans == 0 and index_scans >= 2  # the batch's end, then the UPDATE
+    assert seq_scans == 0 and index_scans >= 2 * 16  # each batch's end, then its UPDATE
+    [(filled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 2")
+    assert filled == 900
 
 
 def test_without_the_function_a_first_batch_walks_the_index_on_a_walk_session(
     no_temporary_url: str, tmp_path: Path
 ) -> None:
     """The one-statement form finds the upper key at run time, so the planner sees a third
-    of the table; the walk session's limits keep it on the index."""
+    of the table; that form turns `enable_seqscan` off for its session, which keeps the
+    batch on the index."""
     url = no_temporary_url
     uuid_table(url)
     with walk_statements(url, tmp_path) as (session, statements, upper):
@@ -1028,12 +1042,13 @@ def test_without_the_function_a_first_batch_walks_the_index_on_a_walk_session(
         params = {**statements.key.params("upper", upper), "skip": 99}
         explain = "EXPLAIN " + statements.statement[True]
         with session.tx():
+            session.execute("SET LOCAL enable_seqscan = on")
             plain = "\n".join(r[0] for r in session.all(explain, params))
         with session.tx():
-            backfill.set_limits(session, BackfillSettings(), local=True)
-            limited = "\n".join(r[0] for r in session.all(explain, params))
+            assert session.scalar("SHOW enable_seqscan") == "off"
+            kept = "\n".join(r[0] for r in session.all(explain, params))
     assert "Seq Scan on t" in plain  # what the estimate alone picks on this table
-    assert "Seq Scan on t" not in limited and "Index" in limited
+    assert "Seq Scan on t" not in kept and "Index" in kept
 
 
 def test_a_role_without_plpgsql_gets_the_one_statement_form(
@@ -1138,10 +1153,13 @@ def test_a_table_with_an_update_rule_is_refused_before_anything_is_installed(
     assert "has ON UPDATE rule(s) Log updates" in job["sample"]["error"]
 
 
-def test_a_walk_session_resets_every_limit_it_set(database_url: str) -> None:
-    """A pooler may hand the server connection to someone else: nothing of ours stays."""
-    names = ["statement_timeout", "lock_timeout", "enable_seqscan"]
-    with db.session(database_url) as session:
+def test_a_walk_session_resets_every_limit_it_set(no_temporary_url: str, tmp_path: Path) -> None:
+    """A pooler may hand the server connection to someone else: nothing of ours stays,
+    the one-statement form's `enable_seqscan` included."""
+    uuid_table(no_temporary_url)
+    names = ["statement_timeout", "lock_timeout", "row_security", "extra_float_digits"]
+    names.append("enable_seqscan")
+    with db.session(no_temporary_url) as session:
         if session.raw.info.server_version >= 140000:
             names.append("client_connection_check_interval")
 
@@ -1152,7 +1170,13 @@ def test_a_walk_session_resets_every_limit_it_set(database_url: str) -> None:
         defaults = shown()
         with session.tx():
             backfill.set_limits(session, BackfillSettings(), local=False)
-        assert shown() != defaults
+        job = next(j for j in load_plan(make_plan(tmp_path)).jobs() if j.is_batched)
+        work = backfill.up_work(job)
+        key = keys.resolve(session, work.table, work.key)
+        with session.tx():  # as a walk session builds its statements
+            batch.BatchSQL(session, work, key, checkpoint=False)
+        changed = shown()
+        assert [n for n, a, b in zip(names, defaults, changed, strict=True) if a == b] == []
         backfill.reset_limits(session)
         assert shown() == defaults
 

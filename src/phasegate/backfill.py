@@ -1020,7 +1020,7 @@ def verify(
 
 
 def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
-    """A batch's timeouts, and no sequential scan for its statement.
+    """A batch's timeouts and the settings its statement is read under.
 
     `local`: for the current transaction only (preview's sample); otherwise for the
     session's life (a walk session, which runs nothing but its claims and batches). Set
@@ -1028,11 +1028,8 @@ def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
     planning (the locks it takes then, so a batch must wait no longer than its
     lock_timeout) nor its statement_timeout, armed when it starts.
 
-    enable_seqscan off: the batch's upper key is a value the planner sees only at run time
-    (the statement finds it), so a slice's first batch, bounded on one side only, looks
-    like a third of the table; on a large table with an uncorrelated key (uuid, text)
-    that estimate can pick a sequential scan over every row. With it off the planner
-    walks the key's index, which is what the batch does at any size.
+    No `enable_seqscan`: only the batch's one-statement form needs it off, and sets it
+    itself (see `batch.BatchSQL`).
 
     row_security off: see `whole_table`. extra_float_digits 3: see `_differs`.
     """
@@ -1040,7 +1037,6 @@ def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
     psycopg.Cursor(db.raw).execute(
         f"SELECT set_config('statement_timeout', %(s)s, {flag}),"
         f" set_config('lock_timeout', %(l)s, {flag}),"
-        f" set_config('enable_seqscan', 'off', {flag}),"
         f" set_config('row_security', 'off', {flag}),"
         f" set_config('extra_float_digits', '3', {flag})" + client_check(db.raw, local=local),
         {"s": settings.statement_timeout, "l": settings.lock_timeout},
@@ -1061,8 +1057,9 @@ def adopt_search_path(db: Session, search_path: str | None) -> None:
 
 
 def reset_limits(db: Session) -> None:
-    """Undo `set_limits(local=False)` before a walk session closes (a pooler may keep the
-    server connection); best effort: a lost connection has nothing left to undo."""
+    """Undo `set_limits(local=False)` and the one-statement batch's `enable_seqscan`
+    before a walk session closes (a pooler may keep the server connection); best effort:
+    a lost connection has nothing left to undo."""
     with contextlib.suppress(Exception):
         db.reset()
         with db.autocommit():
