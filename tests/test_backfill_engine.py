@@ -934,7 +934,9 @@ def walk_statements(url: str, tmp_path: Path) -> Iterator[tuple[db.Session, batc
         statements = batch.BatchSQL(session, work, key, checkpoint=False)
         with session.tx():
             row = session.execute(
-                sql.SQL("SELECT {} FROM t ORDER BY k DESC LIMIT 1").format(key.as_text_array())
+                sql.SQL("SELECT {} FROM t ORDER BY {} LIMIT 1").format(
+                    key.as_text_array(), key.order(descending=True)
+                )
             ).fetchone()
         yield session, statements, tuple(row[0])
 
@@ -1027,6 +1029,69 @@ def test_a_slice_first_batch_walks_the_index(database_url: str, tmp_path: Path) 
     assert seq_scans == 0 and index_scans >= 2 * 16  # each batch's end, then its UPDATE
     [(filled,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 2")
     assert filled == 900
+
+
+def test_a_composite_key_keeps_its_batches_on_the_index(database_url: str, tmp_path: Path) -> None:
+    """PostgreSQL estimates a row comparison from its first column, one side at a time:
+    a batch in the middle of a composite key's range looks like a quarter of the table
+    and is planned as a sequential scan. Its walk session turns `enable_seqscan` off, and
+    batches past PostgreSQL's five custom plans stay on the index."""
+    execute(
+        database_url,
+        "CREATE TABLE t (a text, b int, val int NOT NULL, doubled int, PRIMARY KEY (a, b))",
+        "INSERT INTO t SELECT md5(g::text) || md5((g + 1)::text) || md5((g + 2)::text),"
+        f" g % 7, g FROM generate_series(1, {ROWS}) g",
+        "ANALYZE t",
+    )
+    [(middle,)] = fetch(
+        database_url, f"SELECT json_build_array(a, b::text) FROM t ORDER BY a, b OFFSET {ROWS // 2}"
+    )[:1]
+    scans = "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 't'"
+
+    def seq_scans(session: db.Session, statements: batch.BatchSQL, upper: tuple) -> int:
+        before = session.scalar(scans)
+        last = tuple(middle)
+        for _ in range(8):
+            outcome = statements.run(session, last, upper, 50)
+            assert (outcome.scanned, outcome.updated) == (50, 50)
+            last = outcome.reached
+        return session.scalar(scans) - before
+
+    with walk_statements(database_url, tmp_path) as (session, statements, upper):
+        assert 'pg_temp."phasegate_batch_' in statements.statement[False]
+        session.ensure_idle()
+        transaction = session.connection.begin()  # rolled back: the next walk finds the rows
+        try:
+            session.execute("SET LOCAL enable_seqscan = on")
+            planned_alone = seq_scans(session, statements, upper)
+        finally:
+            transaction.rollback()
+    with walk_statements(database_url, tmp_path) as (session, statements, upper), session.tx():
+        backfill.set_limits(session, BackfillSettings(), local=True)
+        assert session.scalar("SHOW enable_seqscan") == "off"
+        kept = seq_scans(session, statements, upper)
+    assert planned_alone > 0  # what the estimate alone picks for this key
+    assert kept == 0
+
+
+def test_a_table_without_statistics_keeps_its_batches_on_the_index(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Without statistics a first batch's one-sided bound is a one-in-three guess: the
+    walk session turns `enable_seqscan` off; once the table is analyzed it stays on."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k uuid PRIMARY KEY, val int NOT NULL, doubled int)"
+        " WITH (autovacuum_enabled = false)",
+        f"INSERT INTO t SELECT md5(g::text)::uuid, g FROM generate_series(1, {ROWS}) g",
+    )
+    with walk_statements(database_url, tmp_path) as (session, statements, upper), session.tx():
+        assert session.scalar("SHOW enable_seqscan") == "off"
+        outcome = statements.run(session, None, upper, 100)
+    assert (outcome.scanned, outcome.updated) == (100, 100)
+    execute(database_url, "ANALYZE t")
+    with walk_statements(database_url, tmp_path) as (session, statements, upper), session.tx():
+        assert session.scalar("SHOW enable_seqscan") == "on"
 
 
 def test_without_the_function_a_first_batch_walks_the_index_on_a_walk_session(
