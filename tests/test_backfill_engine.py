@@ -1044,8 +1044,9 @@ def test_a_composite_key_keeps_its_batches_on_the_index(database_url: str, tmp_p
         "ANALYZE t",
     )
     [(middle,)] = fetch(
-        database_url, f"SELECT json_build_array(a, b::text) FROM t ORDER BY a, b OFFSET {ROWS // 2}"
-    )[:1]
+        database_url,
+        f"SELECT json_build_array(a, b::text) FROM t ORDER BY a, b OFFSET {ROWS // 2} LIMIT 1",
+    )
     scans = "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 't'"
 
     def seq_scans(session: db.Session, statements: batch.BatchSQL, upper: tuple) -> int:
@@ -1223,7 +1224,7 @@ def test_a_walk_session_resets_every_limit_it_set(no_temporary_url: str, tmp_pat
     the one-statement form's `enable_seqscan` included."""
     uuid_table(no_temporary_url)
     names = ["statement_timeout", "lock_timeout", "row_security", "extra_float_digits"]
-    names.append("enable_seqscan")
+    names += ["enable_seqscan"]  # BatchSQL's, for the one-statement form
     with db.session(no_temporary_url) as session:
         if session.raw.info.server_version >= 140000:
             names.append("client_connection_check_interval")

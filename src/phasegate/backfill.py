@@ -1028,8 +1028,8 @@ def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
     planning (the locks it takes then, so a batch must wait no longer than its
     lock_timeout) nor its statement_timeout, armed when it starts.
 
-    No `enable_seqscan`: only the batch's one-statement form needs it off, and sets it
-    itself (see `batch.BatchSQL`).
+    No `enable_seqscan`: `batch.BatchSQL` turns it off only where the planner would
+    misjudge a batch's range, since it reaches every query a batch runs underneath.
 
     row_security off: see `whole_table`. extra_float_digits 3: see `_differs`.
     """
@@ -1057,9 +1057,9 @@ def adopt_search_path(db: Session, search_path: str | None) -> None:
 
 
 def reset_limits(db: Session) -> None:
-    """Undo `set_limits(local=False)` and the one-statement batch's `enable_seqscan`
-    before a walk session closes (a pooler may keep the server connection); best effort:
-    a lost connection has nothing left to undo."""
+    """Undo `set_limits(local=False)` and `batch.BatchSQL`'s `enable_seqscan` before a
+    walk session closes (a pooler may keep the server connection); best effort: a lost
+    connection has nothing left to undo."""
     with contextlib.suppress(Exception):
         db.reset()
         with db.autocommit():
