@@ -761,7 +761,9 @@ def test_a_job_moved_while_its_trigger_is_installed_leaves_the_old_table_alone(
     database_url: str, tmp_path: Path
 ) -> None:
     """A backfill failed after installing the trigger on t; the file then moves the job to
-    t2. The next run must take the trigger off t: it would call the replaced function."""
+    t2 (and drops the failing job), which the next run takes only on the operator's word
+    (`--restart-job`). It must then take the trigger off t: it would call the replaced
+    function."""
     seeded_table(database_url)
     execute(database_url, "CREATE TABLE t2 (LIKE t INCLUDING ALL)")
     plan = tmp_path / "engine.yaml"
@@ -773,6 +775,9 @@ def test_a_job_moved_while_its_trigger_is_installed_leaves_the_old_table_alone(
     assert phasegate("backfill", str(plan), "--live-version", "1", "--yes").exit_code == 3
     plan.write_text(make_plan_text().replace("        table: t\n", "        table: t2\n"))
     result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 2 and "--restart-job boom --restart-job fill" in result.output
+    restarts = ("--restart-job", "boom", "--restart-job", "fill")
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes", *restarts)
     assert result.exit_code == 0, result.output
     triggers = "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'sync_%'"
     assert fetch(database_url, triggers) == [("t2",)]

@@ -297,7 +297,11 @@ def test_failed_verification_then_new_rows_then_a_fixed_plan_completes(
                 "INSERT INTO bug (bug_tracker_url, root_cause) VALUES ('late', 'race condition')"
             )
         )
+    # the fixed plan is another contract: taken only on the operator's word
     result = phasegate("backfill", P, "--live-version", "1", "--yes")
+    assert result.exit_code == 2 and "--restart-job bug-root-cause-id" in result.output
+    restart = ("--restart-job", "bug-root-cause-id")
+    result = phasegate("backfill", P, "--live-version", "1", "--yes", *restart)
     assert result.exit_code == 0, result.output
     assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NULL") == 0
 

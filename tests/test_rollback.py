@@ -172,7 +172,17 @@ def test_a_renamed_job_leaves_no_trigger_behind(phasegate, engine, tmp_path) -> 
     result = phasegate("backfill", str(failing), "--live-version", "1.0", "--yes")
     assert result.exit_code == 3 and "division by zero" in result.stderr, result.output
     assert sync_triggers(engine) == 1
+    # the phase started with the failing file's jobs: the renamed one runs on the operator's
+    # word, restarting the changed jobs and forgetting the one the file lost
     result = phasegate("backfill", renamed, "--live-version", "1.0", "--yes")
+    assert result.exit_code == 2 and "job 'bug-root-cause-id' is not in the file" in result.stderr
+    assert sync_triggers(engine) == 1
+    restarts = [
+        arg
+        for job in ("root-causes", "bug-root-cause-id", "bug-root-cause-ref")
+        for arg in ("--restart-job", job)
+    ]
+    result = phasegate("backfill", renamed, "--live-version", "1.0", "--yes", *restarts)
     assert result.exit_code == 0, result.output
     assert "dropped the sync trigger of job 'bug-root-cause-id'" in result.stderr
     [(comment,)] = fetch(
@@ -237,7 +247,9 @@ def test_contract_rollback_checks_the_expressions_before_reinstalling_triggers(
     typo = edited_plan(tmp_path, "(SELECT name FROM root_cause", "(SELECT nam FROM root_cause")
     result = phasegate("rollback", typo, "--live-version", "2.0", "--yes")
     assert result.exit_code == 2, result.output
-    assert 'column "nam" does not exist' in result.stderr
+    # the file is not the contract the backfill started with: refused before anything
+    assert "`sync.down.root_cause` was `(SELECT name FROM root_cause" in result.stderr
+    assert "nam FROM root_cause" in result.stderr
     assert sync_triggers(engine) == 0  # no trigger that would fail every write
     result = phasegate("rollback", P, "--live-version", "2.0", "--yes")  # the file fixed
     assert result.exit_code == 0, result.output

@@ -23,11 +23,11 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from phasegate import contract, keys, ledger
 from phasegate import db as dbmod
-from phasegate import keys, ledger
 from phasegate.batch import BatchedWork, BatchSQL
 from phasegate.db import Session, quote_table
-from phasegate.errors import Interrupted, RuntimeFailure
+from phasegate.errors import Fenced, Interrupted, RuntimeFailure, UsageError
 from phasegate.keys import Key, KeyValue
 from phasegate.lockguard import client_check
 from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
@@ -116,10 +116,11 @@ def up_work(job: Job, stale: Mapping[str, str] | None = None) -> BatchedWork:
 
 
 def forward_work(db: Session, plan: str, job: Job) -> BatchedWork:
-    """`up_work`, with the stale rows when a rollback of backfill flagged the job."""
+    """`up_work`, with the stale rows when the job was flagged: by a rollback of backfill,
+    or restarted with other expressions (`--restart-job`)."""
     with db.tx():
         resweep = ledger.get_checkpoint(db, plan, job.name).resweep
-    if not (resweep and job.sync is not None):
+    if not resweep:
         return up_work(job)
     return up_work(job, keys.base_types(db, job.table or ""))
 
@@ -398,6 +399,8 @@ def run_batched(
 ) -> JobResult:
     """Walk the job's key range with `settings.workers` workers, then verify."""
     notify = notify or (lambda message: None)
+    if db.generation is None:  # called outside an orchestrator's run: this walk is one
+        ledger.begin_run(db)
     with db.tx():
         cp = ledger.get_checkpoint(db, plan, work.checkpoint)
     if cp.status == "done":
@@ -434,7 +437,9 @@ def _run_driven(
     with _row_security_refusal(work.table):
         cp = _prepare(db, plan, work, key, settings, notify)
         progress.job_started(work.checkpoint, cp.total, cp.walked)
-        walk = _Walk(plan, work, key, settings, _Locked(progress), notify, cp.search_path)
+        walk = _Walk(
+            plan, work, key, settings, _Locked(progress), notify, cp.search_path, cp.generation
+        )
         started = time.monotonic()
         walk.run(db)
         seconds = time.monotonic() - started
@@ -504,6 +509,8 @@ def assist(
                 and ledger.unfinished_slices(db, plan.name, name)
                 and ledger.driven(db, plan.name, name)  # not one its orchestrator left
             ]
+        if running:
+            _hold_to_contract(db, plan)
         for name, make in running or []:
             with db.tx():
                 cp = ledger.get_checkpoint(db, plan.name, name)
@@ -525,6 +532,7 @@ def assist(
                 _Locked(progress),
                 notify,
                 cp.search_path,
+                cp.generation,
                 assisting=True,
             )
             started = time.monotonic()
@@ -559,6 +567,23 @@ def assist(
         f"stopped on request; every batch this worker committed is checkpointed. Start "
         f"`phasegate worker` again to keep helping with {plan.name!r}"
     )
+
+
+def _hold_to_contract(db: Session, plan: Plan) -> None:
+    """A helper joins only a walk of the jobs as the phase started them: one started from
+    a checkout whose plan was edited would write its own expressions into the slices it
+    claims (exit 2 at once, naming the job and the key that differs)."""
+    with db.tx():
+        recorded = ledger.contract(db, plan.name)
+    changes = contract.differences(plan, recorded) if recorded else []
+    if changes:
+        listed = "; ".join(d.describe(plan.source) for d in changes)
+        raise UsageError(
+            f"this worker's plan file is not the one the backfill of {plan.name!r} started "
+            f"with: {listed}. It joined nothing and wrote nothing; start it from the same "
+            f"version of {plan.source} as the orchestrator's",
+            changes=[d.describe(plan.source) for d in changes],
+        )
 
 
 def count_remaining(db: Session, table: str, where: sql.Composable) -> int:
@@ -666,6 +691,7 @@ def _prepare(
         )
         cp.run_started_at = db.scalar("SELECT now()")
         cp.run_walked = cp.walked
+        cp.generation = db.generation  # this run: its workers, and helpers, walk for it
         ledger.save_checkpoint(db, cp)
     return cp
 
@@ -753,11 +779,13 @@ class _Walk:
         progress: _Locked,
         notify: Notify,
         search_path: str | None,
+        generation: int | None,
         assisting: bool = False,
     ) -> None:
         self.plan, self.work, self.key, self.settings = plan, work, key, settings
         self.progress, self.notify, self.assisting = progress, notify, assisting
         self.search_path = search_path
+        self.generation = generation  # the run that prepared the walk: see ledger.begin_run
         self.lock = threading.Lock()
         self.abort = threading.Event()
         self.error: BaseException | None = None
@@ -850,7 +878,9 @@ class _Walk:
         reported = time.monotonic()
         try:
             while not self._halted() and self._driven(db):
-                piece = ledger.claim_slice(db, self.plan, self.work.checkpoint, owner)
+                piece = ledger.claim_slice(
+                    db, self.plan, self.work.checkpoint, owner, self.generation
+                )
                 if piece is None:
                     with db.tx():
                         left = ledger.unfinished_slices(db, self.plan, self.work.checkpoint)
@@ -865,6 +895,11 @@ class _Walk:
                     self._walk_slice(db, statements, piece, sizer, throttle)
                 finally:
                     ledger.release_slice(db, piece)
+        except Fenced as exc:
+            if self.assisting:  # for a helper, the orchestrator stopping is how walks end
+                self.undriven.set()
+            else:
+                self._fail(exc)
         except BaseException as exc:
             self._fail(exc)
 
@@ -928,7 +963,7 @@ class _Walk:
         An attempt that failed still ran for a while, holding its row locks: its time goes
         into the batch durations the percentiles are taken from (not into the sizing).
         """
-        checkpoint = ledger.checkpoint_params(piece)
+        checkpoint = ledger.checkpoint_params(piece, self.generation)
         attempt = 0
         while True:
             started = None
@@ -939,6 +974,12 @@ class _Walk:
                     outcome = statements.run(db, last, upper, sizer.size, checkpoint)
                     elapsed = time.perf_counter() - started
                 if not outcome.owned:
+                    with db.tx():
+                        current = ledger.run_is_current(
+                            db, self.plan, self.work.checkpoint, self.generation
+                        )
+                    if not current:
+                        raise ledger.walk_fenced(self.work.checkpoint, self.generation)
                     raise RuntimeFailure(
                         f"slice {piece.slice} of job {piece.job!r} is no longer this worker's "
                         "(the job was restarted or cleared meanwhile); its last batch wrote "
@@ -1011,8 +1052,10 @@ def verify(
             f"verification failed: {remaining:,} row(s) of {work.table} still match `where` "
             f"of job {work.checkpoint!r} {cause}. Inspect them with: SELECT * FROM "
             f"{quote_table(work.table).as_string(db.raw)} AS new "
-            f"WHERE {work.unfinished.as_string(db.raw)} LIMIT 10; fix the data or the plan, then "
-            f"run the same command again: the job sweeps the whole table once more",
+            f"WHERE {work.unfinished.as_string(db.raw)} LIMIT 10; fix the data and run the same "
+            f"command again (the job sweeps the whole table once more), or fix the plan and run "
+            f"it with --restart-job {work.checkpoint.split('@')[0]} (which also rewrites the "
+            "rows the old expressions wrote)",
             job=work.checkpoint,
             remaining=remaining,
         )

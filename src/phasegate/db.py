@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import NullPool
 
 from phasegate import lockguard
-from phasegate.errors import Busy, RuntimeFailure, UsageError
+from phasegate.errors import Busy, RuntimeFailure, SessionLost, UsageError
 from phasegate.lockguard import LockPolicy
 
 URL_ENV_VARS = ("PHASEGATE_DATABASE_URL", "DATABASE_URL")
@@ -159,6 +159,8 @@ class Session:
     def __init__(self, connection: Connection, url: str) -> None:
         self.connection = connection
         self.url = url
+        # the run this session's orchestrator began (ledger.begin_run); None: it began none
+        self.generation: int | None = None
 
     def masked_url(self) -> str:
         """This session's database as output may show it (no password)."""
@@ -248,6 +250,7 @@ def session(
     if policy is not None:
         connect_args["cursor_factory"] = lockguard.GuardedCursor
     engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    sa.event.listen(engine, "connect", _only_once(url))
     try:
         connection = engine.connect()
     except sa.exc.OperationalError as exc:
@@ -258,6 +261,7 @@ def session(
             database=mask_url(url),
         ) from None
     session = Session(connection, url)
+    _keep_for_life(session)
     if policy is not None:
         lockguard.install(session.raw, policy, url)
     try:
@@ -265,6 +269,38 @@ def session(
     finally:
         connection.close()
         engine.dispose()
+
+
+def _only_once(url: str) -> Callable[[Any, Any], None]:
+    """A session is one server connection for its whole life. SQLAlchemy would open a new
+    one after the old one was lost (terminated, a failover), and a command carrying on
+    there would have lost its session's locks without noticing: the orchestrator lock,
+    the job driver locks, a worker's slice locks. So a second connect refuses: the command
+    ends with the loss, and the next one starts from what the ledger says."""
+    connected = False
+
+    def refuse_again(_dbapi_connection: Any, _record: Any) -> None:
+        nonlocal connected
+        if connected:
+            raise SessionLost(
+                f"lost the connection to {mask_url(url)} (terminated, timed out or failed "
+                "over): this command ends here, with what it committed kept, and does not "
+                "reconnect, since its locks went with the connection. Run the same command "
+                "again"
+            )
+        connected = True
+
+    return refuse_again
+
+
+def _keep_for_life(db: Session) -> None:
+    """No idle_session_timeout on phasegate's own sessions (PostgreSQL 14+; managed
+    services often set it under a minute): an orchestrator's session sits idle while its
+    workers walk or between lock retries, and ending it would end the run. Committed,
+    for the session's life."""
+    if db.raw.info.server_version >= 140000:
+        with db.tx():
+            db.execute("SELECT set_config('idle_session_timeout', '0', false)")
 
 
 def acquire_orchestrator_lock(db: Session) -> None:

@@ -66,3 +66,16 @@ class Busy(PhasegateError):
 
     exit_code = EXIT_BUSY
     kind = "busy"
+
+
+class Fenced(RuntimeFailure):
+    """This process lost the orchestrator lock, or another run has begun since it started:
+    it stops and writes nothing more (exit 3)."""
+
+    kind = "fenced"
+
+
+class SessionLost(RuntimeFailure):
+    """The session's server connection is gone; a command never carries on on another."""
+
+    kind = "database"

@@ -16,11 +16,12 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from phasegate.contract import Recorded
 from phasegate.db import LOCK_NAMESPACE, Session
-from phasegate.errors import UsageError
+from phasegate.errors import Fenced, UsageError
 
 SCHEMA = "phasegate"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS phasegate;
@@ -125,7 +126,27 @@ ALTER TABLE phasegate.job_checkpoint
     ADD COLUMN IF NOT EXISTS resweep boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN phasegate.job_checkpoint.resweep IS
     'rollback of backfill: the next walk also fixes rows whose new columns differ from set';
-INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '6')
+-- version 8: one plan is one contract (the jobs as the phase started them), and fencing
+CREATE TABLE IF NOT EXISTS phasegate.job_contract (
+    plan text NOT NULL,
+    job text NOT NULL,
+    position integer NOT NULL,
+    digest text NOT NULL,
+    definition jsonb NOT NULL,
+    columns jsonb,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (plan, job)
+);
+COMMENT ON TABLE phasegate.job_contract IS
+    'each job as the backfill phase started it: every later process must run exactly this';
+COMMENT ON COLUMN phasegate.job_contract.columns IS
+    'table oid and attnum of its old and new columns when checked: a changed one was re-created';
+ALTER TABLE phasegate.plan_state ADD COLUMN IF NOT EXISTS generation bigint;
+ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS generation bigint;
+COMMENT ON COLUMN phasegate.job_checkpoint.generation IS
+    'the run that prepared the walk: its batches stop once another run has begun';
+INSERT INTO phasegate.meta (key, value) VALUES ('generation', '0') ON CONFLICT (key) DO NOTHING;
+INSERT INTO phasegate.meta (key, value) VALUES ('schema_version', '8')
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 """
 
@@ -143,6 +164,7 @@ class PlanState:
     error: str | None = None
     started_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
+    generation: int | None = None  # the run that last began a phase of this plan
 
 
 @dataclass
@@ -165,6 +187,7 @@ class Checkpoint:
     walk_key: str | None = None  # keys.Key.signature of the walk's key
     search_path: str | None = None  # the preparing session's, for every walk session
     resweep: bool = False  # new columns may be stale (rollback of backfill): walk those too
+    generation: int | None = None  # the run that prepared the walk (see `begin_run`)
 
 
 @dataclass
@@ -231,6 +254,167 @@ def check_version(version: int | None) -> None:
         )
 
 
+# -- runs and fencing ---------------------------------------------------------------------
+
+
+def begin_run(db: Session) -> int:
+    """A new generation for the run that has just taken the orchestrator lock.
+
+    Every ledger write of the run checks it (`fence`), and so does every batch of its walks
+    and every claim of a slice (`RUN_IS_CURRENT`): once another run has begun, a process
+    that lost its lock (its session ended: terminated, an idle timeout, a failover) writes
+    nothing more, even if it could connect again.
+    """
+    db.generation = None  # the bump is the run's first write: nothing to check it against
+    with db.tx():
+        value = db.scalar(
+            "UPDATE phasegate.meta SET value = (value::bigint + 1)::text"
+            " WHERE key = 'generation' RETURNING value"
+        )
+    db.generation = int(value)
+    return db.generation
+
+
+def fence(db: Session) -> None:
+    """Refuse a write from a run that is no longer the current one (see `begin_run`).
+
+    FOR SHARE: the next run's bump waits for this write's transaction, and this check
+    waits for the bump's, so a write lands either wholly before the next run began or not
+    at all. Sessions that began no run (status, gate, a `phasegate worker`) pass.
+    """
+    if db.generation is None:
+        return
+    current = db.scalar("SELECT value FROM phasegate.meta WHERE key = 'generation' FOR SHARE")
+    if current != str(db.generation):
+        raise Fenced(
+            f"this phasegate lost the orchestrator lock (run {db.generation}; run {current} has "
+            "begun since): it stops and writes nothing more. `phasegate status` shows where "
+            "the plan is; run the command again if it is still needed",
+            generation=db.generation,
+        )
+
+
+# The walk's own check, in SQL: its run is still the current one, and the job's driver
+# lock (`hold_driver`) is still held, i.e. the orchestrator's session is alive. A batch and
+# a claim run only where it holds, so a worker whose orchestrator lost its lock stops
+# within one batch. Parameters: generation (text), driver (`driver_key`).
+_DRIVER_HELD = sql.SQL(
+    "EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%(driver)s, 0))"
+)
+RUN_IS_CURRENT = sql.SQL(
+    "EXISTS (SELECT FROM phasegate.meta WHERE key = 'generation' AND value = %(generation)s) AND {}"
+).format(_DRIVER_HELD)
+
+
+def run_is_current(db: Session, plan: str, job: str, generation: int | None) -> bool:
+    """Whether the run that prepared the job's walk may still walk it (RUN_IS_CURRENT)."""
+    return bool(
+        db.scalar(sql.SQL("SELECT {}").format(RUN_IS_CURRENT), run_params(plan, job, generation))
+    )
+
+
+def run_params(plan: str, job: str, generation: int | None) -> dict[str, Any]:
+    return {"generation": str(generation), "driver": _driver_key(plan, job)}
+
+
+def walk_fenced(job: str, generation: int | None) -> Fenced:
+    """What a worker says when its run is no longer current (RUN_IS_CURRENT)."""
+    return Fenced(
+        f"job {job!r}: the phasegate that started this walk (run {generation}) lost its lock "
+        "(its session ended) or another run has begun since, so this worker stops; every "
+        "batch it committed is checkpointed. `phasegate status` shows where the plan is",
+        job=job,
+        generation=generation,
+    )
+
+
+# -- the contract: each job as the backfill phase started it ------------------------------
+
+
+def contract(db: Session, plan: str) -> list[Recorded]:
+    """The plan's recorded jobs in plan order (empty: the backfill has not started)."""
+    if not _readable(db):
+        return []
+    rows = db.dicts(
+        "SELECT job, position, digest, definition FROM phasegate.job_contract"
+        " WHERE plan = %(p)s ORDER BY position",
+        {"p": plan},
+    )
+    return [Recorded(**row) for row in rows]
+
+
+def record_contract(db: Session, plan: str, jobs: Iterable[Recorded]) -> None:
+    """Record (or replace) jobs of the contract; their column check starts over."""
+    fence(db)
+    for entry in jobs:
+        db.execute(
+            """
+            INSERT INTO phasegate.job_contract (plan, job, position, digest, definition)
+            VALUES (%(p)s, %(j)s, %(pos)s, %(d)s, %(def)s)
+            ON CONFLICT (plan, job) DO UPDATE SET position = excluded.position,
+                digest = excluded.digest, definition = excluded.definition, columns = NULL,
+                recorded_at = now()
+            """,
+            {
+                "p": plan,
+                "j": entry.job,
+                "pos": entry.position,
+                "d": entry.digest,
+                "def": Jsonb(entry.definition),
+            },
+        )
+
+
+def reposition_contract(db: Session, plan: str, positions: dict[str, int]) -> None:
+    """The recorded jobs' positions as the file has them (a job inserted before them)."""
+    fence(db)
+    for job, position in positions.items():
+        db.execute(
+            "UPDATE phasegate.job_contract SET position = %(n)s WHERE plan = %(p)s AND job = %(j)s",
+            {"n": position, "p": plan, "j": job},
+        )
+
+
+def forget_contract_jobs(db: Session, plan: str, jobs: Iterable[str]) -> None:
+    """Jobs the file no longer has, dropped from the contract on the operator's word."""
+    fence(db)
+    db.execute(
+        "DELETE FROM phasegate.job_contract WHERE plan = %(p)s AND job = ANY(%(j)s)",
+        {"p": plan, "j": list(jobs)},
+    )
+
+
+def clear_contract(db: Session, plan: str) -> None:
+    """Forget the contract (rollback of backfill: the next start records the file's jobs)."""
+    fence(db)
+    db.execute("DELETE FROM phasegate.job_contract WHERE plan = %(p)s", {"p": plan})
+
+
+def contract_columns(db: Session, plan: str) -> dict[str, dict[str, Any]]:
+    """The columns each job's check recorded (see `save_contract_columns`), by job."""
+    if not _readable(db):
+        return {}
+    rows = db.all(
+        "SELECT job, columns FROM phasegate.job_contract"
+        " WHERE plan = %(p)s AND columns IS NOT NULL",
+        {"p": plan},
+    )
+    return {job: columns for job, columns in rows}
+
+
+def save_contract_columns(db: Session, plan: str, job: str, columns: dict[str, Any]) -> None:
+    """The table's oid and the attnum of each old and new column, as they are now: a
+    column dropped and added back (an out-of-band downgrade) comes back empty under a new
+    attnum, which is how phasegate later tells that its values are gone."""
+    fence(db)
+    db.execute(
+        "UPDATE phasegate.job_contract SET columns = %(c)s WHERE plan = %(p)s AND job = %(j)s",
+        {"c": Jsonb(columns), "p": plan, "j": job},
+    )
+
+
 def get_state(db: Session, plan: str) -> PlanState:
     if not _readable(db):
         return PlanState(plan)
@@ -245,19 +429,22 @@ def all_states(db: Session) -> list[PlanState]:
 
 
 def save_state(db: Session, state: PlanState) -> None:
+    fence(db)
     db.execute(
         """
         INSERT INTO phasegate.plan_state AS s
             (plan, phase, state, active_phase, direction, plan_digest, alembic_heads,
-             actor, error, started_at, updated_at)
+             actor, error, started_at, updated_at, generation)
         VALUES (%(plan)s, %(phase)s, %(state)s, %(active_phase)s, %(direction)s,
-                %(plan_digest)s, %(alembic_heads)s, %(actor)s, %(error)s, %(started_at)s, now())
+                %(plan_digest)s, %(alembic_heads)s, %(actor)s, %(error)s, %(started_at)s, now(),
+                %(generation)s)
         ON CONFLICT (plan) DO UPDATE SET
             phase = excluded.phase, state = excluded.state,
             active_phase = excluded.active_phase, direction = excluded.direction,
             plan_digest = excluded.plan_digest, alembic_heads = excluded.alembic_heads,
             actor = excluded.actor, error = excluded.error,
-            started_at = excluded.started_at, updated_at = now()
+            started_at = excluded.started_at, updated_at = now(),
+            generation = excluded.generation
         """,
         {
             "plan": state.plan,
@@ -270,6 +457,7 @@ def save_state(db: Session, state: PlanState) -> None:
             "actor": state.actor,
             "error": state.error,
             "started_at": state.started_at,
+            "generation": db.generation if db.generation is not None else state.generation,
         },
     )
 
@@ -282,6 +470,7 @@ def record_event(
     phase: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    fence(db)
     db.execute(
         """
         INSERT INTO phasegate.event (plan, phase, kind, actor, detail)
@@ -315,16 +504,17 @@ def checkpoints(db: Session, plan: str) -> list[Checkpoint]:
 
 
 def save_checkpoint(db: Session, cp: Checkpoint) -> None:
+    fence(db)
     db.execute(
         """
         INSERT INTO phasegate.job_checkpoint AS c
             (plan, job, status, last_key, upper_key, rows_done, batches, remaining,
              started_at, updated_at, verified_at, walked, total, run_started_at, run_walked,
-             walk_key, search_path, resweep)
+             walk_key, search_path, resweep, generation)
         VALUES (%(plan)s, %(job)s, %(status)s, %(last_key)s, %(upper_key)s, %(rows_done)s,
                 %(batches)s, %(remaining)s, coalesce(%(started_at)s, now()), now(),
                 %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s,
-                %(walk_key)s, %(search_path)s, %(resweep)s)
+                %(walk_key)s, %(search_path)s, %(resweep)s, %(generation)s)
         ON CONFLICT (plan, job) DO UPDATE SET
             status = excluded.status, last_key = excluded.last_key,
             upper_key = excluded.upper_key, rows_done = excluded.rows_done,
@@ -333,7 +523,8 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             verified_at = excluded.verified_at, walked = excluded.walked,
             total = excluded.total, run_started_at = excluded.run_started_at,
             run_walked = excluded.run_walked, walk_key = excluded.walk_key,
-            search_path = excluded.search_path, resweep = excluded.resweep
+            search_path = excluded.search_path, resweep = excluded.resweep,
+            generation = excluded.generation
         """,
         {
             "plan": cp.plan,
@@ -353,6 +544,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             "walk_key": cp.walk_key,
             "search_path": cp.search_path,
             "resweep": cp.resweep,
+            "generation": cp.generation,
         },
     )
 
@@ -361,15 +553,16 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
 # checkpoint commit together in one round trip. These are that statement's ledger CTEs.
 # `SLICE_OWNED` locks the slice's row if it is still this session's: the batch's UPDATE
 # runs only if it found it, so a worker whose slice was taken over (the job was re-cut or
-# cleared meanwhile) writes nothing. `checkpoint_ctes` then writes the slice's progress and
+# cleared meanwhile), or whose run is no longer current (`RUN_IS_CURRENT`: the orchestrator
+# lost its lock), writes nothing. `checkpoint_ctes` then writes the slice's progress and
 # the job's totals from the batch's outcome, the CTE `phasegate_batch` (reached, scanned,
-# updated, done). Parameters: plan, job, slice.
+# updated, done). Parameters: `checkpoint_params`.
 SLICE_OWNED = sql.SQL(
     "phasegate_owned AS ("
     " SELECT FROM phasegate.job_slice"
     " WHERE plan = %(plan)s AND job = %(job)s AND slice = %(slice)s"
-    " AND owner_pid = pg_backend_pid() FOR UPDATE)"
-)
+    " AND owner_pid = pg_backend_pid() AND {} FOR UPDATE)"
+).format(RUN_IS_CURRENT)
 
 
 def checkpoint_ctes(last_key: sql.Composable) -> sql.Composable:
@@ -396,13 +589,20 @@ def checkpoint_ctes(last_key: sql.Composable) -> sql.Composable:
     ).format(last=last_key)
 
 
-def checkpoint_params(piece: Slice) -> dict[str, Any]:
-    """The parameters of `SLICE_OWNED` and `checkpoint_ctes` for one slice."""
-    return {"plan": piece.plan, "job": piece.job, "slice": piece.slice}
+def checkpoint_params(piece: Slice, generation: int | None) -> dict[str, Any]:
+    """The parameters of `SLICE_OWNED` and `checkpoint_ctes` for one slice of a walk that
+    run `generation` prepared."""
+    return {
+        "plan": piece.plan,
+        "job": piece.job,
+        "slice": piece.slice,
+        **run_params(piece.plan, piece.job, generation),
+    }
 
 
 def replace_slices(db: Session, plan: str, job: str, bounds: list[tuple[str | None, str]]) -> None:
     """Cut a job into key ranges (lower exclusive, upper inclusive), forgetting old ones."""
+    fence(db)
     db.execute(
         "DELETE FROM phasegate.job_slice WHERE plan = %(p)s AND job = %(j)s", {"p": plan, "j": job}
     )
@@ -422,14 +622,19 @@ def slices(db: Session, plan: str, job: str) -> list[Slice]:
     return [Slice(**r) for r in rows]
 
 
-def claim_slice(db: Session, plan: str, job: str, owner: str) -> Slice | None:
+def claim_slice(
+    db: Session, plan: str, job: str, owner: str, generation: int | None
+) -> Slice | None:
     """Take the next unfinished slice nobody holds; SKIP LOCKED keeps claims apart.
 
     Holding a slice means holding a session advisory lock on it: the lock dies with the
     session, so a crashed worker's slice is free again at once, and it needs no privilege
-    to see (other roles' pg_stat_activity rows hide their backend_start).
+    to see (other roles' pg_stat_activity rows hide their backend_start). Only for the
+    current run (`RUN_IS_CURRENT`): raises `Fenced` once it is not.
     """
     with db.tx():
+        if not run_is_current(db, plan, job, generation):
+            raise walk_fenced(job, generation)
         # One row at a time: locking every candidate at once left a worker that claimed
         # at the same moment as another with nothing (all rows locked) but a pause.
         tried: list[int] = []
@@ -517,16 +722,7 @@ def driven(db: Session, plan: str, job: str) -> bool:
     ask, as pg_locks is public. A bigint advisory key shows as classid (high 32 bits)
     and objid (low 32 bits) with objsubid 1."""
     return bool(
-        db.scalar(
-            """
-            SELECT EXISTS (
-                SELECT FROM pg_locks
-                WHERE locktype = 'advisory' AND granted AND objsubid = 1
-                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%(k)s, 0))
-            """,
-            {"k": _driver_key(plan, job)},
-        )
+        db.scalar(sql.SQL("SELECT {}").format(_DRIVER_HELD), {"driver": _driver_key(plan, job)})
     )
 
 
@@ -553,6 +749,7 @@ def unfinished_slices(db: Session, plan: str, job: str) -> int:
 
 
 def delete_checkpoint(db: Session, plan: str, job: str) -> None:
+    fence(db)
     for table in ("job_slice", "job_checkpoint"):
         db.execute(
             sql.SQL("DELETE FROM phasegate.{} WHERE plan = %(p)s AND job = %(j)s").format(
@@ -571,6 +768,7 @@ def clear_checkpoints(db: Session, plan: str, resweep: Iterable[str] = ()) -> in
     installs all the triggers before its first job, so a trigger may have filled the new
     columns of a job whose walk never started (a failed `sql` job before it, a Ctrl-C).
     """
+    fence(db)
     db.execute("DELETE FROM phasegate.job_slice WHERE plan = %(p)s", {"p": plan})
     cursor = db.execute("DELETE FROM phasegate.job_checkpoint WHERE plan = %(p)s", {"p": plan})
     for job in resweep:

@@ -20,7 +20,7 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
-from phasegate import backfill, failpoints, gates, keys, ledger, plan_lint, sources, sync
+from phasegate import backfill, contract, failpoints, gates, keys, ledger, plan_lint, sources, sync
 from phasegate.config import ProjectConfig
 from phasegate.db import Session, orchestrator_running, quote_table
 from phasegate.durations import format_duration
@@ -44,6 +44,7 @@ class Options:
     wait: float = 0.0  # seconds a refused gate is polled before it counts as refused
     allow_unsafe: str | None = None  # run despite lint errors; the reason is logged
     config: ProjectConfig = field(default_factory=ProjectConfig)
+    restart_jobs: tuple[str, ...] = ()  # re-walk these jobs from their first key (new contract)
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Orchestrator:
             "actor": state.actor,
             "updated_at": _iso(state.updated_at),
             "plan_changed": bool(state.plan_digest) and state.plan_digest != self.plan.digest,
+            "contract_changes": [d.describe(self.plan.source) for d in self._contract_changes()],
             "outdated_triggers": self._outdated_triggers(),
             "heads": list(heads),
             "drift": bool(drift),
@@ -351,6 +353,8 @@ class Orchestrator:
         return Step(phase, "advance", "refused", message)
 
     def _run_phase(self, phase: str, state: ledger.PlanState, heads: tuple[str, ...]) -> Step:
+        if phase == "backfill":  # before the gate: a refusal touches nothing
+            self._hold_to_contract("backfill", restartable=True)
         decision = self._decide(self.plan.phase(phase).compatible, f"for entering {phase}")
         self._record_gate(phase, "advance", decision)
         self.notify(decision.message())
@@ -363,6 +367,8 @@ class Orchestrator:
             backfill.check_columns(self.db, self.plan)  # a plan error touches nothing
         self._begin(phase, "advance", state)
         try:
+            if phase == "backfill":
+                self._sign_contract()
             jobs = self._execute(phase)
         except BaseException as exc:  # a second Ctrl-C too: the ledger must not say running
             self._fail(phase, "advance", exc)
@@ -471,6 +477,8 @@ class Orchestrator:
         return Outcome(self.plan.name, steps, self.status())
 
     def _undo_phase(self, phase: str, state: ledger.PlanState, heads: tuple[str, ...]) -> Step:
+        if phase == "contract":  # it re-installs the triggers and refills with the jobs
+            self._hold_to_contract("the rollback of contract", restartable=False)
         back_to = self.plan.previous_phase(phase)
         label = f"for rolling back {phase} (back to {back_to or 'before the plan'})"
         decision = self._decide(self.plan.compatible_after(back_to), label)
@@ -492,12 +500,15 @@ class Orchestrator:
 
     def _revert(self, phase: str, heads: tuple[str, ...]) -> list[dict[str, Any]]:
         if phase == "backfill":
-            synced = [job.name for job in self._sync_jobs()]
+            # every batched job: its new columns keep what it wrote, and the next start may
+            # bring other expressions (or old code may change the old columns meanwhile)
+            walked = [job.name for job in self.plan.jobs() if job.is_batched]
 
             def drop_triggers() -> int:
                 with self.db.tx():
                     sync.drop_all(self.db, self.plan.name, self._sync_jobs())
-                    return ledger.clear_checkpoints(self.db, self.plan.name, resweep=synced)
+                    ledger.clear_contract(self.db, self.plan.name)
+                    return ledger.clear_checkpoints(self.db, self.plan.name, resweep=walked)
 
             cleared = self.db.retrying("dropping the sync triggers", drop_triggers)
             self.notify(
@@ -588,6 +599,108 @@ class Orchestrator:
             )
         return None
 
+    # -- the contract ----------------------------------------------------------------------
+
+    def _contract_changes(self) -> list[contract.Difference]:
+        with self.db.tx():
+            recorded = ledger.contract(self.db, self.plan.name)
+        return contract.differences(self.plan, recorded) if recorded else []
+
+    def _hold_to_contract(self, what: str, restartable: bool) -> None:
+        """The jobs as the backfill phase started them bind every later run of it: a file
+        that differs is refused (exit 2) before anything is touched, except for jobs the
+        operator restarts explicitly (`--restart-job`), which walk again from their first
+        key with the new expressions."""
+        restarted = set(self.options.restart_jobs) if restartable else set()
+        changes = [d for d in self._contract_changes() if d.job not in restarted]
+        if not changes:
+            return
+        listed = "; ".join(d.describe(self.plan.source) for d in changes)
+        names = sorted({d.job for d in changes})  # a job the file lost: restarting forgets it
+        ways = (
+            f"roll the backfill back (`phasegate rollback {self.plan.source}`) and start it over "
+            "with the file as it is, or re-walk the changed job(s) from their first key with "
+            "the new expressions: " + " ".join(f"--restart-job {name}" for name in names)
+            if restartable
+            else f"restore {self.plan.source} to the jobs the backfill started with (git has "
+            "them), or roll back to expand and run the backfill again with the file as it is"
+        )
+        raise UsageError(
+            f"{what} refused: the plan's jobs are not the ones the backfill phase started "
+            f"with, and running them would leave some rows with the old result and some with "
+            f"the new: {listed}. Nothing was changed. The honest ways out: {ways}",
+            changes=[d.describe(self.plan.source) for d in changes],
+        )
+
+    def _check_restarts(self, state: ledger.PlanState) -> None:
+        """`--restart-job` names jobs of the file, and only while the backfill is the phase
+        that runs next."""
+        if not self.options.restart_jobs:
+            return
+        with self.db.tx():
+            recorded = {entry.job for entry in ledger.contract(self.db, self.plan.name)}
+        names = {job.name for job in self.plan.jobs()} | recorded
+        unknown = [n for n in self.options.restart_jobs if n not in names]
+        if unknown:
+            raise UsageError(
+                f"--restart-job {unknown[0]}: plan {self.plan.name!r} has no such job (its jobs: "
+                f"{', '.join(sorted(names)) or 'none'})"
+            )
+        if self._next_phase(state) != "backfill":
+            raise UsageError(
+                "--restart-job re-walks a job when the backfill phase runs, and it is not the "
+                f"next phase of {self.plan.name!r} (next: {self._next_phase(state) or 'none'}); "
+                "roll back to expand to run the backfill again"
+            )
+
+    def _sign_contract(self) -> None:
+        """Record the file's jobs as the contract when the phase starts (or the jobs the
+        operator restarts), and set each restarted job's walk back to its first key: it
+        rewrites every row whose new columns differ from what the new `set` gives (the
+        resweep), so no row keeps the old result."""
+        with self.db.tx():
+            recorded = ledger.contract(self.db, self.plan.name)
+            now = contract.entries(self.plan)
+            if not recorded:
+                ledger.record_contract(self.db, self.plan.name, now)
+                return
+            restarted = [e for e in now if e.job in self.options.restart_jobs]
+            gone = [e.job for e in recorded if e.job not in {n.job for n in now}]
+            forgotten = [job for job in gone if job in self.options.restart_jobs]
+            ledger.record_contract(self.db, self.plan.name, restarted)
+            ledger.forget_contract_jobs(self.db, self.plan.name, forgotten)
+            ledger.reposition_contract(self.db, self.plan.name, {e.job: e.position for e in now})
+            for job in forgotten:  # its trigger goes with the install; what it wrote stays
+                ledger.delete_checkpoint(self.db, self.plan.name, job)
+                ledger.record_event(
+                    self.db,
+                    self.plan.name,
+                    "job.forgotten",
+                    self.options.actor,
+                    "backfill",
+                    {"job": job},
+                )
+            for entry in restarted:
+                ledger.delete_checkpoint(self.db, self.plan.name, entry.job)
+                ledger.save_checkpoint(
+                    self.db, ledger.Checkpoint(self.plan.name, entry.job, resweep=True)
+                )
+                ledger.record_event(
+                    self.db,
+                    self.plan.name,
+                    "job.restarted",
+                    self.options.actor,
+                    "backfill",
+                    {"job": entry.job, "definition": entry.definition},
+                )
+        for entry in restarted:
+            self.notify(
+                f"job {entry.job!r}: restarted with the file's expressions; it walks again "
+                "from its first key and rewrites every row the old ones wrote"
+            )
+        for job in forgotten:
+            self.notify(f"job {job!r}: no longer in the file, forgotten; what it wrote stays")
+
     # -- shared steps -----------------------------------------------------------------------
 
     def _prepare(self, rolling_back: bool = False) -> tuple[ledger.PlanState, tuple[str, ...]]:
@@ -601,9 +714,11 @@ class Orchestrator:
             with self.db.tx():
                 self._refuse_an_empty_database(ledger.get_state(self.db, self.plan.name))
         ledger.ensure_schema(self.db)
+        ledger.begin_run(self.db)
         with self.db.tx():
             state = ledger.get_state(self.db, self.plan.name)
         self._check_recorded_phases(state)
+        self._check_restarts(state)
         drift = self.drift(state, heads) + self.schema_drift(state, triggers=not rolling_back)
         if drift:
             raise Refused(

@@ -133,6 +133,11 @@ class Job(_Strict):
     def _columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return None if value is None else _check_columns(value)
 
+    @field_validator("where")
+    @classmethod
+    def _where(cls, value: str | None) -> str | None:
+        return None if value is None else ends_its_comment(value)
+
     @field_validator("key")
     @classmethod
     def _key(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -527,4 +532,13 @@ def _check_columns(columns: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"{column!r} is not a plain column name")
         if not isinstance(expression, str) or not expression.strip():
             raise ValueError(f"column {column!r} needs a SQL expression written against `new`")
-    return columns
+    return {column: ends_its_comment(expression) for column, expression in columns.items()}
+
+
+def ends_its_comment(expression: str) -> str:
+    """An expression whose last line may end in a `--` comment, closed by a newline: every
+    statement phasegate builds embeds it in parentheses, and the comment would otherwise
+    swallow the closing parenthesis and whatever follows on that line."""
+    if "--" in expression and not expression.endswith("\n"):
+        return expression + "\n"
+    return expression

@@ -85,6 +85,19 @@ def unsafe_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def restart_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--restart-job",
+        "restart_jobs",
+        multiple=True,
+        metavar="JOB",
+        help="Re-walk JOB from its first key with the plan file's expressions (repeatable). "
+        "The jobs as the backfill phase started them bind every later run of it; after "
+        "editing one, this (or a rollback of backfill) is how to run the new version: "
+        "every row the old one wrote is rewritten.",
+    )(fn)
+
+
 def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """A PostgreSQL duration, checked before anything connects."""
     if value is None:
@@ -203,6 +216,7 @@ class GatedArgs:
     wait: float
     allow_unsafe: str | None = None
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
+    restart_jobs: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -223,6 +237,7 @@ def orchestrating(
         wait=args.wait,
         config=ctx.settings(),
         allow_unsafe=args.allow_unsafe,
+        restart_jobs=args.restart_jobs,
     )
     progress = BarProgress() if sys.stderr.isatty() and not ctx.as_json else LogProgress(sys.stderr)
     with (
@@ -273,6 +288,7 @@ def _finish(ctx: Context, outcome: Outcome) -> int:
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(PHASES), help="Stop after this phase.")
 @unsafe_option
+@restart_option
 @gated_options
 @backfill_options
 @click.pass_obj
@@ -308,6 +324,7 @@ def _phase_command(phase: str, summary: str) -> None:
 
     if phase == "backfill":
         backfill_options(command)
+        restart_option(command)
 
 
 _phase_command("expand", "Apply the expand revisions: additive schema only.")

@@ -1,0 +1,336 @@
+"""Integrity: one plan is one contract, and a process that lost its lock never writes again.
+
+Each test builds the engine tests' table `t` (`doubled = val * 2` up, `val = doubled / 2`
+down) or the seeded bug tracker, runs the real CLI (in-process or as a subprocess), and
+checks rows, the ledger and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from phasegate.db import libpq_url
+
+from .conftest import Phasegate
+from .test_backfill_engine import (
+    ROWS,
+    assert_all_agree,
+    cli,
+    engine_plan_text,
+    execute,
+    fetch,
+    make_plan,
+    seeded_table,
+    wait_for_batches,
+)
+
+pytestmark = pytest.mark.db
+
+SLOW = ("--batch-size", "20", "--pause", "0.05")
+TRIPLED = engine_plan_text(set_="doubled: new.val * 3")
+UNSYNCED = engine_plan_text().split("        sync:")[0]
+
+
+def sync_function_comment(url: str) -> str:
+    [(comment,)] = fetch(
+        url,
+        "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p"
+        " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'phasegate'"
+        " AND p.proname LIKE 'sync%'",
+    )
+    return comment
+
+
+# -- 1. a worker started from another version of the plan --------------------------------------
+
+
+def test_a_worker_whose_plan_differs_refuses_at_once_and_writes_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A helper from a checkout whose `set` was edited must not write its expression into
+    the slices it claims: it exits 2 at once, naming the job and the key; the walk the
+    orchestrator runs ends with every row right."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(TRIPLED)
+    owner = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "6", *SLOW
+    )
+    wait_for_batches(database_url, 3)
+    helper = cli(database_url, "worker", str(edited), "--wait", "30", *SLOW)
+    _out, helper_err = helper.communicate(timeout=60)
+    assert helper.returncode == 2, helper_err
+    assert "job 'fill': `set.doubled` was `new.val * 2`" in helper_err
+    assert "the file now says `new.val * 3`" in helper_err
+    assert f"{edited}:11: job" in helper_err  # the line of `doubled:` in the helper's file
+    assert not fetch(database_url, "SELECT k FROM t WHERE doubled = val * 3 LIMIT 1")
+    _out, owner_err = owner.communicate(timeout=120)
+    assert owner.returncode == 0, owner_err
+    assert_all_agree(database_url, ROWS)
+
+
+def test_a_worker_with_the_same_plan_reformatted_joins(database_url: str, tmp_path: Path) -> None:
+    """Whitespace and comments are not a change: the expressions are compared as
+    PostgreSQL's parser reads them."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    same = tmp_path / "same.yaml"
+    same.write_text(engine_plan_text(set_="doubled: new.val   *   2  -- the same"))
+    owner = cli(
+        database_url, "backfill", plan, "--live-version", "1", "--yes", "--slices", "6", *SLOW
+    )
+    wait_for_batches(database_url, 3)
+    helper = cli(database_url, "worker", str(same), "--wait", "30", *SLOW)
+    _out, helper_err = helper.communicate(timeout=120)
+    assert helper.returncode == 0, helper_err
+    assert "helped" in _out and "0 rows walked" not in _out
+    _out, owner_err = owner.communicate(timeout=120)
+    assert owner.returncode == 0, owner_err
+    assert_all_agree(database_url, ROWS)
+
+
+# -- 2. a resume with an edited plan -------------------------------------------------------------
+
+
+def stopped_backfill(url: str, plan: str) -> int:
+    """A backfill stopped with SIGTERM part way; returns the rows it had written."""
+    owner = cli(url, "backfill", plan, "--live-version", "1", "--yes", *SLOW)
+    wait_for_batches(url, 5)
+    owner.send_signal(signal.SIGTERM)
+    _out, err = owner.communicate(timeout=60)
+    assert owner.returncode == 3, err
+    [(written,)] = fetch(url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL")
+    assert 0 < written < ROWS
+    return written
+
+
+def test_a_resume_with_an_edited_plan_refuses_and_changes_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    written = stopped_backfill(database_url, plan)
+    comment = sync_function_comment(database_url)
+    [(digest,)] = fetch(database_url, "SELECT plan_digest FROM phasegate.plan_state")
+    Path(plan).write_text(TRIPLED)
+
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    assert "`set.doubled` was `new.val * 2`" in result.stderr
+    assert f"phasegate rollback {plan}" in result.stderr  # the two honest ways out
+    assert "--restart-job fill" in result.stderr
+    # nothing touched: the trigger, the recorded digest, the rows
+    assert sync_function_comment(database_url) == comment
+    assert fetch(database_url, "SELECT plan_digest FROM phasegate.plan_state") == [(digest,)]
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled IS NOT NULL") == [(written,)]
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 3") == [(0,)]
+    status = json.loads(Phasegate(database_url)("status", plan, json_output=True).stdout)
+    assert any("set.doubled" in change for change in status["contract_changes"])
+
+
+def test_restart_job_rewrites_every_row_with_the_new_expression(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`--restart-job` walks the job again from its first key: the rows the old `set`
+    wrote are rewritten too (never a mix), and the trigger runs the new one."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    stopped_backfill(database_url, plan)
+    Path(plan).write_text(
+        engine_plan_text(set_="doubled: new.val * 3", down="val: new.doubled / 3")
+    )
+    phasegate = Phasegate(database_url)
+    result = phasegate("backfill", plan, "--live-version", "1", "--yes", "--restart-job", "fill")
+    assert result.exit_code == 0, result.output
+    assert "job 'fill': restarted" in result.stderr
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 3") == [(ROWS,)]
+    execute(database_url, "INSERT INTO t (k, val) VALUES (100000, 7)")  # old code, via the trigger
+    assert fetch(database_url, "SELECT doubled FROM t WHERE k = 100000") == [(21,)]
+    kinds = fetch(database_url, "SELECT kind FROM phasegate.event WHERE kind = 'job.restarted'")
+    assert kinds == [("job.restarted",)]
+    # the new contract binds from now on: the old file is the one refused now
+    Path(plan).write_text(engine_plan_text())
+    assert phasegate("status", plan).exit_code == 0
+    assert json.loads(phasegate("status", plan, json_output=True).stdout)["contract_changes"]
+
+
+def test_restart_job_names_a_job_of_the_plan_and_needs_the_backfill_next(
+    database_url: str, tmp_path: Path
+) -> None:
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    phasegate = Phasegate(database_url)
+    result = phasegate("backfill", plan, "--live-version", "1", "--yes", "--restart-job", "nope")
+    assert result.exit_code == 2 and "has no such job" in result.stderr, result.output
+    assert phasegate("backfill", plan, "--live-version", "1", "--yes").exit_code == 0
+    result = phasegate("advance", plan, "--live-version", "1", "--yes", "--restart-job", "fill")
+    assert result.exit_code == 2 and "roll back to expand" in result.stderr, result.output
+
+
+def test_a_rollback_of_backfill_then_an_edited_plan_leaves_no_row_with_the_old_result(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The other way out: roll the backfill back and start over with the file as it is.
+    The new walk rewrites what the old expression wrote, not only the empty rows."""
+    seeded_table(database_url)
+    plan = tmp_path / "copy.yaml"  # a copy with no sync: no trigger keeps it, yet no mix
+    plan.write_text(UNSYNCED)
+    stopped_backfill(database_url, str(plan))
+    phasegate = Phasegate(database_url)
+    assert phasegate("rollback", str(plan), "--live-version", "1", "--yes").exit_code == 0
+    plan.write_text(UNSYNCED.replace("new.val * 2", "new.val * 3"))
+    result = phasegate("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 3") == [(ROWS,)]
+
+
+def own_connection(url: str) -> psycopg.Connection:
+    return psycopg.connect(libpq_url(url), autocommit=True)
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_an_expression_may_end_in_a_sql_comment(database_url: str, tmp_path: Path) -> None:
+    """A `--` comment at the end of an expression must not swallow what phasegate writes
+    after it (the closing parenthesis, the rest of the batch or trigger statement)."""
+    seeded_table(database_url)
+    plan = tmp_path / "commented.yaml"
+    plan.write_text(
+        engine_plan_text(
+            set_="doubled: new.val * 2  -- twice",
+            where="new.doubled IS NULL  -- not yet",
+            down="val: new.doubled / 2  -- half",
+        )
+    )
+    result = Phasegate(database_url)("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+    execute(database_url, "INSERT INTO t (k, val) VALUES (100000, 7)")  # through the trigger
+    assert fetch(database_url, "SELECT doubled FROM t WHERE k = 100000") == [(14,)]
+
+
+# -- 5. fencing: a process that lost its lock ----------------------------------------------------
+
+
+def orchestrator_pid(url: str, application_name: str) -> int:
+    rows: list[tuple[int]] = []
+
+    def found() -> bool:
+        rows[:] = fetch(
+            url,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            f" AND application_name = '{application_name}'",
+        )
+        return bool(rows)
+
+    wait_until(found, what=f"a session named {application_name!r}")
+    return rows[0][0]
+
+
+def batches(url: str) -> int:
+    [(count,)] = fetch(url, "SELECT coalesce(sum(batches), 0) FROM phasegate.job_slice")
+    return int(count)
+
+
+def test_workers_stop_within_a_batch_once_their_orchestrator_lost_its_session(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The orchestrator's session is terminated while two workers walk: they stop within
+    one batch each; a second phasegate (a rollback) then runs, and the first process never
+    writes again: no `advance.failed` after `rollback.completed`."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    walk = ("--workers", "2", "--batch-size", "20", "--pause", "0.1")
+    owner = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *walk)
+    wait_for_batches(database_url, 6)
+    pid = orchestrator_pid(database_url, "phasegate backfill engine.yaml")
+    execute(database_url, f"SELECT pg_terminate_backend({pid})")
+    then = batches(database_url)
+    time.sleep(2.0)  # twenty pauses: a worker that went on would have walked many batches
+    assert batches(database_url) <= then + 2  # at most the batch each worker had in flight
+
+    result = Phasegate(database_url)("rollback", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    _out, err = owner.communicate(timeout=60)
+    assert owner.returncode == 3, err
+    kinds = [k for (k,) in fetch(database_url, "SELECT kind FROM phasegate.event ORDER BY id")]
+    assert kinds[-1] == "rollback.completed", kinds
+    [state] = fetch(database_url, "SELECT state, phase, active_phase FROM phasegate.plan_state")
+    assert state == ("pending", None, None)
+
+
+def test_a_run_that_is_no_longer_current_writes_nothing(database_url: str, tmp_path: Path) -> None:
+    """Fencing in the ledger: once another run has begun, a session of the older one (had
+    it survived, or reconnected) may write no ledger row."""
+    from phasegate import db, ledger
+    from phasegate.errors import Fenced
+
+    seeded_table(database_url)
+    url = db.normalize_url(database_url)
+    with db.session(url, "test older run") as older, db.session(url, "test newer run") as newer:
+        ledger.ensure_schema(older)
+        first = ledger.begin_run(older)
+        second = ledger.begin_run(newer)
+        assert second == first + 1
+        with pytest.raises(Fenced, match=f"run {first}"), older.tx():
+            ledger.record_event(older, "engine-test", "advance.failed", "test")
+        with newer.tx():
+            ledger.record_event(newer, "engine-test", "rollback.completed", "test")
+    assert fetch(database_url, "SELECT kind FROM phasegate.event") == [("rollback.completed",)]
+
+
+# -- 13. idle_session_timeout ---------------------------------------------------------------------
+
+
+def test_a_backfill_outlives_a_short_idle_session_timeout(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Managed PostgreSQL often ends sessions idle for under 30 s; the orchestrator's own
+    session idles while its workers walk. Its session must survive the whole walk."""
+    seeded_table(database_url)
+    [(name,)] = fetch(database_url, "SELECT current_database()")
+    execute(database_url, f"ALTER DATABASE {name} SET idle_session_timeout = '1s'")
+    plan = make_plan(tmp_path)
+    walk = ("--workers", "2", "--batch-size", "20", "--pause", "0.05")
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes", *walk)
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+
+
+def test_lock_retries_outlive_a_short_idle_session_timeout(phasegate, seeded_url: str) -> None:
+    """Between lock retries the orchestrator's session idles for up to seconds: a short
+    idle_session_timeout must not end the run."""
+    from .conftest import PLAN
+
+    [(name,)] = fetch(seeded_url, "SELECT current_database()")
+    result = phasegate("advance", str(PLAN), "--to", "backfill", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    execute(seeded_url, f"ALTER DATABASE {name} SET idle_session_timeout = '1s'")
+    blocker = own_connection(seeded_url)
+    blocker.execute("BEGIN")
+    blocker.execute("LOCK TABLE bug IN ACCESS SHARE MODE")
+    release = threading.Timer(5.0, blocker.close)
+    release.start()
+    try:
+        result = phasegate(
+            "switch", str(PLAN), "--live-version", "1", "--lock-timeout", "200ms", "--yes"
+        )
+    finally:
+        release.join()
+    assert result.exit_code == 0, result.output
+    assert "lock timeout (200ms)" in result.stderr  # it did wait, and retry, in between
