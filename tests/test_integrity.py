@@ -334,3 +334,44 @@ def test_lock_retries_outlive_a_short_idle_session_timeout(phasegate, seeded_url
         release.join()
     assert result.exit_code == 0, result.output
     assert "lock timeout (200ms)" in result.stderr  # it did wait, and retry, in between
+
+
+# -- 17. rows whose key moves behind the walk -----------------------------------------------------
+
+
+def test_rows_whose_key_moves_behind_the_walk_are_walked_again(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The app changes keys while the walk runs, moving rows from ahead of the walk to
+    behind it: the walk never reaches them and the trigger does not fill them (only the
+    key changed). The job says so and walks them; it does not blame `set`."""
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    owner = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *SLOW)
+    wait_for_batches(database_url, 3)
+    with own_connection(database_url) as app:  # rows far ahead of the walk, moved below it
+        app.execute(f"UPDATE t SET k = -k WHERE k > {ROWS - 50}")
+    _out, err = owner.communicate(timeout=120)
+    assert owner.returncode == 0, err
+    assert "50 row(s) had moved behind the walk" in err
+    assert "return NULL" not in err
+    assert_all_agree(database_url, ROWS)
+    assert fetch(database_url, "SELECT count(*) FROM t WHERE k < 0") == [(50,)]
+
+
+def test_rows_set_leaves_matching_still_fail_verification_after_one_catch_up(
+    database_url: str, tmp_path: Path
+) -> None:
+    """When a walk over the whole range again changes nothing, what is left is `set`'s
+    doing: verification fails, saying so."""
+    seeded_table(database_url)
+    plan = tmp_path / "nulls.yaml"
+    plan.write_text(
+        engine_plan_text(set_="doubled: CASE WHEN new.val % 100 = 0 THEN NULL ELSE new.val * 2 END")
+    )
+    result = Phasegate(database_url)("backfill", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 3, result.output
+    assert "20 row(s) of t still match `where`" in result.stderr
+    assert "`set` leaves them matching" in result.stderr
+    assert "walking the range again" in result.stderr  # once, then it stops
+    assert result.stderr.count("walking the range again") == 1

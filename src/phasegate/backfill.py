@@ -422,6 +422,9 @@ def _driving(db: Session, plan: str, job: str) -> Iterator[None]:
             ledger.release_driver(db, plan, job)
 
 
+CATCH_UP_WALKS = 3  # walks after the first one for rows whose key moved behind it
+
+
 def _run_driven(
     db: Session,
     plan: str,
@@ -430,12 +433,75 @@ def _run_driven(
     progress: Progress,
     notify: Notify,
 ) -> JobResult:
+    """Walk, then count what still matches; walk again while that finds rows to do.
+
+    A row whose key the app changes while the walk runs (from ahead of the walk to behind
+    it, or past its upper bound) is never reached, and the sync trigger does not fill it
+    either: only its key changed. Such rows show as rows still matching `where` after the
+    walk; a catch-up walk over the whole range takes them. When one finds nothing more to
+    do, what is left is what `set` leaves matching, and verification fails on it.
+    """
     key = keys.resolve(db, work.table, work.key)
     hint = keys.index_hint(db, work.table, key) if work.key else None
     if hint:
         notify(f"job {work.checkpoint}: warning: {hint}")
+    walks: list[_Walk] = []
+    seconds, moved, before = 0.0, 0, 0
+    for attempt in range(1 + CATCH_UP_WALKS):
+        walk, took = _walk_once(db, plan, work, key, settings, progress, notify, attempt > 0)
+        walks.append(walk)
+        seconds += took
+        with _row_security_refusal(work.table):
+            remaining = count_remaining(db, work.table, work.unfinished)
+        if attempt:
+            moved += max(before - remaining, 0)
+            if remaining >= before:  # the catch-up found nothing: `set` leaves these
+                break
+        if not remaining or attempt == CATCH_UP_WALKS:
+            break
+        notify(
+            f"job {work.checkpoint}: {remaining:,} row(s) still match `where` after the walk; "
+            "walking the range again for rows whose key changed while it ran (moved behind "
+            "it, out of its reach)"
+        )
+        before = remaining
+    if moved:
+        notify(
+            f"job {work.checkpoint}: {moved:,} row(s) had moved behind the walk (their key "
+            "changed while it ran) and were walked again"
+        )
+    totals = verify(db, plan, work, remaining=remaining, moved=moved)
+    result = JobResult(
+        work.checkpoint,
+        "update",
+        "done",
+        sum(w.rows for w in walks),
+        sum(w.batches for w in walks),
+        seconds,
+        sum(w.walked for w in walks),
+        settings.workers,
+        _Walk.percentiles_of(walks),
+        totals.rows_done,
+        totals.batches,
+    )
+    progress.job_finished(result)
+    return result
+
+
+def _walk_once(
+    db: Session,
+    plan: str,
+    work: BatchedWork,
+    key: Key,
+    settings: BackfillSettings,
+    progress: Progress,
+    notify: Notify,
+    again: bool,
+) -> tuple[_Walk, float]:
+    """One walk of the job's range (`again`: a catch-up walk over a new range), to its
+    end or a stop; returns it and how long it took."""
     with _row_security_refusal(work.table):
-        cp = _prepare(db, plan, work, key, settings, notify)
+        cp = _prepare(db, plan, work, key, settings, notify, again)
         progress.job_started(work.checkpoint, cp.total, cp.walked)
         walk = _Walk(
             plan, work, key, settings, _Locked(progress), notify, cp.search_path, cp.generation
@@ -455,22 +521,7 @@ def _run_driven(
                 f"({left} slice(s) left). Resume with the same command",
                 job=work.checkpoint,
             )
-    totals = verify(db, plan, work)
-    result = JobResult(
-        work.checkpoint,
-        "update",
-        "done",
-        walk.rows,
-        walk.batches,
-        seconds,
-        walk.walked,
-        settings.workers,
-        walk.percentiles(),
-        totals.rows_done,
-        totals.batches,
-    )
-    progress.job_finished(result)
-    return result
+    return walk, seconds
 
 
 def assist(
@@ -638,8 +689,10 @@ def _prepare(
     key: Key,
     settings: BackfillSettings,
     notify: Notify,
+    again: bool = False,
 ) -> ledger.Checkpoint:
-    """Fix the bound and cut the slices for a new walk; on a resume, keep both.
+    """Fix the bound and cut the slices for a new walk; on a resume, keep both. `again`:
+    a catch-up walk of the same run (a new bound and slices, the job's totals kept).
 
     The checkpoint is read here, locked: workers of other processes may have added to its
     counters since the caller first looked at it, and the row is written back whole.
@@ -649,7 +702,8 @@ def _prepare(
         whole_table(db)
         cp = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
         existing = ledger.slices(db, plan, work.checkpoint)
-        fresh = cp.status in ("pending", "failed") or cp.upper_key is None or not existing
+        fresh = again or cp.status in ("pending", "failed") or cp.upper_key is None
+        fresh = fresh or not existing
         if not fresh and cp.walk_key not in (None, key.signature):
             notify(
                 f"job {work.checkpoint}: its key changed since its walk started "
@@ -666,8 +720,12 @@ def _prepare(
             ).fetchone()
             upper = tuple(row[0]) if row else None
             cp.upper_key, cp.last_key = keys.encode(upper), None
-            cp.rows_done = cp.batches = cp.walked = 0
-            cp.total = _estimate(db, work.table)
+            estimate = _estimate(db, work.table)
+            if again:  # the job's totals go on; the estimate grows by this walk
+                cp.total = None if estimate is None else cp.walked + estimate
+            else:
+                cp.rows_done = cp.batches = cp.walked = 0
+                cp.total = estimate
             bounds = _slice_bounds(db, work.table, key, upper, settings.slice_count())
             ledger.replace_slices(db, plan, work.checkpoint, bounds)
             cp.remaining = cp.verified_at = None
@@ -825,9 +883,14 @@ class _Walk:
             self._fail(exc)
 
     def percentiles(self) -> dict[str, float]:
-        if not self.durations:
+        return _Walk.percentiles_of([self])
+
+    @staticmethod
+    def percentiles_of(walks: list[_Walk]) -> dict[str, float]:
+        """Batch durations of one or more walks of a job: p50, p99 and max in ms."""
+        ordered = sorted(d for walk in walks for d in walk.durations)
+        if not ordered:
             return {}
-        ordered = sorted(self.durations)
 
         def pick(q: float) -> float:
             return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
@@ -1023,16 +1086,23 @@ class _Walk:
 
 
 def verify(
-    db: Session, plan: str, work: BatchedWork, after: str | None = None
+    db: Session,
+    plan: str,
+    work: BatchedWork,
+    after: str | None = None,
+    remaining: int | None = None,
+    moved: int = 0,
 ) -> ledger.Checkpoint:
     """Count what still matches, record it (done, or failed so the next run walks again);
     returns the checkpoint as saved.
 
     `after`: the `sql` job that ran later in the phase, when a done job is checked once
     more because that job may have written the table where no trigger saw it.
+    `remaining`: already counted by the caller. `moved`: rows catch-up walks found.
     """
-    with _row_security_refusal(work.table):
-        remaining = count_remaining(db, work.table, work.unfinished)
+    if remaining is None:
+        with _row_security_refusal(work.table):
+            remaining = count_remaining(db, work.table, work.unfinished)
     with db.tx():
         current = ledger.get_checkpoint(db, plan, work.checkpoint, lock=True)
         current.remaining = remaining
@@ -1043,11 +1113,20 @@ def verify(
             current.verified_at = db.scalar("SELECT now()")
         ledger.save_checkpoint(db, current)
     if remaining:
-        cause = (
-            "after the walk (does an expression in `set` return NULL for them?)"
-            if after is None
-            else f"after job {after!r} ran (did it write {work.table} behind the sync trigger?)"
-        )
+        if after is not None:
+            cause = f"after job {after!r} ran (did it write {work.table} behind the sync trigger?)"
+        else:
+            caught = (
+                f" ({moved:,} other(s) had moved behind the walk, their key changed while it "
+                "ran, and were walked again)"
+                if moved
+                else ""
+            )
+            cause = (
+                "after the walk, and a walk over the whole range again left them as they are: "
+                "`set` leaves them matching (does an expression in `set` return NULL for "
+                f"them?){caught}"
+            )
         raise RuntimeFailure(
             f"verification failed: {remaining:,} row(s) of {work.table} still match `where` "
             f"of job {work.checkpoint!r} {cause}. Inspect them with: SELECT * FROM "
