@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.pool import NullPool
 
@@ -34,6 +35,7 @@ from phasegate.orchestrator import Options, Orchestrator, Outcome
 from phasegate.plan import load_plan
 from phasegate.progress import BarProgress, LogProgress
 from phasegate.revisions import AlembicProject
+from phasegate.text import terminal_safe
 
 PLAN_FILE = Path("plans") / "bug_root_cause.yaml"
 V1, V2 = "1.4.2", "2.0.0"
@@ -151,7 +153,12 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
         started = time.monotonic()
         with db.locked_session(url, f"demo {step}") as session:
             orchestrator = Orchestrator(
-                session, project, plan, options, progress, notify=lambda m: console.print(f"  {m}")
+                session,
+                project,
+                plan,
+                options,
+                progress,
+                notify=lambda m: console.print(f"  {escape(terminal_safe(m))}"),
             )
             outcome: Outcome = action(orchestrator)
         for done in outcome.steps:
@@ -208,7 +215,7 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
     )
     console.print(f"  checked {len(expectations):,} written rows: {len(problems)} lost or wrong")
     for line in problems[:5]:
-        console.print(f"    {line}")
+        console.print(f"    {escape(terminal_safe(line))}")
     with engine.connect() as connection:
         columns = connection.execute(
             sa.text(
