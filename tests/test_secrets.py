@@ -3,19 +3,28 @@
 Item 10: when a lock wait runs out, the blocking sessions are named with their query, and
 that text (another session's, literals included) went to the terminal, the --json error,
 `plan_state.error` and the event log for ever. It is now kept without its literals.
+
+Item 11: a URL's sslpassword was printed in clear, masking the password `postgres` mangled
+every 'postgres' of a message, and the demo put the URL, password and all, on a child's
+command line.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import psycopg
 import pytest
+from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
-from phasegate.db import libpq_url
+from phasegate.cli import cli
+from phasegate.db import libpq_url, mask_url, scrub
 from phasegate.redact import NOT_SHOWN, without_literals
 
-from .conftest import PLAN
+from .conftest import PLAN, Phasegate
+from .test_cli import invoke
 from .test_failures import hold
 
 P = str(PLAN)
@@ -98,3 +107,99 @@ def test_a_query_cut_inside_a_literal_keeps_only_whole_tokens_before_it() -> Non
     long = without_literals("SELECT " + ", ".join(f"'{SECRET}'" for _ in range(200)))
     assert long is not None and SECRET not in long and len(long) <= 300
     assert NOT_SHOWN.startswith("(query not shown")
+
+
+# -- item 11: passwords -----------------------------------------------------------------------
+
+
+def with_password(url: str, password: str) -> str:
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
+def test_the_password_postgres_is_masked_and_nothing_else(tmp_path) -> None:
+    """Masking used to replace every 'postgres' in the message: ***ql+psycopg://***:***@."""
+    url = "postgresql://postgres:postgres@127.0.0.1:1/postgres"
+    result = invoke("--json", "--database-url", url, "status", P)
+    assert result.exit_code == 3, result.output
+    shown = "postgresql+psycopg://postgres:***@127.0.0.1:1/postgres"
+    assert f"cannot connect to {shown}" in result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["database"] == shown and f"cannot connect to {shown}" in error["message"]
+    assert ":postgres@" not in result.output
+
+
+@pytest.mark.db
+def test_a_confirmation_shows_user_and_database_with_the_password_postgres(seeded_url) -> None:
+    url = with_password(seeded_url, "postgres")  # trust auth: the password is not checked
+    result = Phasegate(url)("expand", P, "--live-version", "1")  # no --yes, no terminal
+    assert result.exit_code == 2, result.output
+    database = make_url(seeded_url).database
+    assert f"on postgresql+psycopg://postgres:***@127.0.0.1:5432/{database} without" in (
+        result.stderr
+    )
+
+
+def test_sslpassword_is_never_printed() -> None:
+    url = "postgresql://postgres@127.0.0.1:1/nothing?sslpassword=hunter2-ssl&sslmode=disable"
+    for args in (["status", P], ["--json", "status", P]):
+        result = invoke("--database-url", url, *args)
+        assert result.exit_code == 3, result.output
+        assert "hunter2-ssl" not in result.output and "sslpassword=***" in result.stderr
+    assert mask_url(url) == (
+        "postgresql://postgres@127.0.0.1:1/nothing?sslmode=disable&sslpassword=***"
+    )
+
+
+def test_masking_finds_passwords_in_every_form() -> None:
+    url = "postgresql://app:p%40ss%2Fword@db.example/prod?sslpassword=key-pw"
+    text = (
+        f"echo {url}; decoded p@ss/word; conninfo password='p@ss/word' sslpassword=key-pw; "
+        "host db.example, database prod, user app"
+    )
+    assert scrub(text, url) == (
+        "echo postgresql://app:***@db.example/prod?sslpassword=***; decoded ***; "
+        "conninfo password='***' sslpassword=***; host db.example, database prod, user app"
+    )
+
+
+@pytest.mark.db
+def test_the_demo_passes_the_url_to_its_child_in_the_environment(pg_server, monkeypatch) -> None:
+    """The demo's backfill child used to get --database-url URL: visible in `ps`."""
+    from phasegate import demo
+
+    started: list[tuple[list[str], dict[str, str] | None]] = []
+
+    class Recorded(subprocess.Popen):  # the real child, its argv and env noted
+        def __init__(self, args, *rest, **kw):
+            started.append((list(args), kw.get("env")))
+            super().__init__(args, *rest, **kw)
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Recorded)
+    url = with_password(pg_server.url, "demo-secret-pw")
+    result = CliRunner().invoke(
+        cli, ["--database-url", url, "demo", "--rows", "3000"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "demo-secret-pw" not in result.output
+    [(argv, env)] = started
+    assert not any("demo-secret-pw" in arg or "postgresql" in arg for arg in argv), argv
+    assert env is not None and "demo-secret-pw" in env["PHASEGATE_DATABASE_URL"]
+
+
+@pytest.mark.db
+def test_libpq_finds_a_password_left_out_of_the_url(pg_server, tmp_path, monkeypatch) -> None:
+    """What the README advises (no test of a bug: it backs the documentation). Trust auth
+    checks no password, but libpq reports the one it found and would have sent."""
+    from phasegate import db
+
+    url = make_url(pg_server.url).set(password=None).render_as_string(hide_password=False)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("*:*:*:*:from-the-passfile\n")
+    passfile.chmod(0o600)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    with db.session(url) as session:
+        assert session.raw.info.password == "from-the-passfile"
+    monkeypatch.setenv("PGPASSWORD", "from-the-environment")
+    with db.session(url) as session:
+        assert session.raw.info.password == "from-the-environment"

@@ -262,27 +262,8 @@ def _kill_backfill(
     console: Console, root: Path, url: str, rows: int, errors: Any
 ) -> dict[str, Any]:
     batch = max(100, rows // 40)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phasegate",
-            "--config",
-            str(root / "alembic.ini"),
-            "--database-url",
-            url,
-            "backfill",
-            str(root / PLAN_FILE),
-            "--yes",
-            "--batch-size",
-            str(batch),
-            "--pause",
-            "0.05",
-        ],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-    )
+    argv, env = backfill_command(root, url, batch)
+    process = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     console.print(f"  started `phasegate backfill` as pid {process.pid} ({batch} rows a batch)")
     checkpoint = (
         "SELECT rows_done, last_key, status FROM phasegate.job_checkpoint "
@@ -340,6 +321,26 @@ def _kill_backfill(
             " too few rows to interrupt: try --rows 20000)"
         )
     return {"killed": killed, "pid": process.pid, "rows_done_at_kill": done}
+
+
+def backfill_command(root: Path, url: str, batch: int) -> tuple[list[str], dict[str, str]]:
+    """The demo's `phasegate backfill` child: its argv, and its environment, which carries
+    the database URL (a command line, password and all, is visible to anyone in `ps`)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "phasegate",
+        "--config",
+        str(root / "alembic.ini"),
+        "backfill",
+        str(root / PLAN_FILE),
+        "--yes",
+        "--batch-size",
+        str(batch),
+        "--pause",
+        "0.05",
+    ]
+    return argv, {**os.environ, db.URL_ENV_VARS[0]: url}
 
 
 def _summary(console: Console, report: DemoReport) -> None:
