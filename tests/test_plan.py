@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 
 from phasegate.plan import PlanError, load_plan, parse_plan
 
-from .conftest import PLAN
+from .conftest import ALEMBIC_INI, PLAN
 
 VALID = """\
 plan: demo-plan
@@ -193,3 +196,78 @@ def test_sync_object_names_are_one_to_one_and_fit() -> None:
     assert object_name("bug-root", "cause-id") != object_name("bug", "root-cause-id")
     long = object_name("a" * 40, "b" * 40)
     assert len(long) <= 63 and long == object_name("a" * 40, "b" * 40)
+
+
+# -- bounds: alias bombs and deep nesting (issue 18, item 15) ---------------------------------
+
+# 340 bytes that expand to 9**7 (4.8 million) strings: 17 s and 1.1 GB in `validate` before
+ALIAS_BOMB = """\
+plan: bomb
+app: shop
+baseline_compatible: "<2"
+a: &a ["x","x","x","x","x","x","x","x","x"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+phases:
+  expand:
+    compatible: "<2"
+"""
+
+
+def validate_in_a_process(path: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The real CLI in a process of its own, so a runaway parse is killed, not the suite."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), "validate", path],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    return done, time.monotonic() - started
+
+
+def test_an_alias_bomb_is_refused_at_once_with_its_line(tmp_path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    done, seconds = validate_in_a_process(str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{path}:9: the YAML expands to more than 100,000 nodes" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert seconds < 10
+
+
+def test_deep_nesting_is_an_invalid_plan_with_its_line(tmp_path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("plan: deep\napp: shop\nx: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    done, _seconds = validate_in_a_process(str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{path}:3: the YAML is nested more than 64 levels deep" in done.stdout
+    assert "internal error" not in done.stderr
+    issue = issues_of("plan: deep\nphases:\n  x: " + "{a: " * 65 + "1" + "}" * 65 + "\n")[0]
+    assert (issue.line, issue.message) == (3, "the YAML is nested more than 64 levels deep")
+
+
+def test_an_alias_inside_its_own_anchor_is_refused() -> None:
+    [issue] = issues_of("plan: loop\nphases:\n  expand: &a\n    compatible: [*a]\n")
+    assert issue.line == 4 and "alias *a refers to a node that contains it" in issue.message
+
+
+def test_plans_that_share_values_through_aliases_still_load() -> None:
+    text = VALID.replace('baseline_compatible: "<2"', 'baseline_compatible: &old "<2"')
+    text = text.replace('  expand:\n    compatible: "<2"', "  expand:\n    compatible: *old")
+    text = text.replace("table: customer", "table: &t customer\n        batch_size: &n 500")
+    plan = parse_plan(text, "plans/aliases.yaml")
+    assert plan.phase("expand").compatible == "<2" and plan.jobs()[0].table == "customer"
+    assert plan.jobs()[0].batch_size == 500
+    # many small aliases, far more nodes than any real plan, stay well inside the budget
+    jobs = "".join(
+        f"      - {{name: j{i}, table: *t, set: {{c: *old}}, where: *old, batch_size: *n}}\n"
+        for i in range(2000)
+    )
+    big = text.replace("  contract:\n", jobs + "  contract:\n", 1)
+    assert len(parse_plan(big, "plans/many.yaml").jobs()) == 2001

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +188,101 @@ def test_depends_on_is_a_parent_but_not_a_down_revision(tmp_path: Path) -> None:
     info = AlembicProject(tmp_path / "alembic.ini").revisions["e000000000e1"]
     assert info.down_revisions == ("b000000000b1",)
     assert set(info.parents) == {"b000000000b1", "o000000000o1"}
+
+
+# -- a revision that blocks at import (issue 18, item 16) --------------------------------------
+
+SLEEPS_AT_IMPORT = '''"""Warms a cache at import: blocks for ever."""
+import time
+
+revision = "f00dcafe0001"
+down_revision = "c0de1e7e0001"
+time.sleep(10**6)
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+WAITS_ON_A_SOCKET = '''"""Asks a service at import, and retries whatever goes wrong."""
+import socket
+
+revision = "f00dcafe0002"
+down_revision = "c0de1e7e0001"
+server = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(server.getsockname())
+while True:
+    try:
+        client.recv(1)  # the server never answers
+    except Exception:
+        pass
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def blocking_project(tmp_path: Path, name: str, source: str) -> Path:
+    """The external 'shop' project, copied, with one blocking revision on top."""
+    project = tmp_path / "shop"
+    shutil.copytree(Path(__file__).parent / "external_project", project)
+    (project / "migrations" / "versions" / name).write_text(source)
+    return project
+
+
+def run_cli(project: Path, *args: str, limit: str | None) -> tuple[int, str, float]:
+    """The real CLI in a process of its own (a hang is killed after 30 s, not the suite)."""
+    env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    if limit is not None:
+        env["PHASEGATE_IMPORT_TIMEOUT"] = limit
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "phasegate", "--config", str(project / "alembic.ini"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def test_a_revision_that_sleeps_at_import_stops_validate_with_its_line(tmp_path: Path) -> None:
+    project = blocking_project(tmp_path, "f00dcafe0001_slow.py", SLEEPS_AT_IMPORT)
+    plan = str(project / "plans" / "customer_email.yaml")
+    code, output, seconds = run_cli(project, "validate", plan, limit="2s")
+    assert code == 2, output
+    revision = project / "migrations" / "versions" / "f00dcafe0001_slow.py"
+    assert f"{revision}:6 was still running after 2.0 s" in output
+    assert "PHASEGATE_IMPORT_TIMEOUT" in output and "move that work into upgrade()" in output
+    assert "Traceback" not in output
+    assert seconds < 20
+
+
+def test_a_revision_blocked_on_a_socket_stops_status_and_advance(tmp_path: Path) -> None:
+    """A blocking recv, in a loop that swallows every Exception, still ends; nothing
+    connects to the database (the URL is unreachable: a connection would exit 3)."""
+    project = blocking_project(tmp_path, "f00dcafe0002_ask.py", WAITS_ON_A_SOCKET)
+    plan = str(project / "plans" / "customer_email.yaml")
+    revision = project / "migrations" / "versions" / "f00dcafe0002_ask.py"
+    url = ["--database-url", "postgresql://nobody@127.0.0.1:1/none"]
+    for command in (["status", plan], ["advance", plan, "--yes"]):
+        code, output, _seconds = run_cli(project, *url, *command, limit="1")
+        assert code == 2, (command, output)
+        assert f"{revision}:10 was still running after 1.0 s" in output, output
+
+
+def test_the_import_limit_is_read_from_the_environment(tmp_path: Path) -> None:
+    project = blocking_project(tmp_path, "f00dcafe0001_slow.py", SLEEPS_AT_IMPORT)
+    plan = str(project / "plans" / "customer_email.yaml")
+    code, output, _seconds = run_cli(project, "validate", plan, limit="soon")
+    assert code == 2 and "$PHASEGATE_IMPORT_TIMEOUT: 'soon' is not a duration" in output

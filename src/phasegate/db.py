@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote
 
 import psycopg
 import sqlalchemy as sa
@@ -102,50 +103,90 @@ def normalize_url(url: str | URL) -> str:
 _UNPARSABLE = (sa.exc.ArgumentError, ValueError)
 
 
+# libpq connection parameters whose value is a secret (a URL's query or a conninfo string)
+SECRET_PARAMETERS = ("password", "sslpassword")
+# names phasegate itself renders in URLs (normalize_url), beside what the URL spells
+_RENDERED = "postgresql+psycopg postgresql"
+
+
 def mask_url(url: str | URL) -> str:
-    """The URL as it may appear in output and logs: never with its password."""
+    """The URL as it may appear in output and logs: never with a password or sslpassword."""
     try:
         parsed = make_url(url)
     except _UNPARSABLE:
         return "<unparsable database URL>"
-    if "password" in parsed.query:
-        parsed = parsed.update_query_dict({"password": "***"})
+    hidden = {name: "***" for name in SECRET_PARAMETERS if name in parsed.query}
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
     return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def scrub(text: str, url: str | None) -> str:
-    """Remove the URL's password (user info or ?password=) from a message that echoed it."""
+    """Remove the URL's secrets (its password, ?password=, ?sslpassword=) from a message.
+
+    A secret that also stands elsewhere in the URL (the password `postgres` of user
+    `postgres` on database `postgres`) is masked only where it stands as a password
+    (`user:PW@`, `password=PW`); any other secret wherever it occurs, in the URL-encoded
+    form too, since a message may quote it in ways no pattern foresees.
+    """
     if not url:
         return text
-    secrets = _password_spans(url)  # by shape: also what a parser would cut short at an '@'
-    try:
-        parsed = make_url(url)
-    except _UNPARSABLE:
-        pass
-    else:
-        for found in (parsed.password, parsed.query.get("password")):
-            if not found:
-                continue
-            longer = [s for s in secrets if s.startswith(str(found)) and len(s) > len(str(found))]
-            # SQLAlchemy cut the password at its first '@' and renders the rest as host
-            # ("app:***@cret@host"): mask that rest, and not the short head everywhere
-            secrets += [s[len(str(found)) :] for s in longer] or [str(found)]
-    for secret in sorted(set(secrets), key=len, reverse=True):  # longest first
-        text = text.replace(secret, "***")
+    secrets, rest = _secrets_of(url)
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first
+        if secret in rest:
+            quoted = re.escape(secret)
+            text = re.sub(rf"(?<=:){quoted}(?=@)", "***", text)
+            text = re.sub(rf"(\b(?:ssl)?password\s*=\s*'?){quoted}", r"\1***", text)
+        else:
+            text = text.replace(secret, "***")
     return text
 
 
+def _secrets_of(url: str) -> tuple[set[str], str]:
+    """The URL's secrets, as written and decoded, and what else the URL says (the URL
+    with the secrets cut out, plus the driver names phasegate renders)."""
+    positions = _password_positions(url)
+    secrets = [url[begin:end] for begin, end in positions]  # by shape: also unparsable URLs
+    rest, last = [], 0
+    for begin, end in sorted(positions):
+        rest.append(url[last:begin])
+        last = end
+    rest += [url[last:], _RENDERED]
+    try:
+        parsed = make_url(url)
+    except _UNPARSABLE:
+        parsed = None
+    if parsed is not None:
+        values = [parsed.password]
+        for name in SECRET_PARAMETERS:
+            found = parsed.query.get(name)
+            values += [found] if isinstance(found, str) else list(found or ())
+        for found in (str(v) for v in values if v):
+            longer = [s for s in secrets if s.startswith(found) and len(s) > len(found)]
+            # SQLAlchemy cut the password at its first '@' and renders the rest as host
+            # ("app:***@cret@host"): mask that rest, and not the short head everywhere
+            secrets += [s[len(found) :] for s in longer] or [found]
+    variants = {v for s in secrets for v in (s, unquote(s), quote(s, safe=""))}
+    return {v for v in variants if v}, "\n".join(rest)
+
+
 def _password_spans(url: str) -> list[str]:
-    """The password parts of a URL SQLAlchemy cannot parse, found by shape alone: from the
-    user's ':' to the last '@' before any '?' (a password may hold '@' or '/'), and every
-    `password=` parameter."""
-    found = re.findall(r"[?&]password=([^&]*)", url)
-    _scheme, sep, rest = url.partition("://")
+    """The password parts of a URL SQLAlchemy cannot parse, found by shape alone."""
+    return [url[begin:end] for begin, end in _password_positions(url)]
+
+
+def _password_positions(url: str) -> list[tuple[int, int]]:
+    """Where a URL's secrets stand, by shape alone: from the user's ':' to the last '@'
+    before any '?' (a password may hold '@' or '/'), and every `password=` and
+    `sslpassword=` parameter."""
+    found = [m.span(1) for m in re.finditer(r"[?&](?:ssl)?password=([^&]*)", url)]
+    scheme, sep, rest = url.partition("://")
     userinfo = rest.split("?", 1)[0].rpartition("@")[0] if sep else ""
     user, colon, password = userinfo.partition(":")
     if colon and not any(c in user for c in "@/"):  # "user@host:5432/my@db" has none
-        found.append(password)
-    return [secret for secret in found if secret]
+        begin = len(scheme) + len(sep) + len(user) + 1
+        found.append((begin, begin + len(password)))
+    return [(begin, end) for begin, end in found if end > begin]
 
 
 def libpq_url(url: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.pool import NullPool
 
@@ -34,6 +35,7 @@ from phasegate.orchestrator import Options, Orchestrator, Outcome
 from phasegate.plan import load_plan
 from phasegate.progress import BarProgress, LogProgress
 from phasegate.revisions import AlembicProject
+from phasegate.text import terminal_safe
 
 PLAN_FILE = Path("plans") / "bug_root_cause.yaml"
 V1, V2 = "1.4.2", "2.0.0"
@@ -151,7 +153,12 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
         started = time.monotonic()
         with db.locked_session(url, f"demo {step}") as session:
             orchestrator = Orchestrator(
-                session, project, plan, options, progress, notify=lambda m: console.print(f"  {m}")
+                session,
+                project,
+                plan,
+                options,
+                progress,
+                notify=lambda m: console.print(f"  {escape(terminal_safe(m))}"),
             )
             outcome: Outcome = action(orchestrator)
         for done in outcome.steps:
@@ -208,7 +215,7 @@ def _story(console: Console, root: Path, url: str, rows: int, report: DemoReport
     )
     console.print(f"  checked {len(expectations):,} written rows: {len(problems)} lost or wrong")
     for line in problems[:5]:
-        console.print(f"    {line}")
+        console.print(f"    {escape(terminal_safe(line))}")
     with engine.connect() as connection:
         columns = connection.execute(
             sa.text(
@@ -255,27 +262,8 @@ def _kill_backfill(
     console: Console, root: Path, url: str, rows: int, errors: Any
 ) -> dict[str, Any]:
     batch = max(100, rows // 40)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phasegate",
-            "--config",
-            str(root / "alembic.ini"),
-            "--database-url",
-            url,
-            "backfill",
-            str(root / PLAN_FILE),
-            "--yes",
-            "--batch-size",
-            str(batch),
-            "--pause",
-            "0.05",
-        ],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-    )
+    argv, env = backfill_command(root, url, batch)
+    process = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     console.print(f"  started `phasegate backfill` as pid {process.pid} ({batch} rows a batch)")
     checkpoint = (
         "SELECT rows_done, last_key, status FROM phasegate.job_checkpoint "
@@ -333,6 +321,26 @@ def _kill_backfill(
             " too few rows to interrupt: try --rows 20000)"
         )
     return {"killed": killed, "pid": process.pid, "rows_done_at_kill": done}
+
+
+def backfill_command(root: Path, url: str, batch: int) -> tuple[list[str], dict[str, str]]:
+    """The demo's `phasegate backfill` child: its argv, and its environment, which carries
+    the database URL (a command line, password and all, is visible to anyone in `ps`)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "phasegate",
+        "--config",
+        str(root / "alembic.ini"),
+        "backfill",
+        str(root / PLAN_FILE),
+        "--yes",
+        "--batch-size",
+        str(batch),
+        "--pause",
+        "0.05",
+    ]
+    return argv, {**os.environ, db.URL_ENV_VARS[0]: url}
 
 
 def _summary(console: Console, report: DemoReport) -> None:

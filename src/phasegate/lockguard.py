@@ -32,6 +32,8 @@ from psycopg.pq import TransactionStatus
 
 from phasegate.errors import Interrupted, RuntimeFailure
 from phasegate.locks import locks_of
+from phasegate.redact import without_literals
+from phasegate.text import one_line
 
 T = TypeVar("T")
 _DDL_VERBS = {"ALTER", "CREATE", "DROP", "REINDEX", "VACUUM", "CLUSTER", "TRUNCATE", "LOCK"}
@@ -312,12 +314,17 @@ def retry_on_lock(
 
 
 class BlockerWatch:
-    """A thread with its own connection that records who blocks `pid`, while it waits."""
+    """A thread with its own connection that records who blocks `pid`, while it waits.
+
+    A blocker's query is another session's text, and it ends up in the error, the ledger
+    and the event log: it is kept without its literals (phasegate.redact), which may be
+    that session's secrets.
+    """
 
     QUERY = """
         SELECT pid, application_name, state, usename,
                extract(epoch FROM now() - xact_start)::int AS xact_seconds,
-               left(regexp_replace(query, '\\s+', ' ', 'g'), 300) AS query
+               left(query, 4096) AS query
         FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(%s)) ORDER BY pid
     """
 
@@ -340,7 +347,10 @@ class BlockerWatch:
                     rows = cursor.fetchall()
                     if rows:  # keep the last blockers seen: after a timeout there are none
                         names = [c.name for c in cursor.description or ()]
-                        self.blockers = [dict(zip(names, r, strict=True)) for r in rows]
+                        blockers = [dict(zip(names, r, strict=True)) for r in rows]
+                        for blocker in blockers:
+                            blocker["query"] = without_literals(blocker["query"])
+                        self.blockers = blockers
         except psycopg.Error:
             return  # the watch is a courtesy: without it the error names no blocker
 
@@ -350,10 +360,12 @@ class BlockerWatch:
 
 
 def describe_blocker(b: dict[str, Any]) -> str:
+    """One line per blocker: names and query are other sessions' text (see phasegate.text)."""
     age = f", transaction open {b['xact_seconds']}s" if b.get("xact_seconds") is not None else ""
     return (
-        f"pid {b['pid']} (application {b['application_name'] or '-'!r}, user {b['usename']}, "
-        f"state {b['state']!r}{age}): {b['query'] or '-'}"
+        f"pid {b['pid']} (application {one_line(b['application_name'] or '-')!r}, "
+        f"user {one_line(b['usename'] or '-')}, state {b['state']!r}{age}): "
+        f"{one_line(b['query'] or '-')}"
     )
 
 

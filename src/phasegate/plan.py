@@ -43,6 +43,12 @@ _TABLE = rf"^{_IDENT}(\.{_IDENT})?$"
 
 Loc = tuple[str | int, ...]
 
+# Bounds on a plan's YAML, far above any real plan (the bundled one nests 7 levels and has
+# about 50 nodes): a "billion laughs" of nested aliases would otherwise expand to millions
+# of nodes in `_walk` and pydantic, and deep nesting overflows the recursive composer.
+MAX_NESTING = 64
+MAX_NODES = 100_000
+
 
 @dataclass(frozen=True)
 class PlanIssue:
@@ -340,6 +346,7 @@ def load_plan(path: str | Path) -> Plan:
 
 def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) -> Plan:
     try:
+        _check_size(text, source)  # before anything recursive or alias-expanding runs
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise PlanError([_yaml_issue(exc, text, source)]) from None
@@ -363,6 +370,74 @@ def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) ->
     plan._digest = hashlib.sha256(raw if raw is not None else text.encode()).hexdigest()
     plan._lines = lines
     return plan
+
+
+def _check_size(text: str, source: str) -> None:
+    """Refuse YAML nested deeper than MAX_NESTING, or expanding to more than MAX_NODES nodes
+    once every alias is counted as the subtree it stands for.
+
+    PyYAML's event stream is produced iteratively and shows aliases unexpanded, so this
+    costs one pass over the text whatever the input: an anchor's size is known when its
+    node ends, and an alias adds that size without expanding anything.
+    """
+    sizes: dict[str, int] = {}  # anchor -> nodes of its subtree, aliases expanded
+    open_nodes: list[tuple[int, str | None]] = []  # per open collection: count at start, anchor
+    expanded = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, yaml.AliasEvent):
+            size = sizes.get(event.anchor or "")
+            if size is None and any(anchor == event.anchor for _, anchor in open_nodes):
+                raise PlanError(
+                    [
+                        PlanIssue(
+                            source,
+                            line,
+                            "",
+                            f"alias *{event.anchor} refers to a node that contains it",
+                            "a plan is a tree: repeat the value instead of the alias",
+                        )
+                    ]
+                )
+            expanded += size or 1  # an undefined alias: the composer names it below
+        elif isinstance(event, yaml.ScalarEvent):
+            expanded += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            expanded += 1
+            open_nodes.append((expanded - 1, event.anchor))
+            if len(open_nodes) > MAX_NESTING:
+                raise PlanError(
+                    [
+                        PlanIssue(
+                            source,
+                            line,
+                            "",
+                            f"the YAML is nested more than {MAX_NESTING} levels deep",
+                            "a plan nests about 7 levels (phases, backfill, jobs, a job, sync, "
+                            "down, a column); check the brackets and indentation there",
+                        )
+                    ]
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            start, anchor = open_nodes.pop()
+            if anchor:
+                sizes[anchor] = expanded - start
+        if expanded > MAX_NODES:
+            raise PlanError(
+                [
+                    PlanIssue(
+                        source,
+                        line,
+                        "",
+                        f"the YAML expands to more than {MAX_NODES:,} nodes once its aliases "
+                        "are expanded",
+                        "a plan has a few hundred at most; use anchors and aliases for small "
+                        "repeated values only, and write the plan out",
+                    )
+                ]
+            )
 
 
 def _yaml_issue(exc: yaml.YAMLError, text: str, source: str) -> PlanIssue:

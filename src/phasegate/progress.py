@@ -1,6 +1,8 @@
 """Showing backfill progress: a rich bar on a terminal, periodic log lines elsewhere.
 
-Everything goes to stderr so `--json` output on stdout stays one clean document.
+Everything goes to stderr so `--json` output on stdout stays one clean document. Text
+passes `terminal_safe`, and for rich also `rich.markup.escape` (rich reads `[...]` as
+markup): names come from plans, and nothing shown may steer the terminal.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from phasegate.backfill import JobResult
 from phasegate.durations import format_duration
+from phasegate.text import terminal_safe
 
 if TYPE_CHECKING:  # rich loads only when a terminal shows a bar: it costs ~80 ms at start
     from rich.console import Console
@@ -45,7 +48,7 @@ class BarProgress:
             transient=True,
         )
         self.bar.start()
-        self.tasks[job] = self.bar.add_task(job, total=total, completed=done, rate="-")
+        self.tasks[job] = self.bar.add_task(_rich_safe(job), total=total, completed=done, rate="-")
         self._started = time.monotonic()
         self._scanned = 0
 
@@ -60,7 +63,7 @@ class BarProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-        self.console.print(summary(result))
+        self.console.print(_rich_safe(summary(result)))
 
 
 class LogProgress:
@@ -103,7 +106,13 @@ class LogProgress:
         self._write(summary(result))
 
     def _write(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+        print(terminal_safe(line), file=self.stream, flush=True)
+
+
+def _rich_safe(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(terminal_safe(text))
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

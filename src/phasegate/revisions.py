@@ -26,8 +26,14 @@ from alembic.util import CommandError, to_tuple
 from phasegate.db import Session
 from phasegate.errors import RuntimeFailure, UsageError
 from phasegate.plan import PHASES, REVISION_PHASES, Plan, PlanError, PlanIssue
+from phasegate.timelimit import TimeLimitExceeded, seconds_from_env, time_limit
 
 StepHook = Callable[[MigrationInfo, tuple[str, ...]], None]
+
+# Reading the revisions imports every revision file; module-level code that blocks (a
+# sleep, a connection) would hang every command, so the reading has a time limit.
+IMPORT_TIMEOUT_ENV = "PHASEGATE_IMPORT_TIMEOUT"
+IMPORT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -76,11 +82,22 @@ class AlembicProject:
             )
         self.config_path = path
         self.config = Config(str(path))
+        limit = seconds_from_env(IMPORT_TIMEOUT_ENV, IMPORT_TIMEOUT)
         try:
             self.script = ScriptDirectory.from_config(self.config)
-            walked = list(self.script.walk_revisions())
+            with time_limit(limit):
+                walked = list(self.script.walk_revisions())
         except CommandError as exc:
             raise UsageError(f"{path}: Alembic cannot read its revisions: {exc}") from None
+        except TimeLimitExceeded as exc:
+            raise UsageError(
+                f"{path}: Alembic cannot read its revisions: {_running_file(exc, self.script)}"
+                f"was {exc} of loading the revision files ({IMPORT_TIMEOUT_ENV}: "
+                f"{limit:g} s). A revision file's module-level code runs whenever phasegate "
+                "or Alembic reads the revisions, so it must not sleep, connect or query: move "
+                "that work into upgrade() or downgrade(). If loading is only slow, raise the "
+                f"limit, e.g. {IMPORT_TIMEOUT_ENV}=2m (0 turns it off)"
+            ) from None
         except Exception as exc:  # a revision file that fails to import
             where = _failing_file(exc, str(path.parent))
             raise UsageError(
@@ -449,6 +466,15 @@ def _failing_file(exc: BaseException, root: str) -> str:
             found = f"{filename}:{trace.tb_lineno} "
         trace = trace.tb_next
     return found
+
+
+def _running_file(exc: TimeLimitExceeded, script: ScriptDirectory) -> str:
+    """'file:line ' of the innermost frame in the script directory (the revision that was
+    still running), else of the innermost frame at all."""
+    root = Path(script.dir).resolve()
+    inside = [f for f in exc.stack if Path(f.filename).resolve().is_relative_to(root)]
+    frame = (inside or exc.stack or [None])[-1]
+    return f"{frame.filename}:{frame.lineno} " if frame is not None else ""
 
 
 def _tag_line(path: str) -> int | None:

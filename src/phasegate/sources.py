@@ -22,6 +22,7 @@ from phasegate import ledger
 from phasegate.config import ProjectConfig
 from phasegate.db import URL_ENV_VARS, Session, scrub
 from phasegate.durations import format_duration
+from phasegate.text import one_line
 
 SOURCE_PG_STAT_ACTIVITY = "pg_stat_activity"
 SOURCE_HEARTBEAT = "heartbeat"
@@ -41,7 +42,9 @@ class Observation:
     last_seen: dt.datetime | None = None
 
     def describe(self) -> str:
-        return f"{self.version} ({self.source}{': ' + self.detail if self.detail else ''})"
+        """One line: version and detail come from the database and may hold anything."""
+        detail = f": {one_line(self.detail)}" if self.detail else ""
+        return f"{one_line(self.version)} ({self.source}{detail})"
 
     def to_dict(self) -> dict[str, Any]:
         return {

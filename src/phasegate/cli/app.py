@@ -35,6 +35,7 @@ from phasegate.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PhasegateError
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import Plan
 from phasegate.revisions import AlembicProject
+from phasegate.text import terminal_safe
 
 
 @dataclass
@@ -68,11 +69,12 @@ class Context:
 def emit(ctx: Context, document: dict[str, Any], text: str) -> None:
     """Print the human text now, or keep the JSON document for `handle_errors` to print
     once the exit code is known: every document carries it, and a command that fails after
-    emitting prints only its error document (one document per command, always)."""
+    emitting prints only its error document (one document per command, always). The text
+    goes through `terminal_safe`: it may carry names and queries from the database."""
     if ctx.as_json:
         ctx.document = document
     elif text:
-        click.echo(text)
+        click.echo(terminal_safe(text))
 
 
 def _print_document(ctx: Context, code: int) -> None:
@@ -82,7 +84,8 @@ def _print_document(ctx: Context, code: int) -> None:
 
 
 def log(message: str) -> None:
-    click.echo(message, err=True)
+    """One message on stderr, control characters made visible (see phasegate.text)."""
+    click.echo(terminal_safe(message), err=True)
 
 
 def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:

@@ -12,6 +12,7 @@ from phasegate.config import ProjectConfig
 from phasegate.durations import format_duration
 from phasegate.errors import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, UsageError
 from phasegate.plan import load_plan
+from phasegate.text import one_line
 
 # -- versions, heartbeats, check-deploy -----------------------------------------------------
 
@@ -57,9 +58,12 @@ def heartbeat(
                 ledger.beat(conn, app, instance, version or "")
     ttl = format_duration(ctx.settings().heartbeat_ttl)
     if remove:
-        text = f"heartbeats of {app} instance {instance}: {found} removed"
+        text = f"heartbeats of {app} instance {one_line(instance)}: {found} removed"
     else:
-        text = f"heartbeat: {app} {version} on instance {instance}; counts for {ttl} unless renewed"
+        text = (
+            f"heartbeat: {app} {version} on instance {one_line(instance)}; "
+            f"counts for {ttl} unless renewed"
+        )
         if gates.parse_version(version) is None:
             log(
                 f"phasegate: warning: {version!r} is not a PEP 440 version; "
@@ -116,11 +120,12 @@ def _known_apps(ctx: Context, conn: db.Session, settings: ProjectConfig) -> list
 def _versions_text(seen: dict[str, sources.Sighting]) -> str:
     blocks = []
     for name, sighting in seen.items():
-        live = ", ".join(sorted({o.version for o in sighting.observations}))
+        live = ", ".join(sorted({one_line(o.version) for o in sighting.observations}))
         lines = [f"{name}: {live or 'nothing live'}"]
         for o in sighting.observations:
-            where = f"  instance {o.instance}" if o.instance else ""
-            lines.append(f"  {o.version:<12} {o.source:<18} {o.detail}{'' if o.detail else where}")
+            where = f"  instance {one_line(o.instance)}" if o.instance else ""
+            detail = one_line(o.detail) or where
+            lines.append(f"  {one_line(o.version):<12} {o.source:<18} {detail}")
         lines += [f"  FAILED {f.source}: {f.message}" for f in sighting.failures]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

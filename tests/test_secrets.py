@@ -1,0 +1,205 @@
+"""Secrets stay out of phasegate's output, ledger and command lines (issue 18, items 10, 11).
+
+Item 10: when a lock wait runs out, the blocking sessions are named with their query, and
+that text (another session's, literals included) went to the terminal, the --json error,
+`plan_state.error` and the event log for ever. It is now kept without its literals.
+
+Item 11: a URL's sslpassword was printed in clear, masking the password `postgres` mangled
+every 'postgres' of a message, and the demo put the URL, password and all, on a child's
+command line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from sqlalchemy.engine import make_url
+
+from phasegate.cli import cli
+from phasegate.db import libpq_url, mask_url, scrub
+from phasegate.redact import NOT_SHOWN, without_literals
+
+from .conftest import PLAN, Phasegate
+from .test_cli import invoke
+from .test_failures import hold
+
+P = str(PLAN)
+SECRET = "sk_live_abc123"
+TOKEN = "tok_9f8e7d"
+
+
+def ledger_text(url: str) -> tuple[str, str]:
+    """plan_state.error and every event's detail, as stored."""
+    with psycopg.connect(libpq_url(url)) as conn:
+        error = conn.execute(
+            "SELECT coalesce(string_agg(error, ' '), '') FROM phasegate.plan_state"
+        )
+        details = conn.execute("SELECT string_agg(detail::text, ' ') FROM phasegate.event")
+        return error.fetchone()[0], details.fetchone()[0]
+
+
+@pytest.mark.db
+def test_a_blockers_literals_reach_neither_output_nor_ledger(phasegate, seeded_url) -> None:
+    assert (
+        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
+    )
+    reader = hold(
+        seeded_url,
+        f"BEGIN; SELECT '{SECRET}' AS api_key, who FROM bug WHERE id = 1 FOR UPDATE",
+        application_name="billing",
+    )
+    writer = hold(
+        seeded_url,
+        f"BEGIN; /* key {SECRET} */ UPDATE bug SET who = $$token {TOKEN}$$ WHERE id = 2",
+        application_name="crm",
+    )
+    switch = ["switch", P, "--live-version", "1", "--lock-timeout", "200ms", "--yes"]
+    try:
+        text = phasegate(*switch, "--lock-retries", "1")
+        document = phasegate(*switch, "--lock-retries", "0", json_output=True)
+    finally:
+        reader.close()
+        writer.close()
+
+    assert text.exit_code == 3 and document.exit_code == 3, text.output + document.output
+    error = json.loads(document.stdout)["error"]
+    for shown in (text.output, document.output, *ledger_text(seeded_url)):
+        assert SECRET not in shown and TOKEN not in shown
+    # the statements are still recognisable, constants as $n
+    read = "BEGIN; SELECT $1 AS api_key, who FROM bug WHERE id = $2 FOR UPDATE"
+    write = "BEGIN; UPDATE bug SET who = $1 WHERE id = $2"
+    assert read in text.stderr and write in text.stderr
+    assert read in error["message"] and write in error["message"]
+    assert sorted(b["query"] for b in error["blockers"]) == sorted([read, write])
+    state_error, events = ledger_text(seeded_url)
+    assert read in state_error and write in state_error
+    assert read in events and "switch" in events
+
+
+def test_literals_of_every_kind_become_parameters() -> None:
+    query = (
+        "SELECT 'a', E'b\\'c', $$d$$, $x$e$x$, B'1', X'ff', U&'g', 42, 1.5e3, $1 "
+        "FROM t -- comment with a secret\n WHERE k = 'secret' /* another */"
+    )
+    assert without_literals(query) == (
+        "SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, $1 FROM t WHERE k = $11"
+    )
+    # a bare word as a setting's value is an identifier to the lexer, but may be a secret
+    assert without_literals("SET app.key TO sk_live; ALTER ROLE r SET app.k = sk_x") == (
+        "SET app.key TO $1; ALTER ROLE r SET app.k = $2"
+    )
+    assert without_literals("ALTER TABLE bug RENAME TO issue") == "ALTER TABLE bug RENAME TO issue"
+
+
+def test_a_query_cut_inside_a_literal_keeps_only_whole_tokens_before_it() -> None:
+    assert without_literals("UPDATE bug SET title = 'sk_live_cut off her") == (
+        "UPDATE bug SET title = …"
+    )
+    assert without_literals("SELECT 1 /* sk_live never closed") == "SELECT $1 …"
+    assert without_literals("SELECT $q$sk_live") == "SELECT …"
+    assert without_literals("<insufficient privilege>") == "<insufficient privilege>"
+    assert without_literals("'sk_live") == "…"
+    assert without_literals(None) is None
+    long = without_literals("SELECT " + ", ".join(f"'{SECRET}'" for _ in range(200)))
+    assert long is not None and SECRET not in long and len(long) <= 300
+    assert NOT_SHOWN.startswith("(query not shown")
+
+
+# -- item 11: passwords -----------------------------------------------------------------------
+
+
+def with_password(url: str, password: str) -> str:
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
+def test_the_password_postgres_is_masked_and_nothing_else(tmp_path) -> None:
+    """Masking used to replace every 'postgres' in the message: ***ql+psycopg://***:***@."""
+    url = "postgresql://postgres:postgres@127.0.0.1:1/postgres"
+    result = invoke("--json", "--database-url", url, "status", P)
+    assert result.exit_code == 3, result.output
+    shown = "postgresql+psycopg://postgres:***@127.0.0.1:1/postgres"
+    assert f"cannot connect to {shown}" in result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["database"] == shown and f"cannot connect to {shown}" in error["message"]
+    assert ":postgres@" not in result.output
+
+
+@pytest.mark.db
+def test_a_confirmation_shows_user_and_database_with_the_password_postgres(seeded_url) -> None:
+    url = with_password(seeded_url, "postgres")  # trust auth: the password is not checked
+    result = Phasegate(url)("expand", P, "--live-version", "1")  # no --yes, no terminal
+    assert result.exit_code == 2, result.output
+    database = make_url(seeded_url).database
+    assert f"on postgresql+psycopg://postgres:***@127.0.0.1:5432/{database} without" in (
+        result.stderr
+    )
+
+
+def test_sslpassword_is_never_printed() -> None:
+    url = "postgresql://postgres@127.0.0.1:1/nothing?sslpassword=hunter2-ssl&sslmode=disable"
+    for args in (["status", P], ["--json", "status", P]):
+        result = invoke("--database-url", url, *args)
+        assert result.exit_code == 3, result.output
+        assert "hunter2-ssl" not in result.output and "sslpassword=***" in result.stderr
+    assert mask_url(url) == (
+        "postgresql://postgres@127.0.0.1:1/nothing?sslmode=disable&sslpassword=***"
+    )
+
+
+def test_masking_finds_passwords_in_every_form() -> None:
+    url = "postgresql://app:p%40ss%2Fword@db.example/prod?sslpassword=key-pw"
+    text = (
+        f"echo {url}; decoded p@ss/word; conninfo password='p@ss/word' sslpassword=key-pw; "
+        "host db.example, database prod, user app"
+    )
+    assert scrub(text, url) == (
+        "echo postgresql://app:***@db.example/prod?sslpassword=***; decoded ***; "
+        "conninfo password='***' sslpassword=***; host db.example, database prod, user app"
+    )
+
+
+@pytest.mark.db
+def test_the_demo_passes_the_url_to_its_child_in_the_environment(pg_server, monkeypatch) -> None:
+    """The demo's backfill child used to get --database-url URL: visible in `ps`."""
+    from phasegate import demo
+
+    started: list[tuple[list[str], dict[str, str] | None]] = []
+
+    class Recorded(subprocess.Popen):  # the real child, its argv and env noted
+        def __init__(self, args, *rest, **kw):
+            started.append((list(args), kw.get("env")))
+            super().__init__(args, *rest, **kw)
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Recorded)
+    url = with_password(pg_server.url, "demo-secret-pw")
+    result = CliRunner().invoke(
+        cli, ["--database-url", url, "demo", "--rows", "3000"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "demo-secret-pw" not in result.output
+    [(argv, env)] = started
+    assert not any("demo-secret-pw" in arg or "postgresql" in arg for arg in argv), argv
+    assert env is not None and "demo-secret-pw" in env["PHASEGATE_DATABASE_URL"]
+
+
+@pytest.mark.db
+def test_libpq_finds_a_password_left_out_of_the_url(pg_server, tmp_path, monkeypatch) -> None:
+    """What the README advises (no test of a bug: it backs the documentation). Trust auth
+    checks no password, but libpq reports the one it found and would have sent."""
+    from phasegate import db
+
+    url = make_url(pg_server.url).set(password=None).render_as_string(hide_password=False)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("*:*:*:*:from-the-passfile\n")
+    passfile.chmod(0o600)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    with db.session(url) as session:
+        assert session.raw.info.password == "from-the-passfile"
+    monkeypatch.setenv("PGPASSWORD", "from-the-environment")
+    with db.session(url) as session:
+        assert session.raw.info.password == "from-the-environment"
