@@ -28,12 +28,13 @@ from sqlalchemy.pool import NullPool
 
 from phasegate import db, guard
 from phasegate.cli import cli
-from phasegate.db import libpq_url, normalize_url
+from phasegate.db import LOCK_NAMESPACE, LOCK_ORCHESTRATOR, libpq_url, normalize_url
 from phasegate.plan import PHASES
 from phasegate.revisions import AlembicProject
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 from .test_failures import alembic as alembic_by_hand
+from .test_failures import hold
 from .test_seed_story import columns, fetch, scalar
 
 P = str(PLAN)
@@ -226,8 +227,8 @@ def test_a_failed_phase_is_left_for_phasegate_to_resume(
     document = json.loads(result.stdout)
     assert document["applied"] == []
     assert [(e["phase"], e["why"]) for e in document["left"]] == [
-        ("switch", "the advance of switch is failed part way"),
-        ("contract", "the advance of switch is failed part way"),
+        ("switch", "the advance of switch failed part way; phasegate resumes it"),
+        ("contract", "the advance of switch failed part way; phasegate resumes it"),
     ]
 
 
@@ -388,8 +389,8 @@ def test_an_alembic_init_project_applies_nothing_then_phasegate_upgrade_leads_th
     assert result.exit_code == 0, result.output
     assert "applied 1 revision(s):\n  a1" in result.stdout
     assert re.search(
-        r"plan item-label, phase expand \(not started\): a2; run `phasegate advance \S*"
-        r"item_label.yaml --to expand`",
+        r"plan item-label, phase expand \(the plan has not started\): a2; "
+        r"run `phasegate advance \S*item_label.yaml --to expand`",
         result.stdout,
     )
     assert "waiting behind them: 1 revision(s) (a3)" in result.stdout
@@ -430,11 +431,14 @@ def test_phasegate_upgrade_restores_a_done_phase_and_stops_before_the_next(
     result = phasegate("upgrade", "--yes")
     assert result.exit_code == 0, result.output
     assert "applied 2 revision(s):\n  6c55e0560fd4" in result.stdout
-    assert "  plan bug-root-cause, phase switch (not started): a41c7e9d2b58, d7e2b9f4a613" in (
+    assert (
+        "  plan bug-root-cause, phase switch (the last phase done is expand, so switch has not "
+        "run yet): a41c7e9d2b58, d7e2b9f4a613; run `phasegate advance "
+    ) in result.stdout
+    assert "bug_root_cause.yaml --to switch`" in result.stdout
+    assert "phase contract (the last phase done is expand, so contract has not run yet)" in (
         result.stdout
     )
-    assert "bug_root_cause.yaml --to switch`" in result.stdout
-    assert "phase contract (not started): e59b1f0c3d82" in result.stdout
     assert heads(seeded_url) == {EXPAND[-1]}
     assert "root_cause_id" in columns(engine)
     status = json.loads(phasegate("status", P, json_output=True).stdout)
@@ -469,8 +473,8 @@ def project_with_branches(root: Path) -> Path:
     shutil.copy(ALEMBIC_INI, root / "alembic.ini")
     versions = root / "migrations" / "versions"
     for revision, down, statement in [
-        ("b0000000001a", BASELINE, "CREATE TABLE team (id int)"),
-        ("b0000000001b", "b0000000001a", "ALTER TABLE team ADD COLUMN name text"),
+        ("b0000000001a", BASELINE, "ALTER TABLE bug ADD COLUMN team text"),
+        ("b0000000001b", "b0000000001a", "CREATE TABLE team (id int, name text)"),
         ("c0000000001a", CONTRACT[-1], "CREATE TABLE later (id int)"),
     ]:
         (versions / f"{revision}.py").write_text(revision_file(revision, down, statement, None))
@@ -495,7 +499,7 @@ def test_phasegate_upgrade_follows_every_branch_to_its_first_blocked_revision(
     assert [w["revision"] for w in document["waiting"]] == ["c0000000001a"]
     assert document["heads"] == ["b0000000001b"]
     assert heads(seeded_url) == {"b0000000001b"}  # the baseline is below it
-    assert "name" in columns(engine, "team")
+    assert "team" in columns(engine) and "name" in columns(engine, "team")
 
     # the plan done, the same command takes the rest
     run = ["--live-version", "1.0", "--yes"]
@@ -517,8 +521,9 @@ def test_a_tagged_revision_of_a_plan_without_a_file_counts_as_not_started(
     result = Phasegate(seeded_url, ini)("upgrade", "--yes")
     assert result.exit_code == 0, result.output
     assert (
-        "plan bug-root-cause, phase expand (no plan file in the plans directory): "
-        "6c55e0560fd4, 8f3a2d1c9b7e; run `add the plan file of 'bug-root-cause'"
+        "plan bug-root-cause, phase expand (no plan file in the plans directory: add it there): "
+        "6c55e0560fd4, 8f3a2d1c9b7e; run `phasegate advance <plan file of bug-root-cause> "
+        "--to expand`"
     ) in result.stdout
     assert heads(seeded_url) == {"b0000000001b"}  # the baseline is below it
 
@@ -533,3 +538,59 @@ def test_the_marker_holds_only_while_phasegate_runs_the_phase(seeded_url: str) -
         with pytest.raises(Exception, match="belongs to phase 'expand'"):
             project.upgrade(session, EXPAND[1])  # no marker, no ledger: refused
     assert heads(seeded_url) == {EXPAND[0]}
+
+
+@pytest.mark.db
+def test_an_invalid_plan_file_stops_phasegate_upgrade_before_it_connects(
+    tmp_path: Path, seeded_url: str
+) -> None:
+    ini = project_with_branches(tmp_path)
+    broken = tmp_path / "plans" / "broken.yaml"
+    broken.write_text("plan: broken\napp: shop\nbaseline_compatible: '<2'\nphases:\n  expnad: {}\n")
+    result = Phasegate(seeded_url, ini)("upgrade", "--yes")
+    assert result.exit_code == 2, result.output
+    assert f"{broken}:5" in result.stderr
+    assert heads(seeded_url) == {BASELINE}
+
+
+@pytest.mark.db
+def test_phasegate_upgrade_takes_the_lock_and_runs_under_the_lock_guard(
+    tmp_path: Path, seeded_url: str
+) -> None:
+    phasegate = Phasegate(seeded_url, project_with_branches(tmp_path))
+    holder = hold(
+        seeded_url,
+        f"SELECT pg_advisory_lock({LOCK_NAMESPACE}, {LOCK_ORCHESTRATOR})",
+        application_name="phasegate backfill bug_root_cause.yaml",
+    )
+    try:
+        busy = phasegate("upgrade", "--yes")
+    finally:
+        holder.close()
+    assert busy.exit_code == 4, busy.output
+    assert "phasegate backfill bug_root_cause.yaml" in busy.stderr
+
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    try:
+        blocked = phasegate("upgrade", "--lock-timeout", "200ms", "--lock-retries", "1", "--yes")
+    finally:
+        blocker.close()
+    assert blocked.exit_code == 3, blocked.output
+    assert "lock timeout (200ms) in the upgrade to b0000000001b" in blocked.stderr
+    assert heads(seeded_url) == {BASELINE}
+    engine = sa.create_engine(seeded_url, poolclass=NullPool)
+    assert fetch(
+        engine, "SELECT kind FROM phasegate.event WHERE kind LIKE 'upgrade.%' ORDER BY id"
+    ) == [("upgrade.failed",)]
+    engine.dispose()
+
+
+@pytest.mark.db
+def test_phasegate_upgrade_refuses_a_database_ahead_of_its_code(
+    phasegate: Phasegate, seeded_url: str
+) -> None:
+    execute(seeded_url, "UPDATE alembic_version SET version_num = '0123456789ab'")
+    result = phasegate("upgrade", "--yes")
+    assert result.exit_code == 3, result.output
+    assert "the database is at revision(s) 0123456789ab, which" in result.stderr
+    assert heads(seeded_url) == {"0123456789ab"}

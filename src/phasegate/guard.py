@@ -111,7 +111,10 @@ def check(module: Mapping[str, Any]) -> None:
             f"revision {revision} refuses rather than guess"
         )
     connection = op.get_bind()
-    reason = _refusal(connection, str(plan), str(phase))
+    try:
+        reason = _refusal(connection, str(plan), str(phase))
+    except sa.exc.DBAPIError as exc:  # fail closed, with PostgreSQL's reason and no traceback
+        reason = f"the guard could not read the phasegate ledger: {exc.orig or exc}".strip()
     if reason is None:
         return
     raise CommandError(_message(revision, str(plan), str(phase), reason, context))
@@ -155,10 +158,11 @@ def _refusal(connection: sa.Connection, plan: str, phase: str) -> str | None:
     row = LedgerRow(*found) if found is not None else None
     if phase_done(row, phase):
         return None
-    return _ledger_says(row, phase)
+    return not_done(row, phase)
 
 
-def _ledger_says(row: LedgerRow | None, phase: str) -> str:
+def not_done(row: LedgerRow | None, phase: str) -> str:
+    """Why the ledger does not count `phase` as done, in words."""
     if row is None or (row.phase is None and row.state not in ("running", "failed")):
         return "the plan has not started"
     if row.state in ("running", "failed") and row.active_phase:

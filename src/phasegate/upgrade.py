@@ -24,7 +24,7 @@ from alembic.runtime.migration import MigrationInfo
 
 from phasegate import guard, ledger
 from phasegate.db import Session
-from phasegate.errors import PhasegateError
+from phasegate.errors import PhasegateError, RuntimeFailure
 from phasegate.plan import Plan
 from phasegate.revisions import AlembicProject
 
@@ -52,12 +52,8 @@ class Left:
 
     @property
     def command(self) -> str:
-        if self.source is None:
-            return (
-                f"add the plan file of {self.plan!r} to the plans directory, then "
-                f"`phasegate advance <its file> --to {self.phase}`"
-            )
-        return f"phasegate advance {self.source} --to {self.phase}"
+        source = self.source or f"<plan file of {self.plan}>"
+        return f"phasegate advance {source} --to {self.phase}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,16 +138,13 @@ def plan_upgrade(
 def _why_not(owner: Owner, state: ledger.PlanState | None) -> str | None:
     """Why phasegate must run this phase's revisions itself, or None when they may run."""
     if owner.source is None:
-        return "no plan file in the plans directory"
+        return "no plan file in the plans directory: add it there"
     row = None
     if state is not None:
         row = guard.LedgerRow(state.phase, state.state, state.active_phase, state.direction)
     if guard.phase_done(row, owner.phase):
         return None
-    if state is not None and state.state in ("running", "failed") and state.active_phase:
-        how = "running or interrupted" if state.state == "running" else "failed part way"
-        return f"the {state.direction or 'run'} of {state.active_phase} is {how}"
-    return "not started"
+    return guard.not_done(row, owner.phase)
 
 
 @dataclass
@@ -186,6 +179,13 @@ def run(
     """Apply every revision that is safe now (we hold the orchestrator lock)."""
     owned = owners(project, plans)
     heads_before = project.current_heads(db)
+    unknown = [head for head in heads_before if head not in project.revisions]
+    if unknown:
+        raise RuntimeFailure(
+            f"the database is at revision(s) {', '.join(unknown)}, which {project.location} "
+            "does not have (deployed by newer code?); nothing was applied. Run phasegate "
+            "from the code that has them"
+        )
     ledger.ensure_schema(db)
     with db.tx():
         states = {state.plan: state for state in ledger.all_states(db)}
