@@ -237,7 +237,9 @@ def test_the_guard_fails_closed_when_its_role_cannot_read_the_ledger(
     phasegate: Phasegate, seeded_url: str
 ) -> None:
     assert phasegate("expand", P, "--live-version", "1.0", "--yes").exit_code == 0
-    role = f"deployer_{uuid.uuid4().hex[:10]}"
+    # a role name carrying a terminal control sequence reaches the message escaped
+    role = f"deployer\x1b[2K_{uuid.uuid4().hex[:10]}"
+    shown = role.replace("\x1b", "\\x1b")
     execute(
         seeded_url,
         f'CREATE ROLE "{role}" LOGIN',
@@ -248,9 +250,10 @@ def test_the_guard_fails_closed_when_its_role_cannot_read_the_ledger(
     try:
         upgrade = alembic_cli(ROOT, as_role, "upgrade", "head")
         assert upgrade.returncode != 0, upgrade.stdout + upgrade.stderr
-        assert f"role {role} may not read the phasegate ledger" in upgrade.stdout
-        assert f'GRANT USAGE ON SCHEMA phasegate TO "{role}"' in upgrade.stdout
-        assert f'GRANT SELECT ON phasegate.plan_state TO "{role}"' in upgrade.stdout
+        assert f"role {shown} may not read the phasegate ledger" in upgrade.stdout
+        assert f'GRANT USAGE ON SCHEMA phasegate TO "{shown}"' in upgrade.stdout
+        assert f'GRANT SELECT ON phasegate.plan_state TO "{shown}"' in upgrade.stdout
+        assert "\x1b" not in upgrade.stdout
         assert heads(seeded_url) == {EXPAND[-1]}
 
         execute(
@@ -594,3 +597,30 @@ def test_phasegate_upgrade_refuses_a_database_ahead_of_its_code(
     assert result.exit_code == 3, result.output
     assert "the database is at revision(s) 0123456789ab, which" in result.stderr
     assert heads(seeded_url) == {"0123456789ab"}
+
+
+@pytest.mark.parametrize("project", [ROOT, ROOT / "tests" / "external_project"])
+def test_script_py_mako_puts_the_guard_on_tagged_revisions_only(
+    project: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(project / "migrations", tmp_path / "migrations")
+    shutil.copy(project / "alembic.ini", tmp_path / "alembic.ini")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PHASEGATE_")}
+    for rev_id, tags in [
+        ("dddddddd0001", {"PHASEGATE_PLAN": "p", "PHASEGATE_PHASE": "contract"}),
+        ("dddddddd0002", {}),
+    ]:
+        made = subprocess.run(
+            [sys.executable, "-m", "alembic", "revision", "-m", "x", "--rev-id", rev_id],
+            cwd=tmp_path,
+            env={**environment, **tags},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stdout + made.stderr
+    revisions = AlembicProject(tmp_path / "alembic.ini").revisions
+    tagged, plain = revisions["dddddddd0001"], revisions["dddddddd0002"]
+    assert (tagged.plan, tagged.phase, tagged.guarded) == ("p", "contract", True)
+    assert (plain.plan, plain.guarded) == (None, False)
+    assert "guard" not in Path(plain.path).read_text()

@@ -117,7 +117,7 @@ def check(module: Mapping[str, Any]) -> None:
         reason = f"the guard could not read the phasegate ledger: {exc.orig or exc}".strip()
     if reason is None:
         return
-    raise CommandError(_message(revision, str(plan), str(phase), reason, context))
+    raise CommandError(_printable(_message(revision, str(plan), str(phase), reason, context)))
 
 
 def _refusal(connection: sa.Connection, plan: str, phase: str) -> str | None:
@@ -205,6 +205,12 @@ def _plan_file(plan: str, context: Any) -> str:
     except Exception:  # a message helper: any failure means "not found"
         pass
     return "<plan file>"
+
+
+def _printable(text: str) -> str:
+    """Control characters (a role name, a database error) escaped, as a terminal must
+    never interpret text that came from the database."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _quote(role: str) -> str:
