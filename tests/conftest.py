@@ -8,7 +8,9 @@ Tests that need the seeded bug tracker clone a template database seeded once per
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -17,7 +19,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from sqlalchemy.pool import NullPool
 
-from phasegate import demo, provision
+from phasegate import demo, guard, provision
 from phasegate.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,21 @@ SEED_ROWS = 3000
 def load_example(name: str) -> ModuleType:
     """A file of examples/bugtracker, loaded by path the way the demo loads it."""
     return demo.load_example(ROOT, name)
+
+
+@contextmanager
+def guard_off() -> Iterator[None]:
+    """`PHASEGATE_GUARD=off`: plan revisions run outside phasegate (an operator's
+    out-of-band `alembic upgrade`, simulated on purpose)."""
+    previous = os.environ.get(guard.ESCAPE)
+    os.environ[guard.ESCAPE] = "off"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[guard.ESCAPE]
+        else:
+            os.environ[guard.ESCAPE] = previous
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from .conftest import ROOT, Phasegate
 
 SCRIPT = ROOT / "examples" / "ci" / "deploy.sh"
 WORKFLOW = ROOT / "examples" / "ci" / "github-actions.yml"
-ORDER = ["expand", "backfill", "check-deploy", "switch", "gate", "contract"]
+ORDER = ["upgrade", "expand", "backfill", "check-deploy", "switch", "gate", "contract"]
 
 
 def run_script(url: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +74,10 @@ def test_the_pipeline_waits_for_v1_to_drain_then_contracts(seeded_url) -> None:
         v1.close()
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line for line in result.stdout.splitlines() if line.startswith("==> ")]
-    assert steps[3] == "==> deploy 2.0" and steps[-1].startswith("==> done")
+    assert steps[0].startswith("==> upgrade") and steps[4] == "==> deploy 2.0"
+    assert steps[-1].startswith("==> done")
+    # the deploy's upgrade leaves the plan's revisions to the phase steps that follow
+    assert "nothing to apply" in result.stdout and "left for phasegate:" in result.stdout
     assert "waiting" in result.stderr and "1.4 (pg_stat_activity" in result.stderr
     status = plan_status(seeded_url)
     assert (status["phase"], status["state"]) == ("contract", "done")

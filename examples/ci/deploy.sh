@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Deploy a new version of the bug tracker together with the seed plan, zero downtime.
 #
-#   expand -> backfill -> check-deploy NEW -> (deploy NEW) -> switch -> gate contract --wait
-#   -> contract
+#   upgrade -> expand -> backfill -> check-deploy NEW -> (deploy NEW) -> switch
+#   -> gate contract --wait -> contract
+#
+# `phasegate upgrade` replaces the `alembic upgrade head` a deploy would run: it applies every
+# revision that is safe now (other teams' changes, phases already done) and stops before the
+# plan's own revisions, which the phase steps after it run behind their gates. (A plain
+# `alembic upgrade head` refuses a plan revision whose phase phasegate has not run.)
 #
 # Every step is a phasegate command whose exit code decides what happens next:
 #   0 go on · 1 refused (a gate, or check-deploy said no): stop, nothing is half-done ·
@@ -43,6 +48,8 @@ step() {
   exit "$code"
 }
 
+step "upgrade (every revision that is safe now; the plan's phases follow)" \
+  upgrade --yes
 step "expand (additive schema, old code keeps working)" \
   expand "$PLAN" --live-version "$CURRENT_VERSION" --yes
 step "backfill (sync triggers + batched copy)" \

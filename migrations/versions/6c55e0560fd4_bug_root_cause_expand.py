@@ -13,6 +13,8 @@ from pathlib import Path
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "6c55e0560fd4"
 down_revision: str | Sequence[str] | None = "bc25b5f8939f"
@@ -26,6 +28,7 @@ phasegate_phase: str | None = "expand"
 ROOT_CAUSE_ID_FOR_SQL = Path(__file__).resolve().parents[1] / "sql" / "root_cause_id_for.sql"
 
 
+@guarded
 def upgrade() -> None:
     """Add the curated table, the upsert helper and the new nullable column with its FK."""
     op.execute(

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "8f3a2d1c9b7e"
 down_revision: str | Sequence[str] | None = "6c55e0560fd4"
@@ -33,6 +35,7 @@ INDEX_IS_INVALID = sa.text(
 )
 
 
+@guarded
 def upgrade() -> None:
     """Drop an INVALID leftover of a failed build, then build the index without blocking writes."""
     with op.get_context().autocommit_block():

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "a41c7e9d2b58"
 down_revision: str | Sequence[str] | None = "8f3a2d1c9b7e"
@@ -23,6 +25,7 @@ phasegate_plan: str | None = "bug-root-cause"
 phasegate_phase: str | None = "switch"
 
 
+@guarded
 def upgrade() -> None:
     """Validate the foreign key; start enforcing root_cause_id IS NOT NULL for new rows."""
     op.execute("ALTER TABLE bug VALIDATE CONSTRAINT bug_root_cause_id_fkey")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "d7e2b9f4a613"
 down_revision: str | Sequence[str] | None = "a41c7e9d2b58"
@@ -23,6 +25,7 @@ phasegate_plan: str | None = "bug-root-cause"
 phasegate_phase: str | None = "switch"
 
 
+@guarded
 def upgrade() -> None:
     """Turn the validated check into NOT NULL, then relax the old column."""
     op.execute("ALTER TABLE bug VALIDATE CONSTRAINT bug_root_cause_id_not_null")

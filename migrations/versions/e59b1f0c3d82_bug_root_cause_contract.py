@@ -13,6 +13,8 @@ from pathlib import Path
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "e59b1f0c3d82"
 down_revision: str | Sequence[str] | None = "d7e2b9f4a613"
@@ -26,6 +28,7 @@ phasegate_phase: str | None = "contract"
 ROOT_CAUSE_ID_FOR_SQL = Path(__file__).resolve().parents[1] / "sql" / "root_cause_id_for.sql"
 
 
+@guarded
 def upgrade() -> None:
     """Drop the old text column and the helper only the backfill and sync trigger used."""
     op.execute("ALTER TABLE bug DROP COLUMN root_cause")

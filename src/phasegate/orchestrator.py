@@ -400,7 +400,9 @@ class Orchestrator:
             self.notify(f"upgrading to {self.project.revisions[revision].describe()}")
             self.db.retrying(
                 f"revision {revision}",
-                lambda rev=revision: self.project.upgrade(self.db, rev, self._on_step(phase)),
+                lambda rev=revision: self.project.upgrade(
+                    self.db, rev, self._on_step(phase), phase_of=(self.plan.name, phase)
+                ),
             )
             failpoints.reach(f"after-revision:{revision}")
         return []

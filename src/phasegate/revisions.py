@@ -23,6 +23,7 @@ from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError, to_tuple
 
+from phasegate import guard
 from phasegate.db import Session
 from phasegate.errors import RuntimeFailure, UsageError
 from phasegate.plan import PHASES, REVISION_PHASES, Plan, PlanError, PlanIssue
@@ -46,6 +47,7 @@ class RevisionInfo:
     path: str
     doc: str
     allow: dict[str, str] = field(default_factory=dict)  # phasegate_allow: lint waivers
+    guarded: bool = False  # its upgrade() carries phasegate.guard.guarded
 
     def describe(self) -> str:
         return f"{self.revision} ({self.doc})" if self.doc else self.revision
@@ -300,13 +302,30 @@ class AlembicProject:
         self._run_env(db, capture, destination=None, on_step=None, read_only=True)
         return tuple(sorted(found))
 
-    def upgrade(self, db: Session, target: str, on_step: StepHook | None = None) -> None:
-        self._run_env(
-            db,
-            lambda rev, context: self.script._upgrade_revs(target, rev),
-            destination=target,
-            on_step=on_step,
-        )
+    def upgrade(
+        self,
+        db: Session,
+        target: str,
+        on_step: StepHook | None = None,
+        phase_of: tuple[str, str] | None = None,
+    ) -> None:
+        """Upgrade to `target`. `phase_of` (plan, phase): phasegate runs that phase now, so
+        the revision guard lets its revisions run (the marker is this session's, set in a
+        committed transaction of its own so a retried revision still sees it, and cleared
+        afterwards)."""
+        if phase_of is not None:
+            _mark(db, "/".join(phase_of))
+        try:
+            self._run_env(
+                db,
+                lambda rev, context: self.script._upgrade_revs(target, rev),
+                destination=target,
+                on_step=on_step,
+            )
+        finally:
+            if phase_of is not None:
+                with contextlib.suppress(Exception):  # a lost session took its marker along
+                    _mark(db, "")
 
     def downgrade(self, db: Session, target: str, on_step: StepHook | None = None) -> None:
         self._run_env(
@@ -363,6 +382,39 @@ class AlembicProject:
             return list(reversed(self.sort(applied)))
         undone = {r for r in applied if r != target and target in self.ancestors(r)}
         return list(reversed(self.sort(undone)))
+
+    def unguarded(self, plan: Plan, resolved: PlanRevisions) -> list[PlanIssue]:
+        """The plan's revisions that a plain `alembic upgrade` would run at any time: untagged
+        (listed in `revisions:`), or tagged without the guard on their upgrade()."""
+        issues = []
+        for phase, revisions in resolved.by_phase.items():
+            for rev in revisions:
+                info = self.revisions[rev]
+                if info.plan is None:
+                    issues.append(
+                        self._file_issue(
+                            info,
+                            f"listed in phases.{phase}.revisions of {plan.source} but not tagged, "
+                            "so a plain `alembic upgrade` cannot tell it belongs to the plan and "
+                            "runs it whenever it is next",
+                            f"tag it: phasegate_plan = {plan.name!r}, phasegate_phase = "
+                            f"{phase!r}, then guard its upgrade() as below",
+                        )
+                    )
+                elif not info.guarded:
+                    issues.append(
+                        PlanIssue(
+                            info.path,
+                            _upgrade_line(info.path),
+                            f"revision {info.revision}",
+                            f"tagged for phase {phase!r} but its upgrade() has no guard, so a "
+                            "plain `alembic upgrade head` (a deploy's, a container's start) "
+                            "runs it before phasegate has run the phase",
+                            "add `from phasegate.guard import guarded` and put `@guarded` on "
+                            "the line above `def upgrade()`",
+                        )
+                    )
+        return issues
 
     def _run_env(
         self,
@@ -447,7 +499,16 @@ def _info(script: Script) -> RevisionInfo:
         path=str(script.path),
         doc=(script.doc or "").strip(),
         allow=_waivers(getattr(module, "phasegate_allow", None)),
+        guarded=guard.is_guarded(getattr(module, "upgrade", None)),
     )
+
+
+def _mark(db: Session, value: str) -> None:
+    """Set the guard's marker on this session (session-level, committed)."""
+    with db.tx():
+        db.execute(
+            "SELECT set_config(%(name)s, %(value)s, false)", {"name": guard.MARKER, "value": value}
+        )
 
 
 def _waivers(value: Any) -> dict[str, str]:
@@ -475,6 +536,16 @@ def _running_file(exc: TimeLimitExceeded, script: ScriptDirectory) -> str:
     inside = [f for f in exc.stack if Path(f.filename).resolve().is_relative_to(root)]
     frame = (inside or exc.stack or [None])[-1]
     return f"{frame.filename}:{frame.lineno} " if frame is not None else ""
+
+
+def _upgrade_line(path: str) -> int | None:
+    try:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.startswith("def upgrade("):
+                return number
+    except OSError:
+        return None
+    return None
 
 
 def _tag_line(path: str) -> int | None:

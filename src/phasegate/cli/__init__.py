@@ -3,7 +3,7 @@
 Importing the package registers every command on the group.
 """
 
-from phasegate.cli import phases, read, versions  # noqa: F401 (they register commands)
+from phasegate.cli import deploy, phases, read, versions  # noqa: F401 (they register commands)
 from phasegate.cli.app import cli, main
 
 __all__ = ["cli", "main"]

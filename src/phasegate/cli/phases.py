@@ -46,6 +46,18 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Proceed even if the version gate refuses; the reason, you and the versions "
             "seen go to the event log.",
         ),
+        lock_options,
+        live_version_option,
+        wait_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def lock_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What every command that runs DDL takes: lock limits, the actor, --yes."""
+    options = [
         click.option(
             "--lock-timeout",
             metavar="DURATION",
@@ -67,8 +79,6 @@ def gated_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--actor", help="Who is acting, for the event log (default user@host)."),
         click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
-        live_version_option,
-        wait_option,
     ]
     for option in reversed(options):
         fn = option(fn)

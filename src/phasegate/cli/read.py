@@ -65,12 +65,25 @@ def validate(ctx: Context, plans: tuple[str, ...]) -> int:
             for name, infos in resolved.foreign.items()
             for info in infos
         ]
+        unguarded = project.unguarded(plan, resolved)  # `alembic upgrade` would run them
         results.append(
-            {"source": path, "valid": True, "plan": plan.name, "phases": phases, "notes": notes}
+            {
+                "source": path,
+                "valid": True,
+                "plan": plan.name,
+                "phases": phases,
+                "notes": notes,
+                "warnings": [issue.to_dict() for issue in unguarded],
+            }
         )
         lines.append(
             f"ok: {path} — plan {plan.name} (app {plan.app})\n"
-            + "\n".join(f"  {s}" for s in summary + [f"note: {n}" for n in notes])
+            + "\n".join(
+                f"  {s}"
+                for s in summary
+                + [f"note: {n}" for n in notes]
+                + [f"warning: {issue}" for issue in unguarded]
+            )
         )
     emit(ctx, {"ok": ok, "valid": ok, "plans": results}, "\n".join(lines))
     if not ok:

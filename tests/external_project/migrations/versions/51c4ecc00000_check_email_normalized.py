@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "51c4ecc00000"
 down_revision: str | Sequence[str] | None = "e21de0c0c000"
@@ -22,6 +24,7 @@ phasegate_plan = "customer-email-normalized"
 phasegate_phase = "switch"
 
 
+@guarded
 def upgrade() -> None:
     op.execute(
         "ALTER TABLE customer ADD CONSTRAINT customer_email_normalized_not_null "

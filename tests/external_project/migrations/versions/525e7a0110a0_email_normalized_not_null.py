@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "525e7a0110a0"
 down_revision: str | Sequence[str] | None = "51c4ecc00000"
@@ -23,6 +25,7 @@ phasegate_plan = "customer-email-normalized"
 phasegate_phase = "switch"
 
 
+@guarded
 def upgrade() -> None:
     op.execute("ALTER TABLE customer VALIDATE CONSTRAINT customer_email_normalized_not_null")
     op.execute("ALTER TABLE customer ALTER COLUMN email_normalized SET NOT NULL")

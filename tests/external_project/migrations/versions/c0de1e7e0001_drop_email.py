@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "c0de1e7e0001"
 down_revision: str | Sequence[str] | None = "525e7a0110a0"
@@ -22,6 +24,7 @@ phasegate_plan = "customer-email-normalized"
 phasegate_phase = "contract"
 
 
+@guarded
 def upgrade() -> None:
     op.execute("ALTER TABLE customer DROP COLUMN email")
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "e1add0c01000"
 down_revision: str | Sequence[str] | None = "ba5e11de0001"
@@ -22,6 +24,7 @@ phasegate_plan = "customer-email-normalized"
 phasegate_phase = "expand"
 
 
+@guarded
 def upgrade() -> None:
     op.execute("ALTER TABLE customer ADD COLUMN email_normalized text")
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from phasegate.guard import guarded
+
 # revision identifiers, used by Alembic.
 revision: str = "e21de0c0c000"
 down_revision: str | Sequence[str] | None = "e1add0c01000"
@@ -21,6 +23,7 @@ phasegate_plan = "customer-email-normalized"
 phasegate_phase = "expand"
 
 
+@guarded
 def upgrade() -> None:
     with op.get_context().autocommit_block():
         op.execute(
