@@ -349,7 +349,10 @@ def init_project(root: Path, url: str) -> Path:
     )
     assert made.returncode == 0, made.stdout + made.stderr
     ini = root / "alembic.ini"
-    ini.write_text(ini.read_text().replace("driver://user:pass@localhost/dbname", url))
+    # configparser interpolates `%`: the embedded server's URL carries %2F (its socket path)
+    ini.write_text(
+        ini.read_text().replace("driver://user:pass@localhost/dbname", url.replace("%", "%%"))
+    )
     env = root / "migrations" / "env.py"
     text = env.read_text()
     assert "transaction_per_migration" not in text
