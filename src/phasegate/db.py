@@ -258,6 +258,7 @@ def session(
             database=mask_url(url),
         ) from None
     session = Session(connection, url)
+    state_isolation(session.raw)
     if policy is not None:
         lockguard.install(session.raw, policy, url)
     try:
@@ -265,6 +266,22 @@ def session(
     finally:
         connection.close()
         engine.dispose()
+
+
+def state_isolation(connection: psycopg.Connection) -> None:
+    """READ COMMITTED for this session's life, transactions and autocommit statements alike.
+
+    phasegate's SQL is written for it: a batch re-reads a row the app changed meanwhile
+    instead of failing, a slice claim skips what others lock, `root_cause_id_for`-style
+    upserts loop on a fresh snapshot. A database or role may default to REPEATABLE READ or
+    SERIALIZABLE (managed services let one set it per database), and the app's traffic
+    would then make every such statement fail with 40001 now and then, so each session
+    states its own. The app's transactions keep theirs: SSI tracks only serializable ones.
+    """
+    psycopg.Cursor(connection).execute(
+        "SELECT set_config('default_transaction_isolation', 'read committed', false)"
+    )
+    connection.commit()
 
 
 def acquire_orchestrator_lock(db: Session) -> None:

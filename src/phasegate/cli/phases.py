@@ -165,7 +165,8 @@ def backfill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(min=0),
             default=defaults.retries,
             show_default=True,
-            help="Retries of one batch after a lock/statement timeout or deadlock.",
+            help="Retries of one batch after a lock/statement timeout, deadlock or "
+            "serialization failure; of an `sql` job after a deadlock or serialization failure.",
         ),
     ]
     # decorators apply bottom-up to a function, but append in order to a built Command
