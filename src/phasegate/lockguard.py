@@ -295,8 +295,8 @@ class GuardedCursor(psycopg.Cursor):
 class LongWait:
     """Company for a concurrent statement while it may wait out its long lock budget.
 
-    A thread with its own connection (opened when first needed) that, while the statement
-    waits for a lock, says whom it waits for after REPORT_AFTER seconds and every
+    A thread that, while the statement waits for a lock (asked on a connection of its own,
+    only when it matters), says whom it waits for after REPORT_AFTER seconds and every
     REPORT_EVERY after, and on a stop request cancels it: a first SIGINT/SIGTERM finishes
     the current step, and this step's wait could last the whole budget. A statement that is
     building, not waiting, is left to finish.
@@ -319,31 +319,19 @@ class LongWait:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from phasegate.db import libpq_url  # late: db imports this module
-
         policy = self.guard.policy
         started = time.monotonic()
         report_at = started + self.REPORT_AFTER
-        watcher: psycopg.Connection | None = None
         try:
             while not self._done.wait(self.POLL):
                 asked_to_stop = policy.stop is not None and policy.stop.is_set()
                 if not (asked_to_stop or time.monotonic() >= report_at):
                     continue
-                if watcher is None:
-                    watcher = psycopg.connect(
-                        libpq_url(self.guard.url),
-                        autocommit=True,
-                        application_name="phasegate long wait",
-                    )
-                row = watcher.execute(
-                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
-                    (self.pid,),
-                ).fetchone()
-                waiting = bool(row and row[0])
+                waiting = self._waiting()
                 if asked_to_stop and waiting and not self._done.is_set():
                     self.cancelled = True
-                    self.connection.cancel_safe()
+                    # cancel_safe (psycopg 3.2+) uses libpq 17's cancel API where available
+                    getattr(self.connection, "cancel_safe", self.connection.cancel)()
                     return
                 if time.monotonic() >= report_at:
                     report_at += self.REPORT_EVERY
@@ -356,9 +344,20 @@ class LongWait:
                         )
         except psycopg.Error:
             return  # a courtesy: without it the statement waits out its budget
-        finally:
-            if watcher is not None:
-                watcher.close()
+
+    def _waiting(self) -> bool:
+        """Whether the statement waits for a lock now. A connection per look: one kept open
+        between looks half a minute apart would meet the server's idle_session_timeout."""
+        from phasegate.db import libpq_url  # late: db imports this module
+
+        with psycopg.connect(
+            libpq_url(self.guard.url), autocommit=True, application_name="phasegate long wait"
+        ) as watcher:
+            row = watcher.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                (self.pid,),
+            ).fetchone()
+        return bool(row and row[0])
 
 
 def concurrent(parsed: list[ast.Node] | None) -> bool:
