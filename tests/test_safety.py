@@ -165,6 +165,7 @@ def test_an_invalid_index_left_by_a_timed_out_concurrent_build_is_dropped_before
     tmp_path, database_url
 ) -> None:
     project = Project(tmp_path, database_url, [Revision("expand", CONCURRENT_BUILD)])
+    (tmp_path / "phasegate.toml").write_text('concurrent_lock_timeout = "300ms"\n')
     writer = hold(database_url, OPEN_WRITE)
     closer = threading.Timer(2.5, writer.close)
     closer.start()
@@ -257,6 +258,7 @@ def test_an_invalid_index_a_spent_concurrent_build_left_is_dropped_by_the_next_r
     tmp_path, database_url
 ) -> None:
     project = Project(tmp_path, database_url, [Revision("expand", CONCURRENT_BUILD)])
+    (tmp_path / "phasegate.toml").write_text('concurrent_lock_timeout = "200ms"\n')
     writer = hold(database_url, OPEN_WRITE)
     try:
         result = project.run(
@@ -276,8 +278,10 @@ def test_an_invalid_index_a_spent_concurrent_build_left_is_dropped_by_the_next_r
     assert result.exit_code == 3, result.output
     error = json.loads(result.stdout)["error"]
     assert "could not get its lock in 2 attempt(s)" in error["message"]
+    assert "(lock_timeout 200ms each)" in error["message"]
     assert [b["application_name"] for b in error["blockers"]] == ["blocker"]
     assert "the next run drops it before building again" in error["message"]
+    assert "raise concurrent_lock_timeout in phasegate.toml" in error["message"]
     with psycopg.connect(libpq_url(database_url)) as conn:  # the blocker stopped the cleanup
         assert conn.execute(
             "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('ix_bug_score')"

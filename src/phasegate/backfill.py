@@ -30,7 +30,14 @@ from phasegate.db import Session, quote_table
 from phasegate.errors import Fenced, Interrupted, RuntimeFailure, UsageError
 from phasegate.keys import Key, KeyValue
 from phasegate.lockguard import client_check
-from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff, retry_reason
+from phasegate.pacing import (
+    CONFLICTS,
+    BackfillSettings,
+    BatchSizer,
+    Throttle,
+    backoff,
+    retry_reason,
+)
 from phasegate.plan import Job, Loc, Plan, PlanError, PlanIssue
 
 SAMPLE_ROWS = 20_000  # rows sampled to cut a job into slices
@@ -366,13 +373,28 @@ def table_columns(db: Session, table: str) -> set[str] | None:
     return {r[0] for r in rows}
 
 
-def run_sql_job(db: Session, plan: str, job: Job, progress: Progress) -> JobResult:
+def run_sql_job(
+    db: Session,
+    plan: str,
+    job: Job,
+    progress: Progress,
+    settings: BackfillSettings | None = None,
+    notify: Notify | None = None,
+) -> JobResult:
     """Run a one-shot statement once; its checkpoint commits with it.
 
     Unmarked: for the sync triggers it is a writer like the app, so what it writes to an
     old or a new column is synced. The mark is for the batches, which write exactly what
     the trigger would.
+
+    One transaction: an attempt that failed left nothing, so it may run again. A lock
+    timeout is retried as a revision's transaction is (the lock guard's budget, blockers
+    named when it is spent); a serialization failure or a deadlock, where the database
+    cancelled it to let others go on, as a batch is (`settings.retries`, with backoff, each
+    retry told through `notify`). A stop request ends the wait between attempts.
     """
+    settings = settings or BackfillSettings()
+    notify = notify or (lambda message: None)
     cp = ledger.get_checkpoint(db, plan, job.name)
     if cp.status == "done":
         result = JobResult(job.name, "sql", "skipped", rows=cp.rows_done)
@@ -380,10 +402,44 @@ def run_sql_job(db: Session, plan: str, job: Job, progress: Progress) -> JobResu
         return result
     progress.job_started(job.name, None, 0)
     started = time.monotonic()
-    with db.tx():
-        rows = max(db.execute(job.sql or "").rowcount, 0)
-        cp.status, cp.rows_done, cp.batches = "done", rows, 1
-        ledger.save_checkpoint(db, cp)
+
+    def once() -> int:
+        with db.tx():
+            rows = max(db.execute(job.sql or "").rowcount, 0)
+            cp.status, cp.rows_done, cp.batches = "done", rows, 1
+            ledger.save_checkpoint(db, cp)
+        return rows
+
+    attempt = 0
+    while True:
+        committed = db.guard.autocommit_statements if db.guard else 0
+        try:
+            rows = db.retrying(f"job {job.name!r}", once)
+            break
+        except Exception as exc:
+            reason = retry_reason(exc, CONFLICTS)
+            if reason is None or (db.guard and db.guard.autocommit_statements != committed):
+                raise  # not a conflict, or the statement committed part of itself
+            db.reset()
+            if attempt >= settings.retries:
+                raise RuntimeFailure(
+                    f"job {job.name!r} hit a {reason} {attempt + 1} time(s) in a row; nothing "
+                    "of it is committed. Run the same command again when the writes it "
+                    "conflicts with are fewer (or raise --retries)",
+                    job=job.name,
+                ) from exc
+            attempt += 1
+            pause = backoff(attempt)
+            notify(
+                f"job {job.name}: {reason}; nothing of it is committed; retry {attempt} of "
+                f"{settings.retries} in {pause:.2f}s"
+            )
+            if settings.stop.wait(pause):
+                raise Interrupted(
+                    f"job {job.name!r} stopped on request while it waited to retry after a "
+                    f"{reason}; nothing of it is committed. Resume with the same command",
+                    job=job.name,
+                ) from exc
     result = JobResult(job.name, "sql", "done", rows, 1, time.monotonic() - started)
     progress.job_finished(result)
     return result
@@ -1179,8 +1235,8 @@ def adopt_search_path(db: Session, search_path: str | None) -> None:
 
 
 def reset_limits(db: Session) -> None:
-    """Undo `set_limits(local=False)` and `batch.BatchSQL`'s `enable_seqscan` before a
-    walk session closes (a pooler may keep the server connection); best effort: a lost
+    """Undo `set_limits(local=False)`, `batch.BatchSQL`'s `enable_seqscan` and `db.settle`
+    before a walk session closes (a pooler may keep the server connection); best effort: a lost
     connection has nothing left to undo."""
     with contextlib.suppress(Exception):
         db.reset()
@@ -1192,10 +1248,12 @@ def reset_limits(db: Session) -> None:
                 "row_security",
                 "extra_float_digits",
                 "search_path",
+                "default_transaction_isolation",
             ):
                 psycopg.Cursor(db.raw).execute(f"RESET {name}")
-            if client_check(db.raw, local=False):  # set only where the server knows it
+            if client_check(db.raw, local=False):  # set only where the server knows them
                 psycopg.Cursor(db.raw).execute("RESET client_connection_check_interval")
+                psycopg.Cursor(db.raw).execute("RESET idle_session_timeout")
 
 
 def _regclass_text(db: Session, table: str) -> str:

@@ -36,6 +36,8 @@ _KEYS = {
     "versions_command": "a command whose stdout lists the live versions (one per line, or JSON)",
     "versions_command_timeout": "how long the command may run, e.g. '30s' (the default)",
     "lock_timeout": "lock_timeout of every statement, PostgreSQL syntax (default '2s')",
+    "concurrent_lock_timeout": "lock wait of CONCURRENTLY statements, which wait for every "
+    "older transaction and block no reads or writes (default '30min')",
     "ddl_statement_timeout": "statement_timeout of statements that block writes (default '5s')",
     "statement_timeout": "statement_timeout of the rest, '0' for none (the default)",
     "lock_retries": "retries of a step that timed out waiting for a lock (default 8)",
@@ -55,6 +57,7 @@ class ProjectConfig:
     versions_command: str | list[str] | None = None
     versions_command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     lock_timeout: str | None = None  # None: the built-in default (or the command line's)
+    concurrent_lock_timeout: str | None = None
     ddl_statement_timeout: str | None = None
     statement_timeout: str | None = None
     lock_retries: int | None = None
@@ -117,6 +120,7 @@ def _parse(table: Any, source: str, root: Path) -> ProjectConfig:
             table, "versions_command_timeout", source, DEFAULT_COMMAND_TIMEOUT
         ),
         lock_timeout=_pg_duration(table, "lock_timeout", source),
+        concurrent_lock_timeout=_bounded_pg_duration(table, "concurrent_lock_timeout", source),
         ddl_statement_timeout=_pg_duration(table, "ddl_statement_timeout", source),
         statement_timeout=_pg_duration(table, "statement_timeout", source),
         lock_retries=_count(table, "lock_retries", source),
@@ -154,6 +158,14 @@ def _pg_duration(table: dict[str, Any], key: str, source: str) -> str | None:
     text = str(value).strip()
     if isinstance(value, bool) or not PG_DURATION.fullmatch(text):
         raise UsageError(f"{source}: {key} = {value!r} is not a duration; write e.g. '2s'")
+    return text
+
+
+def _bounded_pg_duration(table: dict[str, Any], key: str, source: str) -> str | None:
+    """A PostgreSQL duration that must end: '0' (wait for ever) is refused."""
+    text = _pg_duration(table, key, source)
+    if text is not None and not re.search(r"[1-9]", text):
+        raise UsageError(f"{source}: {key} = {text!r} would wait for ever; write e.g. '30min'")
     return text
 
 

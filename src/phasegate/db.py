@@ -302,7 +302,7 @@ def session(
             database=mask_url(url),
         ) from None
     session = Session(connection, url)
-    _keep_for_life(session)
+    settle(session.raw)
     if policy is not None:
         lockguard.install(session.raw, policy, url)
     try:
@@ -334,14 +334,26 @@ def _only_once(url: str) -> Callable[[Any, Any], None]:
     return refuse_again
 
 
-def _keep_for_life(db: Session) -> None:
-    """No idle_session_timeout on phasegate's own sessions (PostgreSQL 14+; managed
-    services often set it under a minute): an orchestrator's session sits idle while its
-    workers walk or between lock retries, and ending it would end the run. Committed,
-    for the session's life."""
-    if db.raw.info.server_version >= 140000:
-        with db.tx():
-            db.execute("SELECT set_config('idle_session_timeout', '0', false)")
+def settle(connection: psycopg.Connection) -> None:
+    """The session settings every phasegate session states for its whole life, in one
+    round trip, committed:
+
+    - READ COMMITTED, for transactions and autocommit statements alike. phasegate's SQL is
+      written for it: a batch re-reads a row the app changed meanwhile instead of failing,
+      a slice claim skips what others lock, `root_cause_id_for`-style upserts loop on a
+      fresh snapshot. A database or role may default to REPEATABLE READ or SERIALIZABLE
+      (managed services let one set it per database), and the app's traffic would then
+      make such statements fail with 40001 now and then. The app's transactions keep
+      theirs: SSI tracks only serializable ones.
+    - No idle_session_timeout (PostgreSQL 14+; managed services often set it under a
+      minute): an orchestrator's session sits idle while its workers walk and between lock
+      retries, and ending it would end the run.
+    """
+    settings = "set_config('default_transaction_isolation', 'read committed', false)"
+    if connection.info.server_version >= 140000:
+        settings += ", set_config('idle_session_timeout', '0', false)"
+    psycopg.Cursor(connection).execute(f"SELECT {settings}")
+    connection.commit()
 
 
 def acquire_orchestrator_lock(db: Session) -> None:

@@ -7,6 +7,13 @@ back after every rollback. A statement whose lock blocks the app's writes (SHARE
 stronger) also gets a short statement_timeout; the others (CONCURRENTLY, VALIDATE, data
 work) get the long one. Which lock a statement takes comes from PostgreSQL's parser.
 
+A concurrent statement (CREATE/DROP INDEX CONCURRENTLY, REINDEX ... CONCURRENTLY, DETACH
+PARTITION ... CONCURRENTLY) is the exception: it waits for every older transaction in the
+database, that wait counts against lock_timeout, and its lock blocks no read or write, so
+nobody queues behind it. It gets a long wait of its own (`concurrent_lock_timeout`,
+default 30 min), says every half minute whom it waits for, and a stop request cancels
+the wait instead of sitting it out.
+
 A lock timeout is retried with exponential backoff and jitter, within a budget of
 attempts and time: a single statement of an autocommit block in place (after dropping the
 INVALID index a failed CREATE INDEX CONCURRENTLY leaves), a whole revision transaction by
@@ -26,6 +33,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from pglast import ast, parse_sql
+from pglast.enums import AlterTableType
 from pglast.parser import ParseError
 from psycopg import sql
 from psycopg.pq import TransactionStatus
@@ -43,6 +51,7 @@ WATCH_INTERVAL = 0.1  # seconds between looks at pg_blocking_pids() while we may
 @dataclass
 class LockPolicy:
     lock_timeout: str = "2s"
+    concurrent_lock_timeout: str = "30min"  # CONCURRENTLY statements: their wait blocks no one
     ddl_statement_timeout: str = "5s"  # statements whose lock blocks writes
     statement_timeout: str = "0"  # everything else (0: none)
     retries: int = 8
@@ -112,9 +121,16 @@ class Guard:
         return result
 
     def _timeout_for(self, parsed: list[ast.Node] | None) -> str:
+        if concurrent(parsed):  # DETACH ... CONCURRENTLY ends with a brief ACCESS EXCLUSIVE
+            return self.policy.statement_timeout
         if parsed and any(lock.blocks_writes for node in parsed for lock in locks_of(node)):
             return self.policy.ddl_statement_timeout
         return self.policy.statement_timeout
+
+    def _lock_timeout_for(self, parsed: list[ast.Node] | None) -> str:
+        if concurrent(parsed):
+            return self.policy.concurrent_lock_timeout
+        return self.policy.lock_timeout
 
     def _autocommit(
         self,
@@ -126,41 +142,70 @@ class Guard:
         timeout: str,
     ) -> Any:
         """Outside a transaction (Alembic's autocommit_block): session settings, and a
-        retry of this one statement, which nothing else shares a transaction with."""
+        retry of this one statement, which nothing else shares a transaction with.
+
+        A concurrent statement waits under `concurrent_lock_timeout`, its INVALID leftover
+        dropped under the same (that drop waits for the same transactions), watched by a
+        `LongWait`."""
+        lock_timeout = self._lock_timeout_for(parsed)
         aux.execute(
             "SELECT set_config('lock_timeout', %s, false), "
             "set_config('statement_timeout', %s, false)" + client_check(aux.connection, False),
-            (self.policy.lock_timeout, timeout),
+            (lock_timeout, timeout),
         )
+        what = _describe(aux.connection, query)
         started, attempt = time.monotonic(), 0
         with self.watching(aux.connection):
             while True:
+                long_wait = LongWait(self, aux.connection, what) if concurrent(parsed) else None
                 try:
                     # also a leftover of an earlier run, which IF NOT EXISTS would keep
                     self._drop_invalid_leftover(aux, parsed)
                     result = run(query, params)
                     self.autocommit_statements += 1  # committed: never retried whole again
                     return result
+                except psycopg.errors.QueryCanceled:
+                    if long_wait is None or not long_wait.cancelled:
+                        raise
+                    raise Interrupted(
+                        f"stopped on request while {what} waited for older transactions; "
+                        f"nothing of it is applied.{self._leave_nothing(aux, parsed)} Run the "
+                        "same command again to continue"
+                    ) from None
                 except psycopg.errors.LockNotAvailable:
                     attempt += 1
-                    what = _describe(aux.connection, query)
                     if self._budget_spent(attempt, started):
-                        note = ""
-                        try:  # leave nothing half-built, if the blocker lets us
-                            self._drop_invalid_leftover(aux, parsed)
-                        except psycopg.Error:
-                            note = (
-                                " The INVALID index the build left could not be dropped while "
-                                "blocked; the next run drops it before building again."
+                        note = self._leave_nothing(aux, parsed)
+                        if long_wait is not None:
+                            note += (
+                                " A concurrent statement waits for every older transaction "
+                                "in the database: end the long ones, or raise "
+                                "concurrent_lock_timeout in phasegate.toml."
                             )
-                        raise self._spent(what, attempt, started, note) from None
+                        raise self._spent(what, attempt, started, note, lock_timeout) from None
                     pause = self.policy.backoff(attempt)
                     self.policy.notify(
-                        f"lock timeout ({self.policy.lock_timeout}) on {what}; "
+                        f"lock timeout ({lock_timeout}) on {what}; "
                         f"retry {attempt} of {self.policy.retries} in {pause:.1f}s"
                         f"{self._blocked_by()}"
                     )
                     self.policy.pause(pause, what)
+                finally:
+                    if long_wait is not None:
+                        long_wait.stop()
+
+    def _leave_nothing(self, aux: psycopg.Cursor, parsed: list[ast.Node] | None) -> str:
+        """After a failed build: drop its INVALID index if the blocker lets us within the
+        short lock_timeout (a courtesy; the next run drops it anyway); a note if not."""
+        try:
+            aux.execute("SELECT set_config('lock_timeout', %s, false)", (self.policy.lock_timeout,))
+            self._drop_invalid_leftover(aux, parsed)
+        except psycopg.Error:
+            return (
+                " The INVALID index the build left could not be dropped while blocked; the "
+                "next run drops it before building again."
+            )
+        return ""
 
     def _drop_invalid_leftover(self, aux: psycopg.Cursor, parsed: list[ast.Node] | None) -> None:
         """A CREATE INDEX CONCURRENTLY that timed out may leave an INVALID index behind,
@@ -187,11 +232,19 @@ class Guard:
         spent = time.monotonic() - started
         return attempt > self.policy.retries or spent >= self.policy.retry_time
 
-    def _spent(self, what: str, attempt: int, started: float, note: str = "") -> LockBudgetSpent:
+    def _spent(
+        self,
+        what: str,
+        attempt: int,
+        started: float,
+        note: str = "",
+        lock_timeout: str | None = None,
+    ) -> LockBudgetSpent:
         spent = time.monotonic() - started
         return LockBudgetSpent(
             f"{what} could not get its lock in {attempt} attempt(s) over {spent:.0f}s "
-            f"(lock_timeout {self.policy.lock_timeout} each){self._blocked_by()}. Nothing "
+            f"(lock_timeout {lock_timeout or self.policy.lock_timeout} each)"
+            f"{self._blocked_by()}. Nothing "
             "of this step is half-done; run the same command again once the blocker is gone "
             f"(or raise --lock-retries / --lock-retry-time).{note}",
             blockers=self.watch.blockers if self.watch else [],
@@ -239,6 +292,96 @@ class GuardedCursor(psycopg.Cursor):
             return psycopg.Cursor.executemany(self, q, p, **kw)
 
         return guard.execute(self, run, query, params_seq)
+
+
+class LongWait:
+    """Company for a concurrent statement while it may wait out its long lock budget.
+
+    A thread that, while the statement waits for a lock (asked on a connection of its own,
+    only when it matters), says whom it waits for after REPORT_AFTER seconds and every
+    REPORT_EVERY after, and on a stop request cancels it: a first SIGINT/SIGTERM finishes
+    the current step, and this step's wait could last the whole budget. A statement that is
+    building, not waiting, is left to finish.
+    """
+
+    REPORT_AFTER = 5.0
+    REPORT_EVERY = 30.0
+    POLL = 0.2  # seconds between looks at the stop request
+
+    def __init__(self, guard: Guard, connection: psycopg.Connection, what: str) -> None:
+        self.guard, self.connection, self.what = guard, connection, what
+        self.pid = connection.info.backend_pid
+        self.cancelled = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="phasegate-long-wait", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        policy = self.guard.policy
+        started = time.monotonic()
+        report_at = started + self.REPORT_AFTER
+        try:
+            while not self._done.wait(self.POLL):
+                asked_to_stop = policy.stop is not None and policy.stop.is_set()
+                if not (asked_to_stop or time.monotonic() >= report_at):
+                    continue
+                waiting = self._waiting()
+                if asked_to_stop and waiting and not self._done.is_set():
+                    self.cancelled = True
+                    # cancel_safe (psycopg 3.2+) uses libpq 17's cancel API where available
+                    getattr(self.connection, "cancel_safe", self.connection.cancel)()
+                    return
+                if time.monotonic() >= report_at:
+                    report_at += self.REPORT_EVERY
+                    if waiting:
+                        policy.notify(
+                            f"{self.what} has waited {time.monotonic() - started:.0f}s for "
+                            "older transactions (this blocks no reads or writes; it waits up "
+                            f"to concurrent_lock_timeout {policy.concurrent_lock_timeout})"
+                            f"{self.guard._blocked_by()}"
+                        )
+        except psycopg.Error:
+            return  # a courtesy: without it the statement waits out its budget
+
+    def _waiting(self) -> bool:
+        """Whether the statement waits for a lock now. A connection per look: one kept open
+        between looks half a minute apart would meet the server's idle_session_timeout."""
+        from phasegate.db import libpq_url  # late: db imports this module
+
+        with psycopg.connect(
+            libpq_url(self.guard.url), autocommit=True, application_name="phasegate long wait"
+        ) as watcher:
+            row = watcher.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                (self.pid,),
+            ).fetchone()
+        return bool(row and row[0])
+
+
+def concurrent(parsed: list[ast.Node] | None) -> bool:
+    """Statements that run outside a transaction and wait for other transactions while
+    their lock blocks no read or write: CREATE/DROP INDEX CONCURRENTLY, REINDEX ...
+    CONCURRENTLY, ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY."""
+
+    def one(node: ast.Node) -> bool:
+        if isinstance(node, ast.IndexStmt | ast.DropStmt):
+            return bool(node.concurrent)
+        if isinstance(node, ast.ReindexStmt):
+            return any(p.defname == "concurrently" for p in node.params or ())
+        if isinstance(node, ast.AlterTableStmt):
+            return bool(node.cmds) and all(
+                cmd.subtype == AlterTableType.AT_DetachPartition
+                and isinstance(cmd.def_, ast.PartitionCmd)
+                and cmd.def_.concurrent
+                for cmd in node.cmds
+            )
+        return False
+
+    return bool(parsed) and all(one(node) for node in parsed or ())
 
 
 def install(connection: psycopg.Connection, policy: LockPolicy, url: str) -> Guard:

@@ -426,7 +426,9 @@ class Orchestrator:
                     self.notify,
                 )
             else:
-                result = backfill.run_sql_job(self.db, self.plan.name, job, self.progress)
+                result = backfill.run_sql_job(
+                    self.db, self.plan.name, job, self.progress, self.options.backfill, self.notify
+                )
                 if result.status == "done":
                     recheck.update({earlier.name: (earlier, job.name) for earlier in walked})
             with self.db.tx():

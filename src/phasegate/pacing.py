@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import psycopg
@@ -24,6 +25,10 @@ RETRYABLE = {
     "40P01": "deadlock",
     "40001": "serialization failure",
 }
+# What a one-shot `sql` job retries whole: the database cancelled it to break a cycle with
+# other transactions. Not a statement timeout (the same statement would run as long again);
+# a lock timeout goes by the lock guard's budget, as a revision's transaction does.
+CONFLICTS = frozenset({"40P01", "40001"})
 
 
 @dataclass
@@ -148,13 +153,14 @@ def replica_lag(db: Session) -> ReplicaLag:
     return ReplicaLag(seconds, role if hidden else None)
 
 
-def retry_reason(exc: BaseException) -> str | None:
-    """Why a failed batch may be retried, or None if it must not be."""
+def retry_reason(exc: BaseException, retryable: Collection[str] = RETRYABLE.keys()) -> str | None:
+    """Why a failed batch (or, with `retryable`, another step) may be retried, or None if it
+    must not be."""
     cause = exc
     while cause is not None and not isinstance(cause, psycopg.Error):
         cause = cause.__cause__ or getattr(cause, "orig", None)
-    sqlstate = getattr(cause, "sqlstate", None)
-    return RETRYABLE.get(sqlstate or "")
+    sqlstate = getattr(cause, "sqlstate", None) or ""
+    return RETRYABLE.get(sqlstate) if sqlstate in retryable else None
 
 
 def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:

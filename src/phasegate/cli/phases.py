@@ -188,7 +188,8 @@ def backfill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(min=0),
             default=defaults.retries,
             show_default=True,
-            help="Retries of one batch after a lock/statement timeout or deadlock.",
+            help="Retries of one batch after a lock/statement timeout, deadlock or "
+            "serialization failure; of an `sql` job after a deadlock or serialization failure.",
         ),
     ]
     # decorators apply bottom-up to a function, but append in order to a built Command
@@ -265,6 +266,8 @@ def _lock_policy(args: GatedArgs, settings: ProjectConfig) -> LockPolicy:
     retries = args.lock_retries if args.lock_retries is not None else settings.lock_retries
     return LockPolicy(
         lock_timeout=args.lock_timeout or settings.lock_timeout or defaults.lock_timeout,
+        concurrent_lock_timeout=settings.concurrent_lock_timeout
+        or defaults.concurrent_lock_timeout,
         ddl_statement_timeout=settings.ddl_statement_timeout or defaults.ddl_statement_timeout,
         statement_timeout=settings.statement_timeout or defaults.statement_timeout,
         retries=retries if retries is not None else defaults.retries,
