@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool
 from phasegate.appversion import report_version
 from phasegate.db import libpq_url
 
-from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .conftest import ALEMBIC_INI, PLAN, ROOT, SEED_ROWS, Phasegate
 
 pytestmark = pytest.mark.db
 
@@ -389,3 +389,77 @@ def test_the_event_log_refuses_truncate_update_and_delete(project, seeded_url) -
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             query(seeded_url, statement)
     assert query(seeded_url, "SELECT kind FROM phasegate.event") == [("gate.passed",)]
+
+
+# -- the orchestrator's role ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ledger_schema", ["created by phasegate", "created for it"])
+def test_the_orchestrator_needs_only_the_documented_privileges(
+    project, roles, seeded_url, ledger_schema
+) -> None:
+    """A whole plan forward and back, with two walk workers, as a role that owns the plan's
+    table, may write Alembic's version table, may create in public, and may create schema
+    phasegate (or owns it, created by a DBA), and nothing else: no superuser, no TEMPORARY
+    (the walk falls back to its CTE form), no pg_read_all_stats. The app's role writes
+    with only its table privileges: the sync trigger needs nothing more."""
+    database = sa.engine.make_url(seeded_url).database
+    orchestrator, app = roles.create("orchestrator"), roles.create("app")
+    roles.run("ALTER TABLE bug OWNER TO {}", orchestrator)
+    roles.run("GRANT SELECT, INSERT, UPDATE, DELETE ON alembic_version TO {}", orchestrator)
+    roles.run("GRANT CREATE ON SCHEMA public TO {}", orchestrator)
+    if ledger_schema == "created by phasegate":
+        roles.run("GRANT CREATE ON DATABASE {1} TO {0}", orchestrator, database)
+    else:
+        roles.run("CREATE SCHEMA phasegate AUTHORIZATION {}", orchestrator)
+    roles.run("REVOKE TEMPORARY ON DATABASE {0} FROM PUBLIC", database)
+    roles.run("GRANT SELECT, INSERT, UPDATE, DELETE ON bug TO {0}", app)
+    roles.run(
+        "ALTER DEFAULT PRIVILEGES FOR ROLE {0} IN SCHEMA public "
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {1}; "
+        "ALTER DEFAULT PRIVILEGES FOR ROLE {0} IN SCHEMA public "
+        "GRANT USAGE, SELECT ON SEQUENCES TO {1}",
+        orchestrator,
+        app,
+    )
+    run = project.as_role(roles.url_of(orchestrator))
+    write = (
+        "INSERT INTO bug (bug_tracker_url, root_cause, who) "
+        "VALUES ('https://bugs.example.com/' || gen_random_uuid(), 'flaky test', 'ada')"
+    )
+    with roles.connect(app, "bugtracker/1.0") as v1:
+        result = run("advance", project.plan, "--to", "switch", "--workers", "2", "--yes")
+        assert result.exit_code == 0, result.output
+        v1.execute(write)  # the sync trigger fills root_cause_id as the app's role
+    with roles.connect(app, "bugtracker/2.0") as v2:
+        result = run("contract", project.plan, "--yes")
+        assert result.exit_code == 0, result.output
+        v2.execute(
+            "INSERT INTO bug (bug_tracker_url, root_cause_id, who) SELECT "
+            "'https://bugs.example.com/' || gen_random_uuid(), id, 'bob' FROM root_cause LIMIT 1"
+        )
+    with roles.connect(app, "bugtracker/1.0"):
+        result = run("rollback", project.plan, "--to", "start", "--workers", "2", "--yes")
+        assert result.exit_code == 0, result.output
+    empty = "SELECT count(*) FROM bug WHERE root_cause IS NULL"
+    assert query(seeded_url, empty) == [(0,)]
+    assert query(seeded_url, "SELECT count(*) FROM bug") == [(SEED_ROWS + 2,)]
+
+
+def test_a_read_only_role_runs_status_versions_and_check_deploy(project, roles) -> None:
+    """The documented grants for dashboards and pipelines that only ask."""
+    assert project.run("expand", project.plan, "--live-version", "1.0", "--yes").exit_code == 0
+    reader = roles.create("reader")
+    roles.run(
+        "GRANT USAGE ON SCHEMA phasegate TO {0}; "
+        "GRANT SELECT ON ALL TABLES IN SCHEMA phasegate TO {0}; "
+        "GRANT SELECT ON alembic_version TO {0}",
+        reader,
+    )
+    as_reader = project.as_role(roles.url_of(reader))
+    result = as_reader("status", project.plan, json_output=True)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["phase"] == "expand"
+    assert as_reader("versions", "--app", "bugtracker").exit_code == 0
+    result = as_reader("check-deploy", "--app-version", "2.0")
+    assert result.exit_code == 1 and "may NOT be deployed" in result.stdout

@@ -23,7 +23,14 @@ SCHEMA = "phasegate"
 SCHEMA_VERSION = 7
 
 _DDL = """
-CREATE SCHEMA IF NOT EXISTS phasegate;
+DO $$
+BEGIN  -- not CREATE SCHEMA IF NOT EXISTS: it needs CREATE on the database even when the
+       -- schema is there, and a DBA may create the schema for a role that lacks it
+    IF to_regnamespace('phasegate') IS NULL THEN
+        CREATE SCHEMA phasegate;
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS phasegate.meta (
     key text PRIMARY KEY,
     value text NOT NULL
