@@ -359,21 +359,42 @@ def test_report_version_works_with_only_the_documented_grants(
 def test_upgrading_the_ledger_moves_direct_writers_to_the_functions(
     project, roles, seeded_url
 ) -> None:
-    """A role granted direct writes (the README's old advice) gets EXECUTE instead."""
+    """A version 6 ledger, with a row and a role granted direct writes (the README's old
+    advice): the upgrade keeps the row (unknown writer: it only refuses) and moves the
+    role to the functions."""
     assert project.run("gate", project.plan, "--live-version", "1.0").exit_code == 0
+    query(  # back to the heartbeat table and event log of version 6
+        seeded_url,
+        "DROP FUNCTION phasegate.beat(text, text, text); "
+        "DROP FUNCTION phasegate.forget_heartbeat(text, text, text); "
+        "DROP TRIGGER event_is_not_truncated ON phasegate.event; "
+        "ALTER TABLE phasegate.heartbeat DROP CONSTRAINT heartbeat_pkey; "
+        "ALTER TABLE phasegate.heartbeat DROP COLUMN role; "
+        "ALTER TABLE phasegate.heartbeat ADD PRIMARY KEY (app, instance, version); "
+        "INSERT INTO phasegate.heartbeat (app, instance, version) "
+        "VALUES ('bugtracker', 'web-1', '1.0'); "
+        "UPDATE phasegate.meta SET value = '6' WHERE key = 'schema_version'",
+    )
     old = roles.create("old")
     roles.run(
         "GRANT USAGE ON SCHEMA phasegate TO {0}; "
         "GRANT SELECT, INSERT, UPDATE, DELETE ON phasegate.heartbeat TO {0}",
         old,
     )
-    query(seeded_url, "UPDATE phasegate.meta SET value = '6' WHERE key = 'schema_version'")
-    assert project.run("gate", project.plan, "--live-version", "1.0").exit_code == 0
+    roles.run("GRANT SELECT ON bug TO {}", old)
+    result = project.run("gate", project.plan, "--phase", "contract", "--live-version", "2.0")
+    assert result.exit_code == 1, result.output  # the old row refuses, as before
+    assert "1.0 (heartbeat: instance web-1" in result.stdout
+    assert "written by role (unknown: an old row))" in result.stdout
+    assert query(seeded_url, "SELECT value FROM phasegate.meta") == [("7",)]
     with roles.connect(old) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("DELETE FROM phasegate.heartbeat")
-        conn.execute("SELECT phasegate.beat('bugtracker', 'w', '1.0')")
-        assert conn.execute("SELECT role FROM phasegate.heartbeat").fetchall() == [(old,)]
+            conn.execute("DELETE FROM phasegate.heartbeat")  # old code: deletes web-1's row
+        conn.execute("SELECT phasegate.beat('bugtracker', 'web-1', '1.0')")
+    rows = query(seeded_url, "SELECT role FROM phasegate.heartbeat ORDER BY role")
+    assert rows == [("",), (old,)]
+    with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+        query(seeded_url, "TRUNCATE phasegate.event")
 
 
 # -- the event log --------------------------------------------------------------------------
