@@ -18,7 +18,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -109,7 +109,7 @@ def observe(
 
 
 def judge_roles(
-    db: Session, roles: Iterable[str], tables: PlanTables, trusted_roles: Iterable[str]
+    db: Session, roles: Collection[str], tables: PlanTables, trusted_roles: Iterable[str]
 ) -> tuple[set[str], str]:
     """The roles among `roles` whose connections and heartbeats may pass a gate, and the
     rule in words: superusers, roles with any of SELECT, INSERT, UPDATE, DELETE on one of
@@ -123,6 +123,9 @@ def judge_roles(
     )
     existing = [name for name, (found,) in zip(tables.names, present, strict=True) if found]
     listed = list(dict.fromkeys(trusted_roles))
+    rule = _trust_rule(tables, existing, listed)
+    if not roles:
+        return set(), rule
     trusted = {
         name
         for (name,) in db.all(
@@ -144,7 +147,7 @@ def judge_roles(
             {"roles": sorted(set(roles)), "listed": listed, "tables": quoted},
         )
     }
-    return trusted, _trust_rule(tables, existing, listed)
+    return trusted, rule
 
 
 def _trust_rule(tables: PlanTables, existing: list[str], listed: list[str]) -> str:
