@@ -306,6 +306,24 @@ def test_an_app_role_touches_only_its_own_heartbeats(project, roles, seeded_url)
     assert query(seeded_url, "SELECT role FROM phasegate.heartbeat") == [(rogue,)]
 
 
+def test_an_app_role_cannot_upgrade_an_old_ledger_and_is_told_who_can(
+    project, roles, seeded_url
+) -> None:
+    (app,) = ledger_with_app_roles(project, roles, "app")
+    query(
+        seeded_url,
+        "DROP FUNCTION phasegate.beat(text, text, text); "
+        "UPDATE phasegate.meta SET value = '6' WHERE key = 'schema_version'",
+    )
+    as_app = project.as_role(roles.url_of(app))
+    result = as_app("heartbeat", "--app", "bugtracker", "--version", "1.0")
+    assert result.exit_code == 3, result.output
+    assert "older than this phasegate, and this role may not create or upgrade it" in (
+        result.stderr
+    )
+    assert "as the role that owns the ledger" in result.stderr
+
+
 def test_an_untrusted_heartbeat_refuses_but_never_passes(project, roles) -> None:
     (outsider,) = ledger_with_app_roles(project, roles, "outsider")
     roles.run("REVOKE ALL ON bug FROM {}", outsider)  # may beat, may not use the tables
