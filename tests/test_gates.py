@@ -14,6 +14,7 @@ from phasegate.gates import Observation, SourceFailure, check_deploy, evaluate
 from phasegate.ledger import PlanState
 from phasegate.plan import load_plan
 from phasegate.sources import name_pattern, parse_command_output
+from phasegate.trust import job_tables
 
 
 def obs(*versions: str, source: str = "--live-version") -> list[Observation]:
@@ -68,6 +69,45 @@ def test_a_failed_source_refuses_even_when_every_seen_version_fits() -> None:
     assert not decision.passed
     assert "a version source failed" in decision.message() and "boom" in decision.message()
     assert decision.to_dict()["failures"] == [failure.to_dict()]
+
+
+def connection(version: str, role: str, trusted: bool) -> Observation:
+    detail = f"1 connection as bugtracker/{version} by role {role}"
+    return Observation(version, "pg_stat_activity", detail, role=role, trusted=trusted)
+
+
+RULE = "a connection or heartbeat counts toward passing only when its role may use bug"
+
+
+def test_an_untrusted_version_inside_the_range_counts_for_nothing() -> None:
+    seen = [connection("2.0", "intruder", trusted=False)]
+    decision = evaluate("bugtracker", ">=2", seen, "for entering contract", trust_rule=RULE)
+    assert not decision.passed and not decision.observed
+    message = decision.message()
+    assert "no trusted live version of bugtracker was observed: seen but NOT trusted: 2.0" in (
+        message
+    )
+    assert RULE in message and "If role intruder is the app's, grant it" in message
+    assert decision.to_dict()["untrusted"][0]["role"] == "intruder"
+
+
+def test_an_untrusted_version_outside_the_range_refuses() -> None:
+    seen = [*obs("2.0"), connection("1.0", "intruder", trusted=False)]
+    decision = evaluate("bugtracker", ">=2", seen, "for entering contract", trust_rule=RULE)
+    assert not decision.passed and [o.version for o in decision.outside] == ["1.0"]
+    assert "NOT trusted" not in decision.message()
+    assert "Stop or upgrade those instances" in decision.message()
+
+
+def test_a_trusted_version_passes_beside_an_untrusted_one() -> None:
+    seen = [connection("2.0", "app", trusted=True), connection("2.1", "intruder", trusted=False)]
+    decision = evaluate("bugtracker", ">=2", seen, "for entering contract", trust_rule=RULE)
+    assert decision.passed
+    assert "by role intruder) [not trusted]" in decision.message()
+
+
+def test_the_plan_tables_are_its_jobs_tables() -> None:
+    assert job_tables(SEED_PLAN) == ("root_cause", "bug")  # the sql job writes root_cause
 
 
 # -- check-deploy ---------------------------------------------------------------------------
@@ -128,6 +168,9 @@ def test_settings_from_pyproject_and_phasegate_toml(tmp_path) -> None:
     (tmp_path / "phasegate.toml").write_text('application_name = "{app}@{version}"\n')
     config = load_config(tmp_path)  # phasegate.toml wins
     assert config.application_name == "{app}@{version}" and config.heartbeat_ttl == 300
+    assert config.trusted_roles == ()
+    (tmp_path / "phasegate.toml").write_text('trusted_roles = ["app_pooler", "Ops"]\n')
+    assert load_config(tmp_path).trusted_roles == ("app_pooler", "Ops")
 
 
 @pytest.mark.parametrize(
@@ -138,6 +181,8 @@ def test_settings_from_pyproject_and_phasegate_toml(tmp_path) -> None:
         ('application_name = "{app}"\n', "must hold {version} once"),
         ("versions_command = []\n", "versions_command must be"),
         ("heartbeat_ttl = \n", "not valid TOML"),
+        ('trusted_roles = "app"\n', "trusted_roles must be a list of role names"),
+        ('trusted_roles = ["app", ""]\n', "trusted_roles must be a list of role names"),
     ],
 )
 def test_settings_errors_name_the_file_and_key(tmp_path, text: str, expected: str) -> None:

@@ -7,10 +7,15 @@ Two ways, for a SQLAlchemy app, each one line:
 
 The first names every connection `bugtracker/2.0.1`, which phasegate sees in
 `pg_stat_activity` while the connection is open (no table, no grants). The second writes a
-heartbeat row on every new connection and every `interval` seconds, for apps whose
+heartbeat on every new connection and every `interval` seconds, for apps whose
 connections come and go, sit behind a pooler that rewrites application_name, or run
 elsewhere; the row is removed when the process exits normally. Neither ever raises into
 the app: a failed heartbeat is logged and retried on the next beat.
+
+Heartbeats go through the ledger's functions `phasegate.beat` and
+`phasegate.forget_heartbeat`, which stamp the server's time and the connection's role and
+touch only that role's rows: the app's role needs USAGE on schema phasegate and EXECUTE on
+both, nothing on the table.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from phasegate.ledger import HEARTBEAT_DELETE, HEARTBEAT_UPSERT
+from phasegate.ledger import HEARTBEAT_BEAT, HEARTBEAT_FORGET
 
 log = logging.getLogger("phasegate.appversion")
 MAX_APPLICATION_NAME = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
@@ -84,7 +89,7 @@ class Reporter:
                 return False
             try:
                 with self.engine.begin() as connection:
-                    connection.exec_driver_sql(HEARTBEAT_UPSERT, self.params)
+                    connection.exec_driver_sql(HEARTBEAT_BEAT, self.params)
             except Exception as exc:  # never into the app
                 self._warn(exc)
                 return False
@@ -102,7 +107,7 @@ class Reporter:
         if forget:
             try:
                 with self.engine.begin() as connection:
-                    connection.exec_driver_sql(HEARTBEAT_DELETE, self.params)
+                    connection.exec_driver_sql(HEARTBEAT_FORGET, self.params)
             except Exception as exc:
                 self._warn(exc)
 
@@ -112,7 +117,7 @@ class Reporter:
                 return
             cursor = dbapi_connection.cursor()
             try:
-                cursor.execute(HEARTBEAT_UPSERT, self.params)
+                cursor.execute(HEARTBEAT_BEAT, self.params)
                 dbapi_connection.commit()
             except Exception as exc:
                 dbapi_connection.rollback()
@@ -128,8 +133,8 @@ class Reporter:
         level = logging.DEBUG if self._warned else logging.WARNING
         log.log(
             level,
-            "phasegate heartbeat for %s/%s failed (is the phasegate ledger there, and may "
-            "this role write phasegate.heartbeat?): %s",
+            "phasegate heartbeat for %s/%s failed (is the phasegate ledger there, at version 7 "
+            "or later, and may this role execute phasegate.beat?): %s",
             self.params["app"],
             self.params["version"],
             str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,

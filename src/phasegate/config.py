@@ -42,6 +42,9 @@ _KEYS = {
     "statement_timeout": "statement_timeout of the rest, '0' for none (the default)",
     "lock_retries": "retries of a step that timed out waiting for a lock (default 8)",
     "lock_retry_time": "time budget of those retries, e.g. '2m' (the default)",
+    "trusted_roles": "roles whose connections and heartbeats count toward passing a gate "
+    "though they may not use the plan's tables (members of a listed role too), e.g. "
+    "['app_pooler']; by default only roles that may use them and superusers count",
 }
 
 
@@ -62,6 +65,7 @@ class ProjectConfig:
     statement_timeout: str | None = None
     lock_retries: int | None = None
     lock_retry_time: float | None = None
+    trusted_roles: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,6 +129,7 @@ def _parse(table: Any, source: str, root: Path) -> ProjectConfig:
         statement_timeout=_pg_duration(table, "statement_timeout", source),
         lock_retries=_count(table, "lock_retries", source),
         lock_retry_time=_duration(table, "lock_retry_time", source, 0) or None,
+        trusted_roles=_names(table, "trusted_roles", source),
         raw=dict(table),
     )
 
@@ -176,6 +181,18 @@ def _count(table: dict[str, Any], key: str, source: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"{source}: {key} must be a whole number, 0 or more")
     return value
+
+
+def _names(table: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
+    """A list of role names, exactly as in the catalog (case and all)."""
+    value = table.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise UsageError(
+            f'{source}: {key} must be a list of role names, e.g. {key} = ["app_pooler"]'
+        )
+    return tuple(dict.fromkeys(value))
 
 
 def _check_pattern(pattern: str, source: str) -> None:

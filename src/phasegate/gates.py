@@ -4,6 +4,8 @@ A gate passes when every live version of the plan's app lies inside the `compati
 range of the state the database is about to reach. It fails closed: a version that does
 not parse, a version source that cannot answer, or no observation at all is a refusal
 unless the operator overrides it explicitly (and the override lands in the event log).
+A connection or heartbeat whose role is not trusted (see `trust`) still refuses when its
+version is outside the range, but never counts as something observed.
 The reverse question, whether version V may be deployed now, is `check_deploy`.
 """
 
@@ -18,6 +20,7 @@ from packaging.version import InvalidVersion, Version
 from phasegate.durations import format_duration
 from phasegate.ledger import PlanState
 from phasegate.plan import Plan
+from phasegate.text import one_line
 from phasegate.sources import (
     SOURCE_COMMAND_LINE,
     SOURCE_PG_STAT_ACTIVITY,
@@ -49,10 +52,13 @@ class GateDecision:
     override: str | None = None
     waited: float = 0.0
     naming: str = ""  # how a connection names itself, e.g. "bugtracker/<version>"
+    untrusted: list[Observation] = field(default_factory=list)  # inside, but not trusted
+    trust_rule: str = ""  # which roles count toward passing, in words
 
     @property
     def observed(self) -> bool:
-        return bool(self.observations)
+        """Something that counts was seen: anything but an untrusted version inside."""
+        return len(self.observations) > len(self.untrusted)
 
     @property
     def versions_ok(self) -> bool:
@@ -74,6 +80,7 @@ class GateDecision:
             self.observed,
             tuple(sorted((o.version, o.source, o.instance or "") for o in bad)),
             tuple(sorted(f.source for f in self.failures)),
+            tuple(sorted((o.version, o.source, o.role or "") for o in self.untrusted)),
         )
 
     def problem(self) -> str:
@@ -86,14 +93,21 @@ class GateDecision:
                 "a version source failed, so what runs is unknown: "
                 + "; ".join(f.message for f in self.failures)
             )
-        if not self.observed and not self.failures:
+        bad = [*self.outside, *self.unparsable]
+        if not self.observed and not self.failures and self.untrusted:
+            seen = "; ".join(o.describe() for o in self.untrusted)
+            problems.append(
+                f"no trusted live version of {self.app} was observed: seen but NOT "
+                f"trusted: {seen}. Anyone who may connect can choose an application_name: "
+                f"{one_line(self.trust_rule) or 'only trusted roles count toward passing'}"
+            )
+        elif not self.observed and not self.failures and not bad:
             problems.append(
                 f"no live version of {self.app} was observed: no connection with "
                 f"application_name '{self._naming}' in pg_stat_activity, no fresh "
                 "heartbeat, no versions command output and no --live-version given; "
                 "phasegate fails closed"
             )
-        bad = [*self.outside, *self.unparsable]
         if bad:
             lines = "; ".join(o.describe() for o in bad)
             text = f"{self.app} versions outside {self.compatible!r} are live: {lines}"
@@ -103,7 +117,12 @@ class GateDecision:
         return "; and ".join(problems)
 
     def message(self) -> str:
-        seen = ", ".join(o.describe() for o in self.observations) or "nothing"
+        seen = (
+            ", ".join(
+                o.describe() + ("" if o.trusted else " [not trusted]") for o in self.observations
+            )
+            or "nothing"
+        )
         if self.versions_ok:
             waited = f" after waiting {format_duration(self.waited)}" if self.waited >= 1 else ""
             return (
@@ -117,8 +136,14 @@ class GateDecision:
             return f"gate {self.target}: OVERRIDDEN ({self.override}) — {problem}"
         if self.failures:
             fix = "Fix the version source"
-        elif self.observed:
+        elif self.outside or self.unparsable:
             fix = "Stop or upgrade those instances"
+        elif self.untrusted:
+            roles = ", ".join(sorted({o.role or "(unknown)" for o in self.untrusted}))
+            fix = (
+                f"If role {roles} is the app's, grant it its privileges on the plan's tables "
+                "or add it to trusted_roles in phasegate.toml; or pass --live-version V"
+            )
         else:
             fix = (
                 f"Connect the app with application_name '{self._naming}', report "
@@ -136,6 +161,8 @@ class GateDecision:
             "override_reason": self.override,
             "observed": [o.to_dict() for o in self.observations],
             "outside": [o.to_dict() for o in [*self.outside, *self.unparsable]],
+            "untrusted": [o.to_dict() for o in self.untrusted],
+            "trust_rule": self.trust_rule,
             "failures": [f.to_dict() for f in self.failures],
             "waited_seconds": round(self.waited, 1),
             "message": self.message(),
@@ -149,7 +176,10 @@ def evaluate(
     target: str,
     override: str | None = None,
     failures: list[SourceFailure] | None = None,
+    trust_rule: str = "",
 ) -> GateDecision:
+    """Judge the observations; an untrusted one refuses like any other when its version is
+    outside (or unreadable), and counts for nothing when it is inside."""
     spec = SpecifierSet(compatible)
     decision = GateDecision(
         app,
@@ -158,6 +188,7 @@ def evaluate(
         list(observations),
         failures=list(failures or []),
         override=override,
+        trust_rule=trust_rule,
     )
     for obs in observations:
         version = parse_version(obs.version)
@@ -165,6 +196,8 @@ def evaluate(
             decision.unparsable.append(obs)
         elif not spec.contains(version, prereleases=True):
             decision.outside.append(obs)
+        elif not obs.trusted:
+            decision.untrusted.append(obs)
     return decision
 
 

@@ -24,7 +24,14 @@ SCHEMA = "phasegate"
 SCHEMA_VERSION = 8
 
 _DDL = """
-CREATE SCHEMA IF NOT EXISTS phasegate;
+DO $$
+BEGIN  -- not CREATE SCHEMA IF NOT EXISTS: it needs CREATE on the database even when the
+       -- schema is there, and a DBA may create the schema for a role that lacks it
+    IF to_regnamespace('phasegate') IS NULL THEN
+        CREATE SCHEMA phasegate;
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS phasegate.meta (
     key text PRIMARY KEY,
     value text NOT NULL
@@ -126,6 +133,86 @@ ALTER TABLE phasegate.job_checkpoint
     ADD COLUMN IF NOT EXISTS resweep boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN phasegate.job_checkpoint.resweep IS
     'rollback of backfill: the next walk also fixes rows whose new columns differ from set';
+-- version 7: apps write heartbeats through functions that stamp the server's time and the
+-- writer's role (session_user, part of the key: no role can squat another's instance name),
+-- and touch only the caller's own rows; the event log refuses TRUNCATE too
+ALTER TABLE phasegate.heartbeat ADD COLUMN IF NOT EXISTS role text NOT NULL DEFAULT '';
+ALTER TABLE phasegate.heartbeat ALTER COLUMN role SET DEFAULT session_user;
+COMMENT ON COLUMN phasegate.heartbeat.role IS
+    'session_user of the writer; empty: written before ledger version 7 (never trusted)';
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_constraint c
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+        WHERE c.conrelid = 'phasegate.heartbeat'::regclass AND c.contype = 'p'
+          AND a.attname = 'role'
+    ) THEN
+        ALTER TABLE phasegate.heartbeat DROP CONSTRAINT IF EXISTS heartbeat_pkey;
+        ALTER TABLE phasegate.heartbeat
+            ADD CONSTRAINT heartbeat_pkey PRIMARY KEY (app, instance, version, role);
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION phasegate.beat(app text, instance text, version text)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO phasegate.heartbeat (app, instance, version, role, first_seen, last_seen)
+    VALUES ($1, $2, $3, session_user, clock_timestamp(), clock_timestamp())
+    ON CONFLICT (app, instance, version, role) DO UPDATE SET last_seen = clock_timestamp()
+$$;
+CREATE OR REPLACE FUNCTION phasegate.forget_heartbeat(
+    app text, instance text, version text DEFAULT NULL
+) RETURNS integer LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (
+        DELETE FROM phasegate.heartbeat
+        WHERE app = $1 AND instance = $2 AND (version = $3 OR $3 IS NULL)
+          AND role = session_user
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+COMMENT ON FUNCTION phasegate.beat(text, text, text) IS
+    'heartbeat of an app instance, stamped with the server''s time and the caller''s role';
+COMMENT ON FUNCTION phasegate.forget_heartbeat(text, text, text) IS
+    'remove the caller''s own heartbeats of an instance (of one version, when given)';
+REVOKE ALL ON FUNCTION phasegate.beat(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION phasegate.forget_heartbeat(text, text, text) FROM PUBLIC;
+-- roles that wrote the table directly (the grants the README asked for before) get the
+-- functions instead, and lose the direct writes that let them overwrite other rows
+DO $$
+DECLARE
+    writer record;
+BEGIN
+    FOR writer IN
+        SELECT DISTINCT g.grantee, r.rolname
+        FROM pg_class c
+        CROSS JOIN LATERAL aclexplode(c.relacl) AS g
+        LEFT JOIN pg_roles r ON r.oid = g.grantee
+        WHERE c.oid = 'phasegate.heartbeat'::regclass AND g.grantee <> c.relowner
+          AND g.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+    LOOP
+        IF writer.grantee = 0 THEN
+            REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON phasegate.heartbeat FROM PUBLIC;
+        ELSIF writer.rolname IS NOT NULL THEN
+            EXECUTE format(
+                'GRANT EXECUTE ON FUNCTION phasegate.beat(text, text, text), '
+                'phasegate.forget_heartbeat(text, text, text) TO %I', writer.rolname);
+            EXECUTE format(
+                'REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON phasegate.heartbeat FROM %I',
+                writer.rolname);
+        END IF;
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION phasegate.event_is_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'phasegate.event is append-only: rows are never updated, deleted or truncated';
+END
+$$;
+DROP TRIGGER IF EXISTS event_is_not_truncated ON phasegate.event;
+CREATE TRIGGER event_is_not_truncated BEFORE TRUNCATE ON phasegate.event
+    FOR EACH STATEMENT EXECUTE FUNCTION phasegate.event_is_append_only();
 -- version 8: one plan is one contract (the jobs as the phase started them), and fencing
 CREATE TABLE IF NOT EXISTS phasegate.job_contract (
     plan text NOT NULL,
@@ -778,19 +865,13 @@ def clear_checkpoints(db: Session, plan: str, resweep: Iterable[str] = ()) -> in
 
 # -- heartbeats ---------------------------------------------------------------------------
 
-# pyformat parameters: psycopg 3 and psycopg2 both take them, so the app-side helper can
-# run this very statement through SQLAlchemy's exec_driver_sql on either driver
-HEARTBEAT_UPSERT = """
-INSERT INTO phasegate.heartbeat (app, instance, version)
-VALUES (%(app)s, %(instance)s, %(version)s)
-ON CONFLICT (app, instance, version) DO UPDATE SET last_seen = now()
-"""
-# every version of the instance, or only `version` when it is given
-HEARTBEAT_DELETE = """
-DELETE FROM phasegate.heartbeat
-WHERE app = %(app)s AND instance = %(instance)s
-  AND (version = %(version)s OR %(version)s::text IS NULL)
-"""
+# Apps write through the ledger's functions, which stamp the server's time and the caller's
+# role and touch only the caller's own rows (schema version 7). pyformat parameters:
+# psycopg 3 and psycopg2 both take them, so the app-side helper runs these very statements
+# through SQLAlchemy's exec_driver_sql on either driver.
+HEARTBEAT_BEAT = "SELECT phasegate.beat(%(app)s, %(instance)s, %(version)s)"
+# every version of the instance, or only `version` when it is given; returns the count
+HEARTBEAT_FORGET = "SELECT phasegate.forget_heartbeat(%(app)s, %(instance)s, %(version)s)"
 
 
 @dataclass
@@ -798,33 +879,50 @@ class Heartbeat:
     app: str
     instance: str
     version: str
+    role: str  # who wrote it (session_user); '' for rows older than the functions
     first_seen: dt.datetime
     last_seen: dt.datetime
     age_seconds: float
 
 
+def heartbeat_functions_exist(db: Session) -> bool:
+    """Whether the ledger has the heartbeat functions (version 7 or later)."""
+    return bool(db.scalar("SELECT to_regprocedure('phasegate.beat(text, text, text)') IS NOT NULL"))
+
+
 def beat(db: Session, app: str, instance: str, version: str) -> None:
-    db.execute(HEARTBEAT_UPSERT, {"app": app, "instance": instance, "version": version})
+    db.execute(HEARTBEAT_BEAT, {"app": app, "instance": instance, "version": version})
 
 
 def forget_heartbeat(db: Session, app: str, instance: str, version: str | None = None) -> int:
+    """Remove this role's heartbeats of the instance; another role's rows stay."""
     params = {"app": app, "instance": instance, "version": version}
-    return db.execute(HEARTBEAT_DELETE, params).rowcount
+    return int(db.scalar(HEARTBEAT_FORGET, params) or 0)
 
 
 def heartbeats(db: Session, app: str | None, ttl_seconds: float) -> list[Heartbeat]:
-    """Heartbeats younger than the TTL, by the database's clock (the writers' clock too)."""
+    """Heartbeats younger than the TTL, by the database's clock (the writers' clock too).
+
+    A `last_seen` later than the clock now is never fresh: the functions stamp the server's
+    time, so only a direct write (by the ledger's owner) can put one there, and a row ten
+    years ahead would otherwise never expire.
+    """
     if not db.scalar("SELECT to_regclass('phasegate.heartbeat') IS NOT NULL"):
         return []
-    rows = db.dicts(
+    version = schema_version(db) or 0
+    check_version(version)
+    # before version 7 no row says who wrote it: every row is then untrusted
+    role = sql.SQL("role" if version >= 7 else "''::text AS role")
+    query = sql.SQL(
         """
-        SELECT app, instance, version, first_seen, last_seen,
-               extract(epoch FROM now() - last_seen)::float8 AS age_seconds
+        SELECT app, instance, version, {role}, first_seen, last_seen,
+               extract(epoch FROM clock_timestamp() - last_seen)::float8 AS age_seconds
         FROM phasegate.heartbeat
         WHERE (app = %(app)s OR %(app)s::text IS NULL)
           AND last_seen > now() - make_interval(secs => %(ttl)s)
-        ORDER BY app, version, instance
-        """,
-        {"app": app, "ttl": ttl_seconds},
-    )
+          AND last_seen <= clock_timestamp()
+        ORDER BY app, version, instance, role
+        """
+    ).format(role=role)
+    rows = db.dicts(query, {"app": app, "ttl": ttl_seconds})
     return [Heartbeat(**row) for row in rows]

@@ -20,7 +20,18 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationInfo
 
-from phasegate import backfill, contract, failpoints, gates, keys, ledger, plan_lint, sources, sync
+from phasegate import (
+    backfill,
+    contract,
+    failpoints,
+    gates,
+    keys,
+    ledger,
+    plan_lint,
+    sources,
+    sync,
+    trust,
+)
 from phasegate.config import ProjectConfig
 from phasegate.db import Session, orchestrator_running, quote_table
 from phasegate.durations import format_duration
@@ -746,9 +757,10 @@ class Orchestrator:
             app=self.plan.app, version="<version>", instance="<instance>"
         )
         waited, said, said_at = 0.0, None, 0.0
+        tables = trust.plan_tables(self.plan, self.project, self.revisions)
         while True:
             sighting = sources.observe(
-                self.db, self.plan.app, self.options.live_versions, self.options.config
+                self.db, self.plan.app, self.options.live_versions, self.options.config, tables
             )
             decision = gates.evaluate(
                 self.plan.app,
@@ -757,6 +769,7 @@ class Orchestrator:
                 target,
                 self.options.override_gate,
                 sighting.failures,
+                sighting.trust_rule,
             )
             decision.waited, decision.naming = waited, naming
             now = time.monotonic()

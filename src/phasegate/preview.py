@@ -15,7 +15,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.errors import UndefinedColumn, UndefinedFunction, UndefinedTable
 
-from phasegate import backfill, gates, ledger, lint, sources, sync
+from phasegate import backfill, gates, ledger, lint, sources, sync, trust
 from phasegate.config import ProjectConfig
 from phasegate.db import Session, quote_table
 from phasegate.locks import locks_of
@@ -49,10 +49,11 @@ def preview(
     plan_sql = render_plan(project, resolved)  # once: shown and linted alike
     findings = lint_rendered(project, plan_sql)
     rendered, version_table, failure = plan_sql.sql, plan_sql.version_table, plan_sql.failure
+    tables = trust.plan_tables(plan, project, resolved, plan_sql)
     phases = []
     for phase in pending:
         entry: dict[str, Any] = {"phase": phase, "compatible": plan.phase(phase).compatible}
-        entry["gate"] = _gate(db, plan, phase, options) if db is not None else None
+        entry["gate"] = _gate(db, plan, phase, options, tables) if db is not None else None
         if phase in REVISION_PHASES:
             entry["revisions"] = [
                 _revision(project, rev, rendered.get(rev), version_table, findings)
@@ -110,14 +111,17 @@ def _pending(plan: Plan, state: ledger.PlanState, only: str | None) -> list[str]
     return names[start:]
 
 
-def _gate(db: Session, plan: Plan, phase: str, options: PreviewOptions) -> dict[str, Any]:
-    sighting = sources.observe(db, plan.app, options.live_versions, options.config)
+def _gate(
+    db: Session, plan: Plan, phase: str, options: PreviewOptions, tables: trust.PlanTables
+) -> dict[str, Any]:
+    sighting = sources.observe(db, plan.app, options.live_versions, options.config, tables)
     decision = gates.evaluate(
         plan.app,
         plan.phase(phase).compatible,
         sighting.observations,
         f"for entering {phase}",
         failures=sighting.failures,
+        trust_rule=sighting.trust_rule,
     )
     return decision.to_dict()
 

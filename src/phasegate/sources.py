@@ -5,6 +5,10 @@ the project's pattern (default `<app>/<version>`), fresh rows of the ledger's he
 table, the pipeline's `--live-version`, and a configured command (e.g. one that asks the
 cluster scheduler). A source that cannot answer is a failure, never an empty answer: the
 gate fails closed on it.
+
+Connections and heartbeats carry the role that made them, and anyone who may connect can
+choose an application_name: each is judged trusted or not (see `trust`). The pipeline and
+the versions command are the operator's own, so always trusted.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from phasegate import ledger
 from phasegate.config import ProjectConfig
-from phasegate.db import URL_ENV_VARS, Session, scrub
+from phasegate.db import URL_ENV_VARS, Session, quote_table, scrub
 from phasegate.durations import format_duration
 from phasegate.text import one_line
+from phasegate.trust import PlanTables
 
 SOURCE_PG_STAT_ACTIVITY = "pg_stat_activity"
 SOURCE_HEARTBEAT = "heartbeat"
@@ -40,6 +45,8 @@ class Observation:
     detail: str = ""
     instance: str | None = None
     last_seen: dt.datetime | None = None
+    role: str | None = None  # who connected or wrote the heartbeat; None for the operator's
+    trusted: bool = True  # may count toward passing a gate (every one counts toward refusing)
 
     def describe(self) -> str:
         """One line: version and detail come from the database and may hold anything."""
@@ -53,6 +60,8 @@ class Observation:
             "detail": self.detail,
             "instance": self.instance,
             "last_seen": self.last_seen.isoformat() if self.last_seen else None,
+            "role": self.role,
+            "trusted": self.trusted,
         }
 
 
@@ -71,20 +80,93 @@ class SourceFailure:
 class Sighting:
     observations: list[Observation] = field(default_factory=list)
     failures: list[SourceFailure] = field(default_factory=list)
+    trust_rule: str = ""  # which roles counted toward passing, in words
 
 
-def observe(db: Session, app: str, cli_versions: Iterable[str], config: ProjectConfig) -> Sighting:
-    """Every source's answer for `app`."""
+def observe(
+    db: Session,
+    app: str,
+    cli_versions: Iterable[str],
+    config: ProjectConfig,
+    tables: PlanTables | None = None,
+) -> Sighting:
+    """Every source's answer for `app`; connections and heartbeats judged by `tables`."""
     sighting = Sighting([Observation(v, SOURCE_COMMAND_LINE) for v in dict.fromkeys(cli_versions)])
     with db.tx():
-        sighting.observations += connections(db, app, config.application_name)
-        sighting.observations += heartbeat_observations(db, app, config.heartbeat_ttl)
+        seen = connections(db, app, config.application_name)
+        seen += heartbeat_observations(db, app, config.heartbeat_ttl)
+        roles = {o.role for o in seen if o.role is not None}
+        trusted, sighting.trust_rule = judge_roles(
+            db, roles, tables or PlanTables(), config.trusted_roles
+        )
+    sighting.observations += [replace(o, trusted=o.role in trusted) for o in seen]
     if config.versions_command is not None:
         found, failure = run_command(app, config, secrets=(db.url,))
         sighting.observations += found
         if failure is not None:
             sighting.failures.append(failure)
     return sighting
+
+
+# -- trust -----------------------------------------------------------------------------------
+
+
+def judge_roles(
+    db: Session, roles: Collection[str], tables: PlanTables, trusted_roles: Iterable[str]
+) -> tuple[set[str], str]:
+    """The roles among `roles` whose connections and heartbeats may pass a gate, and the
+    rule in words: superusers, roles with any of SELECT, INSERT, UPDATE, DELETE on one of
+    the plan's tables that exist (a column grant or a grant to PUBLIC counts), and
+    `trusted_roles` and their members. Every role may read the catalogs this asks."""
+    quoted = [quote_table(name).as_string(db.raw) for name in tables.names]
+    present = db.all(
+        "SELECT to_regclass(q) IS NOT NULL FROM unnest(%(t)s::text[]) WITH ORDINALITY AS t(q, n) "
+        "ORDER BY n",
+        {"t": quoted},
+    )
+    existing = [name for name, (found,) in zip(tables.names, present, strict=True) if found]
+    listed = list(dict.fromkeys(trusted_roles))
+    rule = _trust_rule(tables, existing, listed)
+    if not roles:
+        return set(), rule
+    trusted = {
+        name
+        for (name,) in db.all(
+            """
+            SELECT r.rolname
+            FROM pg_roles AS r
+            WHERE r.rolname = ANY(%(roles)s)
+              AND (r.rolsuper
+                   OR EXISTS (SELECT FROM pg_roles AS t
+                              WHERE t.rolname = ANY(%(listed)s)
+                                AND pg_has_role(r.oid, t.oid, 'MEMBER'))
+                   OR EXISTS (SELECT FROM unnest(%(tables)s::text[]) AS p(q)
+                              CROSS JOIN LATERAL (SELECT to_regclass(p.q) AS rel) AS t
+                              WHERE t.rel IS NOT NULL
+                                AND (has_table_privilege(r.oid, t.rel, 'DELETE')
+                                     OR has_any_column_privilege(
+                                            r.oid, t.rel, 'SELECT, INSERT, UPDATE'))))
+            """,
+            {"roles": sorted(set(roles)), "listed": listed, "tables": quoted},
+        )
+    }
+    return trusted, rule
+
+
+def _trust_rule(tables: PlanTables, existing: list[str], listed: list[str]) -> str:
+    absent = [name for name in tables.names if name not in existing]
+    if existing:
+        later = f"; {', '.join(absent)}: not there yet" if absent else ""
+        may_use = f"may use {', '.join(existing)} ({tables.origin}{later})"
+    elif tables.names:
+        may_use = f"may use the plan's tables, but {', '.join(absent)} do not exist yet"
+    else:
+        may_use = f"may use the plan's tables, but {tables.describe()}"
+    named = f"({', '.join(listed)})" if listed else "(none set)"
+    return (
+        f"a connection or heartbeat counts toward passing only when its role {may_use}, "
+        f"is a superuser, or is (a member of) a role in trusted_roles {named}"
+    )
 
 
 # -- pg_stat_activity ------------------------------------------------------------------------
@@ -122,34 +204,38 @@ def connections(db: Session, app: str | None, pattern: str) -> list[Observation]
     claimed = claims(pattern, app) if app is not None else None
     rows = db.dicts(
         """
-        SELECT application_name AS name, pid, coalesce(host(client_addr), 'local socket') AS client
+        SELECT application_name AS name, pid, usename AS role,
+               coalesce(host(client_addr), 'local socket') AS client
         FROM pg_stat_activity
         WHERE datname = current_database() AND pid <> pg_backend_pid()
           AND application_name <> ''
         ORDER BY pid
         """
     )
-    groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    # one observation per version, instance and role: each role is judged on its own
+    groups: dict[tuple[str, str | None, str | None], list[dict[str, Any]]] = {}
     for row in rows:
         match = regex.fullmatch(row["name"])
         if match:
-            key = (match.group("version"), match.groupdict().get("instance"))
+            key = (match.group("version"), match.groupdict().get("instance"), row["role"])
             groups.setdefault(key, []).append(row)
         elif claimed is not None and claimed.fullmatch(row["name"]):
-            groups.setdefault((f"{row['name']!r} (not {pattern!r})", None), []).append(row)
+            unreadable = f"{row['name']!r} (not {pattern!r})"
+            groups.setdefault((unreadable, None, row["role"]), []).append(row)
     found = []
-    for (version, instance), members in sorted(
-        groups.items(), key=lambda g: (g[0][0], g[0][1] or "")
+    for (version, instance, role), members in sorted(
+        groups.items(), key=lambda g: (g[0][0], g[0][1] or "", g[0][2] or "")
     ):
         pids = ", ".join(str(m["pid"]) for m in members[:5])
         more = f" and {len(members) - 5} more" if len(members) > 5 else ""
         clients = ", ".join(dict.fromkeys(m["client"] for m in members))
         count = len(members)
         detail = (
-            f"{count} connection{'s' if count > 1 else ''} as {members[0]['name']}, "
-            f"pid {pids}{more}, from {clients}"
+            f"{count} connection{'s' if count > 1 else ''} as {members[0]['name']} "
+            f"by role {role if role is not None else '(unknown)'}, pid {pids}{more}, "
+            f"from {clients}"
         )
-        found.append(Observation(version, SOURCE_PG_STAT_ACTIVITY, detail, instance))
+        found.append(Observation(version, SOURCE_PG_STAT_ACTIVITY, detail, instance, role=role))
     return found
 
 
@@ -174,9 +260,11 @@ def heartbeat_observations(db: Session, app: str, ttl: float) -> list[Observatio
         Observation(
             beat.version,
             SOURCE_HEARTBEAT,
-            f"instance {beat.instance}, last seen {format_duration(beat.age_seconds)} ago",
+            f"instance {beat.instance}, last seen {format_duration(beat.age_seconds)} ago, "
+            f"written by role {beat.role or '(unknown: an old row)'}",
             beat.instance,
             beat.last_seen,
+            role=beat.role or None,
         )
         for beat in ledger.heartbeats(db, app, ttl)
     ]

@@ -5,13 +5,22 @@ from __future__ import annotations
 import socket
 
 import click
+from psycopg.errors import InsufficientPrivilege
 
-from phasegate import db, gates, ledger, sources
+from phasegate import db, gates, ledger, sources, trust
 from phasegate.cli.app import Context, cli, emit, handle_errors, live_version_option, log
 from phasegate.config import ProjectConfig
 from phasegate.durations import format_duration
-from phasegate.errors import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, UsageError
+from phasegate.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_REFUSED,
+    PhasegateError,
+    RuntimeFailure,
+    UsageError,
+)
 from phasegate.plan import load_plan
+from phasegate.revisions import AlembicProject
 from phasegate.text import one_line
 
 # -- versions, heartbeats, check-deploy -----------------------------------------------------
@@ -41,16 +50,17 @@ def heartbeat(
     than the heartbeat TTL (default 5 min, `heartbeat_ttl` in phasegate.toml), e.g. from
     cron or a sidecar; gates ignore heartbeats older than the TTL. With --remove, the
     row goes at once (on a clean shutdown). Python apps can use
-    phasegate.appversion.report_version instead.
+    phasegate.appversion.report_version instead. The row is stamped with the server's
+    time and this connection's role, and only that role can renew or remove it.
     """
     if version is None and not remove:
         raise UsageError("pass --version V (the version this instance runs), or --remove")
     instance = instance or socket.gethostname()
     with db.session(ctx.url(ctx.project()), "phasegate heartbeat") as conn:
         with conn.tx():
-            ready = conn.scalar("SELECT to_regclass('phasegate.heartbeat') IS NOT NULL")
-        if not ready:  # an app's role may write heartbeats without owning the ledger
-            ledger.ensure_schema(conn)
+            ready = ledger.exists(conn) and ledger.heartbeat_functions_exist(conn)
+        if not ready:  # no ledger yet, or one older than the heartbeat functions
+            _create_ledger(conn)
         with conn.tx():
             if remove:
                 found = ledger.forget_heartbeat(conn, app, instance, version)
@@ -74,6 +84,19 @@ def heartbeat(
     return EXIT_OK
 
 
+def _create_ledger(conn: db.Session) -> None:
+    """Create (or upgrade) the ledger for a heartbeat; a role that does not own it cannot."""
+    try:
+        ledger.ensure_schema(conn)
+    except InsufficientPrivilege as exc:
+        raise RuntimeFailure(
+            "the ledger (schema phasegate) is missing or older than this phasegate, and this "
+            f"role may not create or upgrade it ({str(exc).strip()}). Run any phase command "
+            "or `phasegate gate PLAN` once as the role that owns the ledger, then heartbeat "
+            "again (see Trust model in the README for the grants an app role needs)"
+        ) from exc
+
+
 @cli.command()
 @click.option(
     "--app", help="Only this app (default: every app of the plans, heartbeats and connections)."
@@ -91,7 +114,10 @@ def versions(ctx: Context, app: str | None, live_versions: tuple[str, ...]) -> i
     settings = ctx.settings()
     with db.session(ctx.url(ctx.project()), "phasegate versions") as conn:
         apps = [app] if app else _known_apps(ctx, conn, settings)
-        seen = {name: sources.observe(conn, name, live_versions, settings) for name in apps}
+        seen = {
+            name: sources.observe(conn, name, live_versions, settings, _app_tables(ctx, name))
+            for name in apps
+        }
     failed = any(s.failures for s in seen.values())
     document = {
         "ok": not failed,
@@ -101,6 +127,7 @@ def versions(ctx: Context, app: str | None, live_versions: tuple[str, ...]) -> i
                 "versions": sorted({o.version for o in sighting.observations}),
                 "observed": [o.to_dict() for o in sighting.observations],
                 "failures": [f.to_dict() for f in sighting.failures],
+                "trust_rule": sighting.trust_rule,
             }
             for name, sighting in seen.items()
         ],
@@ -117,6 +144,31 @@ def _known_apps(ctx: Context, conn: db.Session, settings: ProjectConfig) -> list
     return sorted(names)
 
 
+def _app_tables(ctx: Context, app: str) -> trust.PlanTables:
+    """The tables of every plan of `app`: a role that may use one of them is trusted."""
+    names: list[str] = []
+    origins: list[str] = []
+    project: AlembicProject | None = None
+    for path in ctx.plan_paths():
+        plan = load_plan(path)
+        if plan.app != app:
+            continue
+        tables = trust.plan_tables(plan)
+        if not tables.names:  # judged by its revisions: needs the Alembic project
+            project = project or ctx.project()
+            try:
+                tables = trust.plan_tables(plan, project, project.resolve(plan))
+            except PhasegateError as exc:  # `validate` reports it; here it trusts no table
+                tables = trust.PlanTables(missing=exc.message)
+        names += tables.names
+        origins.append(f"{plan.name}: {tables.describe()}")
+    if not origins:
+        return trust.PlanTables(missing=f"no plan of {app} in the plans directory")
+    if not names:
+        return trust.PlanTables(missing="; ".join(origins))
+    return trust.PlanTables(tuple(dict.fromkeys(names)), "the tables of its plans")
+
+
 def _versions_text(seen: dict[str, sources.Sighting]) -> str:
     blocks = []
     for name, sighting in seen.items():
@@ -125,7 +177,10 @@ def _versions_text(seen: dict[str, sources.Sighting]) -> str:
         for o in sighting.observations:
             where = f"  instance {one_line(o.instance)}" if o.instance else ""
             detail = one_line(o.detail) or where
-            lines.append(f"  {one_line(o.version):<12} {o.source:<18} {detail}")
+            mark = "" if o.trusted else "  [not trusted]"
+            lines.append(f"  {one_line(o.version):<12} {o.source:<18} {detail}{mark}")
+        if any(not o.trusted for o in sighting.observations):
+            lines.append(f"  ({one_line(sighting.trust_rule)})")
         lines += [f"  FAILED {f.source}: {f.message}" for f in sighting.failures]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
