@@ -20,13 +20,13 @@ from packaging.version import InvalidVersion, Version
 from phasegate.durations import format_duration
 from phasegate.ledger import PlanState
 from phasegate.plan import Plan
-from phasegate.text import one_line
 from phasegate.sources import (
     SOURCE_COMMAND_LINE,
     SOURCE_PG_STAT_ACTIVITY,
     Observation,
     SourceFailure,
 )
+from phasegate.text import one_line
 
 __all__ = [
     "SOURCE_COMMAND_LINE",
