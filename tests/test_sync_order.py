@@ -541,3 +541,38 @@ def test_per_job_triggers_of_an_older_phasegate_are_drift_and_replaced_on_reinst
     [detail] = status["drift_details"]
     assert "jobs 'fill-b', 'derive-c' on t were installed one per job" in detail
     assert "phasegate rollback PLAN --to expand" in detail
+
+
+def test_a_partitioned_table_gets_its_triggers_again_and_its_partitions_are_checked(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Re-installing on a partitioned table drops the parent's triggers, never a
+    partition's clone alone (PostgreSQL refuses that; the install of a resumed backfill
+    failed on it), and a user trigger on a partition that fires after the sync is
+    refused like one on the table."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, a text, b text, c text) PARTITION BY RANGE (k)",
+        "CREATE TABLE t_low PARTITION OF t FOR VALUES FROM (0) TO (300)",
+        "CREATE TABLE t_high PARTITION OF t FOR VALUES FROM (300) TO (100000)",
+        f"INSERT INTO t (k, a) SELECT g, 'r' || g FROM generate_series(1, {ROWS}) g",
+    )
+    failing = write_plan(tmp_path, chain_jobs() + "      - name: boom\n        sql: SELECT 1/0\n")
+    phasegate = Phasegate(database_url)
+    assert phasegate("backfill", failing, "--live-version", "1", "--yes").exit_code == 3
+    plan = write_plan(tmp_path, chain_jobs())
+    result = phasegate("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert chain_out_of_step(database_url) == 0
+    execute(database_url, "UPDATE t SET a = 'moved' WHERE k = 400")
+    assert row(database_url, 400) == ("moved", "MOVED", "MOVED!")
+
+    execute(
+        database_url,
+        *(s.format(name='"~zz"').replace("ON t ", "ON t_high ") for s in NORMALIZE),
+    )
+    result = phasegate("rollback", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    assert 'ALTER TRIGGER "~zz" ON t_high RENAME TO "_zz"' in result.stderr

@@ -280,12 +280,14 @@ def _old_columns(jobs: Sequence[Job]) -> list[str]:
 def _drop_callers(db: Session, name: str) -> None:
     """Drop every trigger that calls function phasegate.`name`, on whatever table.
 
-    Partition clones of a trigger go with their parent's; IF EXISTS covers them.
+    Partition clones of a trigger go with their parent's, and PostgreSQL refuses to drop
+    one alone: parents first (fewest ancestors), and IF EXISTS skips the clones.
     """
     callers = db.all(
         "SELECT t.tgname, t.tgrelid::regclass::text FROM pg_trigger t"
         " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s",
+        " WHERE n.nspname = 'phasegate' AND p.proname = %(n)s"
+        " ORDER BY (SELECT count(*) FROM pg_partition_ancestors(t.tgrelid))",
         {"n": name},
     )
     for trigger, relation in callers:
