@@ -576,3 +576,20 @@ def test_a_partitioned_table_gets_its_triggers_again_and_its_partitions_are_chec
     result = phasegate("backfill", plan, "--live-version", "1", "--yes")
     assert result.exit_code == 2, result.output
     assert 'ALTER TRIGGER "~zz" ON t_high RENAME TO "_zz"' in result.stderr
+
+
+def test_a_disabled_sync_trigger_is_drift(database_url: str, tmp_path: Path) -> None:
+    """`ALTER TABLE ... DISABLE TRIGGER` leaves the trigger in pg_trigger while old code's
+    updates no longer reach the new columns: drift, like a dropped one. Old code looked
+    for the name only."""
+    make_table(database_url)
+    plan = write_plan(tmp_path, chain_jobs(), switch=True)
+    phasegate = Phasegate(database_url)
+    assert phasegate("backfill", plan, "--live-version", "1", "--yes").exit_code == 0
+    [_insert, update] = phasegate_triggers(database_url)
+    execute(database_url, f'ALTER TABLE t DISABLE TRIGGER "{update}"')
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert status["drift"] is True
+    assert "sync trigger of job 'fill-b' on t is missing or disabled" in " ".join(
+        status["drift_details"]
+    )
