@@ -11,8 +11,11 @@ table without a trigger:
 
 * ``trigger, WHEN false``: a BEFORE INSERT OR UPDATE row trigger that never fires: the
   price of PostgreSQL locking the old row for any BEFORE UPDATE trigger;
-* ``trigger, WHEN mark``: the sync trigger's own WHEN (a ``current_setting`` per row), with
-  the backfill's mark set, as a batch sees it;
+* ``trigger, WHEN mark``: the sync trigger's WHEN before issue 18 (a ``current_setting``
+  per row), with the backfill's mark set, as a batch sees it;
+* ``UPDATE trigger, WHEN``: the sync UPDATE trigger's WHEN now (`sync.update_condition`:
+  the mark, then whether the row's old column changed under the batch, and the up walk's
+  mark), with both marks set, as an up walk's batch sees it;
 * ``RETURNING count``: the UPDATE inside a CTE, its rows counted through ``RETURNING``, as
   the batch statement counts them.
 
@@ -36,7 +39,7 @@ from backfill import expand
 
 from phasegate import provision
 from phasegate.db import libpq_url
-from phasegate.sync import BACKFILL_SETTING
+from phasegate.sync import BACKFILL_SETTING, UP_WALK_SETTING, update_condition
 
 UPDATE = (
     "UPDATE {table} AS new SET root_cause_id = root_cause_id_for(new.root_cause)"
@@ -44,16 +47,18 @@ UPDATE = (
     " AND new.root_cause IS NOT NULL AND new.root_cause_id IS NULL"
 )
 TRIGGER = (
-    "CREATE TRIGGER row_cost BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
+    "CREATE TRIGGER row_cost BEFORE {events} ON {table} FOR EACH ROW"
     " WHEN ({when}) EXECUTE FUNCTION row_cost_noop()"
 )
 MARK_WHEN = f"current_setting('{BACKFILL_SETTING}', true) IS DISTINCT FROM 'on'"
+UPDATE_WHEN = update_condition(["root_cause"]).as_string(None)
 
 # name: (trigger WHEN or None, statement)
 VARIANTS: dict[str, tuple[str | None, str]] = {
     "plain UPDATE, no trigger": (None, UPDATE),
     "trigger, WHEN false": ("false", UPDATE),
     "trigger, WHEN mark": (MARK_WHEN, UPDATE),
+    "UPDATE trigger, WHEN": (UPDATE_WHEN, UPDATE),
     "RETURNING count": (None, f"WITH done AS ({UPDATE} RETURNING 1) SELECT count(*) FROM done"),
 }
 
@@ -80,7 +85,8 @@ def build(conn: psycopg.Connection, rows: int, whens: dict[str, str | None]) -> 
             " REFERENCES root_cause (id) NOT VALID"
         )
         if when is not None:
-            conn.execute(TRIGGER.format(table=table, when=when))
+            events = "UPDATE" if "OLD." in when else "INSERT OR UPDATE"  # INSERT: no OLD
+            conn.execute(TRIGGER.format(events=events, table=table, when=when))
         conn.execute(f"VACUUM ANALYZE {table}")
         tables[name] = table
     conn.execute("CHECKPOINT")
@@ -109,7 +115,8 @@ def variant_tables(
 def measure(conn: psycopg.Connection, tables: dict[str, str], rows: int, chunk: int) -> dict:
     """Summed seconds per variant over interleaved chunks."""
     conn.execute("SET synchronous_commit = off")  # as the batches run
-    conn.execute(f"SET {BACKFILL_SETTING} = 'on'")  # the batches' mark
+    conn.execute(f"SET {BACKFILL_SETTING} = 'on'")  # the batches' marks
+    conn.execute(f"SET {UP_WALK_SETTING} = 'on'")
     seconds = dict.fromkeys(tables, 0.0)
     order = list(tables)
     for number, low in enumerate(range(0, rows, chunk)):

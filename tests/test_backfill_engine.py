@@ -779,8 +779,8 @@ def test_a_job_moved_while_its_trigger_is_installed_leaves_the_old_table_alone(
     restarts = ("--restart-job", "boom", "--restart-job", "fill")
     result = phasegate("backfill", str(plan), "--live-version", "1", "--yes", *restarts)
     assert result.exit_code == 0, result.output
-    triggers = "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'sync_%'"
-    assert fetch(database_url, triggers) == [("t2",)]
+    triggers = "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE '%sync_%'"
+    assert fetch(database_url, triggers) == [("t2",), ("t2",)]  # its INSERT and UPDATE triggers
     execute(database_url, "INSERT INTO t (k, val) VALUES (999999, 1)")  # no trigger in the way
 
 

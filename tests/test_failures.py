@@ -168,7 +168,7 @@ def test_a_ledger_from_a_newer_phasegate_is_refused(phasegate, engine) -> None:
         result = phasegate(*args)
         assert result.exit_code == 2, (args, result.output)  # check-deploy: never fail open
         assert "version 99, written by a newer phasegate" in result.stderr, args
-    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%sync_%'") == 0
 
 
 def test_a_set_column_that_does_not_exist_is_a_plan_error(phasegate, engine, tmp_path) -> None:
@@ -184,7 +184,7 @@ def test_a_set_column_that_does_not_exist_is_a_plan_error(phasegate, engine, tmp
     )
     assert f"{plan}:{line}: phases.backfill.jobs[1].set.root_cause_id2:" in result.stderr
     assert "column 'root_cause_id2' does not exist in table 'bug'" in result.stderr
-    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%sync_%'") == 0
 
 
 @pytest.mark.parametrize(
@@ -224,7 +224,7 @@ def test_a_broken_expression_is_a_plan_error_before_any_trigger(
     line = next(n for n, text in enumerate(plan.read_text().splitlines(), 1) if broken in text)
     assert f"{plan}:{line}: phases.backfill.jobs[1].{key}:" in result.stderr
     assert says in result.stderr
-    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sync_%'") == 0
+    assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%sync_%'") == 0
     assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause_id IS NOT NULL") == 0
 
 

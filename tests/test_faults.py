@@ -559,7 +559,11 @@ def test_app_traffic_through_every_phase_and_every_rollback(seeded_url) -> None:
 
 def test_a_sync_trigger_dropped_by_hand_is_drift_with_a_way_out(phasegate, seeded_url) -> None:
     assert phasegate("advance", P, "--to", "backfill", *OVERRIDE, "--yes").exit_code == 0
-    query(seeded_url, "DROP TRIGGER sync_bug_root_cause_bug_root_cause_id_38197c23 ON bug")
+    # the UPDATE trigger alone: v1's updates would no longer reach root_cause_id
+    [(update_trigger,)] = query(
+        seeded_url, "SELECT tgname FROM pg_trigger WHERE tgname LIKE '~sync_%_upd'"
+    )
+    query(seeded_url, f'DROP TRIGGER "{update_trigger}" ON bug')
     status = json.loads(phasegate("status", P, json_output=True).stdout)
     assert status["drift"] is True
     assert "sync trigger of job 'bug-root-cause-id' on bug is missing" in " ".join(

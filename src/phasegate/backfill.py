@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from phasegate import contract, keys, ledger
+from phasegate import contract, keys, ledger, sync
 from phasegate import db as dbmod
 from phasegate.batch import BatchedWork, BatchSQL
 from phasegate.db import Session, quote_table
@@ -206,6 +206,7 @@ def down_work(job: Job, types: Mapping[str, str]) -> BatchedWork:
         where=sql.SQL("({}) AND (({}) OR {})").format(new_set, old_null, _differs(job, types)),
         batch_size=job.batch_size,
         done_unless=sql.SQL("({}) AND ({})").format(old_null, new_set),
+        refill=True,
     )
 
 
@@ -260,6 +261,11 @@ def check_columns(db: Session, plan: Plan) -> None:
         if rules:
             message, hint = rules_refusal(job.table or "", rules)
             issues.append(plan.issue((*loc, "table"), message, hint))
+    with db.tx():  # a BEFORE trigger that would fire after the sync triggers
+        late = sync.trigger_order_issues(db, plan.name, plan.jobs())
+    for job, message, hint in late:
+        where = ("phases", "backfill", "jobs", plan.jobs().index(job), "table")
+        issues.append(plan.issue(where, message, hint))
     if issues:
         raise PlanError(issues)
 

@@ -28,7 +28,7 @@ from psycopg import sql
 from phasegate import ledger
 from phasegate.db import Session, quote_table
 from phasegate.keys import Key, KeyValue
-from phasegate.sync import BACKFILL_SETTING
+from phasegate.sync import BACKFILL_SETTING, UP_WALK_SETTING
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class BatchedWork:
     where: sql.Composable  # the rows a batch writes
     batch_size: int | None  # the job's fixed size, if any
     done_unless: sql.Composable | None = None  # what verification counts (default: `where`)
+    refill: bool = False  # writes the old columns (sync.down): the triggers never run `set`
 
     @property
     def unfinished(self) -> sql.Composable:
@@ -60,11 +61,18 @@ class BatchOutcome:
     owned: bool = True  # the slice was still this worker's (always True without a ledger)
 
 
-# The mark and synchronous_commit off belong to the batch's own transaction (set_config
-# with is_local): they end with it, so a pooled server connection never keeps them.
-_MARK = sql.SQL("set_config({}, 'on', true), set_config('synchronous_commit', 'off', true)").format(
-    sql.Literal(BACKFILL_SETTING)
-)
+def _mark(work: BatchedWork) -> sql.Composable:
+    """The marks for the sync triggers (every batch; an up walk's also lets them run `set`
+    where a BEFORE trigger rewrote the old columns, which a refill's must never do) and
+    synchronous_commit off. They belong to the batch's own transaction (set_config with
+    is_local): they end with it, so a pooled server connection never keeps them."""
+    marks = [BACKFILL_SETTING] if work.refill else [BACKFILL_SETTING, UP_WALK_SETTING]
+    return sql.SQL(", ").join(
+        [sql.SQL("set_config({}, 'on', true)").format(sql.Literal(m)) for m in marks]
+        + [sql.SQL("set_config('synchronous_commit', 'off', true)")]
+    )
+
+
 _OUTCOME = ("reached", "scanned", "updated", "done")
 # For the session, not the transaction: see BatchSQL.
 _KEEP_TO_THE_INDEX = "SELECT set_config('enable_seqscan', 'off', false)"
@@ -215,7 +223,7 @@ def _create_function(db: Session, work: BatchedWork, key: Key) -> sql.Composable
                     key.declarations("phasegate_r", "; ")
                 ),
                 sql.SQL("BEGIN"),
-                sql.SQL("PERFORM {};").format(_MARK),
+                sql.SQL("PERFORM {};").format(_mark(work)),
                 branches(hit(upper_bound), hit(both_bounds)),
                 sql.SQL(
                     "IF NOT FOUND THEN phasegate_full := false; SELECT {} INTO {}; END IF;"
@@ -317,7 +325,7 @@ def _cte_statement(db: Session, work: BatchedWork, key: Key, first: bool, checkp
     # update; joining the batch's keys back cost twice that. A row inserted into the range
     # in between is updated too, which is harmless.
     ctes = [
-        sql.SQL("phasegate_mark AS (SELECT {})").format(_MARK),
+        sql.SQL("phasegate_mark AS (SELECT {})").format(_mark(work)),
         sql.SQL(
             "phasegate_hit AS ("
             "(SELECT {cols}, true AS phasegate_full FROM {table} WHERE {bounds}"

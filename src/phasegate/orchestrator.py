@@ -33,7 +33,7 @@ from phasegate import (
     trust,
 )
 from phasegate.config import ProjectConfig
-from phasegate.db import Session, orchestrator_running, quote_table
+from phasegate.db import Session, orchestrator_running
 from phasegate.durations import format_duration
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
 from phasegate.pacing import BackfillSettings
@@ -236,11 +236,14 @@ class Orchestrator:
                 )
             if trigger_expected and job.sync is not None and not self._trigger_exists(job):
                 problems.append(
-                    f"the sync trigger of job {job.name!r} on {table} is missing (dropped by "
-                    "hand?), so one code version's writes no longer reach the other's "
-                    "columns: run `phasegate rollback PLAN --to expand`, then `phasegate "
-                    "backfill PLAN`, which reinstalls it and sweeps every row again"
+                    f"the sync trigger of job {job.name!r} on {table} is missing or disabled "
+                    "(dropped by hand?), so one code version's writes no longer reach the "
+                    "other's columns: run `phasegate rollback PLAN --to expand`, then "
+                    "`phasegate backfill PLAN`, which reinstalls it and sweeps every row again"
                 )
+        if trigger_expected:  # a BEFORE trigger added since that fires after ours, ...
+            with self.db.tx():
+                problems += sync.order_drift(self.db, self.plan.name, self._sync_jobs())
         return problems
 
     def _outdated_triggers(self) -> list[str]:
@@ -256,16 +259,7 @@ class Orchestrator:
 
     def _trigger_exists(self, job: Any) -> bool:
         with self.db.tx():
-            return bool(
-                self.db.scalar(
-                    "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass(%(t)s) "
-                    "AND tgname = %(n)s)",
-                    {
-                        "t": quote_table(job.table).as_string(self.db.raw),
-                        "n": sync.object_name(self.plan.name, job.name),
-                    },
-                )
-            )
+            return sync.is_installed(self.db, self.plan.name, job)
 
     def gate(self, phase: str | None = None) -> tuple[GateView, gates.GateDecision]:
         """Evaluate the gate for entering `phase` (default: the next one); changes nothing."""
@@ -550,7 +544,8 @@ class Orchestrator:
         for job in self._sync_jobs():
             self.notify(f"re-installed sync trigger of job {job.name!r} on {job.table}")
         results = []
-        for job in self._sync_jobs():
+        # reverse plan order: a later job's old columns may be an earlier job's new ones
+        for job in reversed(self._sync_jobs()):
             work = backfill.down_work(job, keys.base_types(self.db, job.table or ""))
             self.notify(f"refilling {', '.join(job.old_columns)} of {job.table} (sync.down)")
             result = backfill.run_batched(
@@ -568,15 +563,10 @@ class Orchestrator:
         expressions, and contract, which drops the plan's triggers, is the only other
         place that finds it."""
         with self.db.tx():
-            current = {job.name for job in self._sync_jobs()}
-            for job, name, _table in sync.installed(self.db, self.plan.name):
-                if job not in current:
-                    sync.drop_installed(self.db, name)
-                    self.notify(
-                        f"dropped the sync trigger of job {job!r}, which the plan no longer has"
-                    )
-            for job in self._sync_jobs():
-                sync.install(self.db, self.plan.name, job)
+            for job in sync.install_all(self.db, self.plan.name, self._sync_jobs()):
+                self.notify(
+                    f"dropped the sync trigger of job {job!r}, which the plan no longer has"
+                )
 
     def _downgrade_refusal(self, phase: str, heads: tuple[str, ...]) -> str | None:
         """Why this phase cannot be undone safely, or None."""
@@ -601,6 +591,14 @@ class Orchestrator:
                         f"rollback of contract refused: its refill of {', '.join(job.old_columns)} "
                         f"runs in backfill batches, and {message}. Nothing was downgraded; {hint}"
                     )
+            with self.db.tx():
+                late = sync.trigger_order_issues(self.db, self.plan.name, self._sync_jobs())
+            if late:
+                _job, message, hint = late[0]
+                return (
+                    f"rollback of contract refused: it re-installs the sync triggers, and "
+                    f"{message}. Nothing was downgraded; {hint}"
+                )
         if phase == "backfill" or not ran:
             return None
         target = self._before(phase)

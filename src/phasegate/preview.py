@@ -60,14 +60,13 @@ def preview(
                 for rev in resolved.of(phase)
             ]
         if phase == "backfill":
-            entry["sync_triggers"] = [
+            entry["sync_triggers"] = [  # one function per table runs its jobs in plan order
                 {
-                    "job": job.name,
-                    "table": job.table,
-                    "sql": [_text(db, s) for s in sync.install_statements(plan.name, job)],
+                    "job": ", ".join(job.name for job in group),
+                    "table": group[0].table,
+                    "sql": [_text(db, s) for s in sync.install_statements(plan.name, group)],
                 }
-                for job in plan.jobs()
-                if job.is_batched and job.sync is not None
+                for group in sync.table_groups(db, plan.jobs())
             ]
             ahead = _pending(plan, state, None)  # --phase backfill: what is not done still
             earlier = ahead[: ahead.index(phase)] if phase in ahead else []
