@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.pool import NullPool
 
+from phasegate import ledger
 from phasegate.appversion import report_version
 from phasegate.db import libpq_url
 
@@ -404,7 +405,8 @@ def test_upgrading_the_ledger_moves_direct_writers_to_the_functions(
     assert result.exit_code == 1, result.output  # the old row refuses, as before
     assert "1.0 (heartbeat: instance web-1" in result.stdout
     assert "written by role (unknown: an old row))" in result.stdout
-    assert query(seeded_url, "SELECT value FROM phasegate.meta") == [("7",)]
+    version = "SELECT value FROM phasegate.meta WHERE key = 'schema_version'"
+    assert query(seeded_url, version) == [(str(ledger.SCHEMA_VERSION),)]
     with roles.connect(old) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DELETE FROM phasegate.heartbeat")  # old code: deletes web-1's row
