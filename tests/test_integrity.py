@@ -376,3 +376,85 @@ def test_rows_set_leaves_matching_still_fail_verification_after_one_catch_up(
     assert "`set` leaves them matching" in result.stderr
     assert "walking the range again" in result.stderr  # once, then it stops
     assert result.stderr.count("walking the range again") == 1
+
+
+# -- 6. repairing drift never leaves data behind ---------------------------------------------------
+
+WRONG_ROOT_CAUSES = (
+    "SELECT count(*) FROM bug b LEFT JOIN root_cause r ON r.id = b.root_cause_id"
+    " WHERE b.root_cause IS DISTINCT FROM r.name"
+)
+
+
+def test_an_out_of_band_contract_mid_plan_cannot_drop_the_synced_column(
+    phasegate, seeded_url: str
+) -> None:
+    """Even with the revision guard turned off, a deploy's `alembic upgrade head` mid-plan
+    cannot drop an old column while the sync trigger watches it (its UPDATE trigger's WHEN
+    depends on the column): the contract revision fails whole and old code keeps working."""
+    from .conftest import PLAN
+    from .test_failures import alembic
+
+    plan = str(PLAN)
+    result = phasegate("advance", plan, "--to", "switch", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(Exception, match="other objects depend on it"):
+        alembic(seeded_url, "upgrade", "head")
+    assert fetch(seeded_url, "SELECT version_num FROM alembic_version") == [("d7e2b9f4a613",)]
+    assert fetch(seeded_url, WRONG_ROOT_CAUSES) == [(0,)]
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert not status["drift"] and status["emptied"] == []
+
+
+def test_an_old_column_dropped_and_added_back_is_said_and_refilled(
+    phasegate, seeded_url: str
+) -> None:
+    """The whole story, as an operator may write it after the error above: the contract's
+    DROP COLUMN with CASCADE (the hint PostgreSQL gives), which takes the sync trigger
+    along, then the downgrade that adds the column back, empty. The version table and the
+    ledger agree again; status must still say the old column is empty, and the next
+    command refills it with sync.down before anything else."""
+    from .conftest import PLAN
+
+    plan = str(PLAN)
+    result = phasegate("advance", plan, "--to", "switch", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    execute(seeded_url, "ALTER TABLE bug DROP COLUMN root_cause CASCADE")
+    execute(seeded_url, "ALTER TABLE bug ADD COLUMN root_cause text")
+    [(empty,)] = fetch(seeded_url, "SELECT count(*) FROM bug WHERE root_cause_id IS NOT NULL")
+    assert empty > 0
+
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    [said] = status["emptied"]
+    assert "bug.root_cause were dropped and added back" in said and f"{empty:,} row(s)" in said
+    assert "EMPTIED: column(s) bug.root_cause" in phasegate("status", plan).stdout
+    # the missing trigger is drift: advance refuses, and its way out is a rollback, which
+    # refills the column before it undoes anything
+    result = phasegate("advance", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 1 and "missing or disabled" in result.output, result.output
+    result = phasegate("rollback", plan, "--to", "backfill", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(seeded_url, WRONG_ROOT_CAUSES) == [(0,)]
+    assert json.loads(phasegate("status", plan, json_output=True).stdout)["emptied"] == []
+    kinds = [k for (k,) in fetch(seeded_url, "SELECT kind FROM phasegate.event")]
+    assert "columns.refilled" in kinds
+
+
+def test_a_new_column_dropped_and_added_back_is_walked_again(phasegate, seeded_url: str) -> None:
+    """The same for a new column after the backfill: v2 would read NULL; the next command
+    walks the job again first."""
+    from .conftest import PLAN
+
+    plan = str(PLAN)
+    result = phasegate("advance", plan, "--to", "backfill", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    execute(
+        seeded_url,
+        "ALTER TABLE bug DROP COLUMN root_cause_id CASCADE",
+        "ALTER TABLE bug ADD COLUMN root_cause_id bigint",
+    )
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert any("bug.root_cause_id were dropped and added back" in e for e in status["emptied"])
+    result = phasegate("rollback", plan, "--live-version", "1", "--yes")  # back to expand
+    assert result.exit_code == 0, result.output
+    assert fetch(seeded_url, WRONG_ROOT_CAUSES) == [(0,)]

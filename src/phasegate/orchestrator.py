@@ -23,6 +23,7 @@ from alembic.runtime.migration import MigrationInfo
 from phasegate import (
     backfill,
     contract,
+    emptied,
     failpoints,
     gates,
     keys,
@@ -139,6 +140,7 @@ class Orchestrator:
         heads = self.project.current_heads(self.db)
         self._check_recorded_phases(state)
         drift = self.drift(state, heads) + self.schema_drift(state)
+        lost = [e.describe() for e in self._emptied(state)]
         phase_list = self.plan.phase_names()
         return {
             "plan": self.plan.name,
@@ -159,6 +161,7 @@ class Orchestrator:
             "heads": list(heads),
             "drift": bool(drift),
             "drift_details": drift,
+            "emptied": lost,
             "phases": [
                 {
                     "name": name,
@@ -555,6 +558,8 @@ class Orchestrator:
         with self.db.tx():  # the refill is finished; a later rollback starts a new one
             for result in results:
                 ledger.delete_checkpoint(self.db, self.plan.name, result["name"])
+        # the downgrade added the old columns back: these are the ones checked from now on
+        emptied.record(self.db, self.plan.name, self.plan.jobs())
         return results
 
     def _install_triggers(self) -> None:
@@ -611,6 +616,60 @@ class Orchestrator:
                 f"{names}, applied on top of this phase; roll those back first"
             )
         return None
+
+    # -- columns that came back empty -------------------------------------------------------
+
+    def _emptied(self, state: ledger.PlanState) -> list[emptied.Emptied]:
+        """Old or new columns re-created behind phasegate's back that lost values, where the
+        plan's state says they hold them: old ones from the backfill's start until the
+        contract, new ones from the backfill's end (see `emptied`)."""
+        names = self.plan.phase_names()
+        done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
+        active = state.active_phase if state.state in ("running", "failed") else None
+        if "contract" in done or state.state == "done" or active == "contract":
+            return []  # the contract dropped (or is dropping) the old columns on purpose
+        started = "backfill" in done or active == "backfill"
+        batched = [job for job in self.plan.jobs() if job.is_batched]
+        return emptied.find(self.db, self.plan.name, batched, old=started, new="backfill" in done)
+
+    def _repair_emptied(self, state: ledger.PlanState) -> None:
+        """Before anything else: refill old columns with sync.down and walk new ones again
+        with set, where an out-of-band drop and re-add emptied them. A job with no sync.down
+        cannot rebuild its old columns: refused with the way out."""
+        found = self._emptied(state)
+        hopeless = [e for e in found if e.side == emptied.OLD and e.job.sync is None]
+        if hopeless:
+            raise Refused(
+                "; ".join(e.describe() for e in hopeless),
+                emptied=[e.describe() for e in hopeless],
+            )
+        for lost in found:
+            self.notify(lost.describe())
+            job = lost.job
+            if lost.side == emptied.OLD:
+                work = backfill.down_work(job, keys.base_types(self.db, job.table or ""))
+            else:
+                with self.db.tx():  # walk it again from its first key, as the file says
+                    ledger.delete_checkpoint(self.db, self.plan.name, job.name)
+                    ledger.save_checkpoint(
+                        self.db, ledger.Checkpoint(self.plan.name, job.name, resweep=True)
+                    )
+                work = backfill.forward_work(self.db, self.plan.name, job)
+            result = backfill.run_batched(
+                self.db, self.plan.name, work, self.options.backfill, self.progress, self.notify
+            )
+            with self.db.tx():
+                if lost.side == emptied.OLD:  # the refill is over; a later one starts anew
+                    ledger.delete_checkpoint(self.db, self.plan.name, work.checkpoint)
+                ledger.record_event(
+                    self.db,
+                    self.plan.name,
+                    "columns.refilled",
+                    self.options.actor,
+                    None,
+                    {"job": job.name, "columns": lost.columns, **result.to_dict()},
+                )
+            emptied.repaired(self.db, self.plan.name, lost)
 
     # -- the contract ----------------------------------------------------------------------
 
@@ -676,7 +735,10 @@ class Orchestrator:
             now = contract.entries(self.plan)
             if not recorded:
                 ledger.record_contract(self.db, self.plan.name, now)
-                return
+        if not recorded:
+            emptied.record(self.db, self.plan.name, self.plan.jobs())
+            return
+        with self.db.tx():
             restarted = [e for e in now if e.job in self.options.restart_jobs]
             gone = [e.job for e in recorded if e.job not in {n.job for n in now}]
             forgotten = [job for job in gone if job in self.options.restart_jobs]
@@ -713,6 +775,7 @@ class Orchestrator:
             )
         for job in forgotten:
             self.notify(f"job {job!r}: no longer in the file, forgotten; what it wrote stays")
+        emptied.record(self.db, self.plan.name, self.plan.jobs(), only_missing=True)
 
     # -- shared steps -----------------------------------------------------------------------
 
@@ -740,6 +803,7 @@ class Orchestrator:
                 + ". Resolve it, then run the command again",
                 drift=drift,
             )
+        self._repair_emptied(state)
         if not rolling_back and state.active_phase != "backfill":  # backfill reinstalls them
             for job in self._outdated_triggers():
                 self.notify(f"warning: `set` or `sync.down` of job {job!r} {self.OUTDATED_HINT}")

@@ -228,6 +228,10 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(f"  note: `set` or `sync.down` of job {job!r} {Orchestrator.OUTDATED_HINT}")
     for problem in s["drift_details"]:
         lines.append(f"  DRIFT: {problem}")
+    for problem in s.get("emptied", []):
+        lines.append(f"  EMPTIED: {problem}")
+    for change in s.get("contract_changes", []):
+        lines.append(f"  note: not the jobs the backfill started with: {change}")
     return "\n".join(lines)
 
 
