@@ -324,10 +324,10 @@ def _only_once(url: str) -> Callable[[Any, Any], None]:
         nonlocal connected
         if connected:
             raise SessionLost(
-                f"lost the connection to {mask_url(url)} (terminated, timed out or failed "
-                "over): this command ends here, with what it committed kept, and does not "
-                "reconnect, since its locks went with the connection. Run the same command "
-                "again"
+                f"lost the connection to the database ({mask_url(url)}): the server "
+                "restarted, failed over, or ended this session. Everything committed is kept "
+                "and the ledger records where to resume; this command does not reconnect, as "
+                "its locks went with the connection: run the same command again"
             )
         connected = True
 
