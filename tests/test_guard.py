@@ -627,3 +627,23 @@ def test_script_py_mako_puts_the_guard_on_tagged_revisions_only(
     assert (tagged.plan, tagged.phase, tagged.guarded) == ("p", "contract", True)
     assert (plain.plan, plain.guarded) == (None, False)
     assert "guard" not in Path(plain.path).read_text()
+
+
+@pytest.mark.db
+def test_phasegate_upgrade_with_nothing_to_apply_does_not_wait_for_a_running_phase(
+    phasegate: Phasegate, seeded_url: str
+) -> None:
+    """A deploy during a long backfill: nothing new is safe to apply, so `phasegate
+    upgrade` needs no lock and must not fail on the one the backfill holds (exit 4)."""
+    holder = hold(
+        seeded_url,
+        f"SELECT pg_advisory_lock({LOCK_NAMESPACE}, {LOCK_ORCHESTRATOR})",
+        application_name="phasegate backfill bug_root_cause.yaml",
+    )
+    try:
+        result = phasegate("upgrade", "--yes")
+    finally:
+        holder.close()
+    assert result.exit_code == 0, result.output
+    assert "nothing to apply" in result.stdout
+    assert "plan bug-root-cause, phase expand" in result.stdout

@@ -169,6 +169,29 @@ def _describe(project: AlembicProject, revision: str) -> dict[str, Any]:
     return {"revision": revision, "doc": info.doc, "plan": info.plan, "phase": info.phase}
 
 
+def pending(db: Session, project: AlembicProject, plans: list[Plan]) -> UpgradeResult:
+    """What `run` would do now, read without writing anything (not even the ledger) and
+    without the orchestrator lock: a deploy during a long backfill, with nothing new to
+    apply, must not wait for the lock or fail on it."""
+    heads = _known_heads(db, project)
+    with db.tx():
+        states = {state.plan: state for state in ledger.all_states(db)}
+    plan = plan_upgrade(project, heads, owners(project, plans), states)
+    return UpgradeResult([], plan, heads, heads)
+
+
+def _known_heads(db: Session, project: AlembicProject) -> tuple[str, ...]:
+    heads = project.current_heads(db)
+    unknown = [head for head in heads if head not in project.revisions]
+    if unknown:
+        raise RuntimeFailure(
+            f"the database is at revision(s) {', '.join(unknown)}, which {project.location} "
+            "does not have (deployed by newer code?); nothing was applied. Run phasegate "
+            "from the code that has them"
+        )
+    return heads
+
+
 def run(
     db: Session,
     project: AlembicProject,
@@ -178,14 +201,7 @@ def run(
 ) -> UpgradeResult:
     """Apply every revision that is safe now (we hold the orchestrator lock)."""
     owned = owners(project, plans)
-    heads_before = project.current_heads(db)
-    unknown = [head for head in heads_before if head not in project.revisions]
-    if unknown:
-        raise RuntimeFailure(
-            f"the database is at revision(s) {', '.join(unknown)}, which {project.location} "
-            "does not have (deployed by newer code?); nothing was applied. Run phasegate "
-            "from the code that has them"
-        )
+    heads_before = _known_heads(db, project)
     ledger.ensure_schema(db)
     with db.tx():
         states = {state.plan: state for state in ledger.all_states(db)}

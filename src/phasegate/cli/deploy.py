@@ -41,9 +41,12 @@ def upgrade_command(ctx: Context, **kw: Any) -> int:
     for plan in plans:
         project.resolve(plan)  # an invalid plan stops here, before any connection
     url = ctx.url(project)
-    _confirm(args.yes, f"upgrade {db.mask_url(url)} to every revision that is safe now")
-    with db.locked_session(url, "upgrade", _lock_policy(args, ctx.settings())) as conn:
-        result = upgrade.run(conn, project, plans, args.actor or actor(), notify=log)
+    with db.session(url, "phasegate upgrade (looking)") as conn:
+        result = upgrade.pending(conn, project, plans)
+    if result.plan.apply:  # only then the lock: a phase running elsewhere need not end first
+        _confirm(args.yes, f"upgrade {db.mask_url(url)} to every revision that is safe now")
+        with db.locked_session(url, "upgrade", _lock_policy(args, ctx.settings())) as conn:
+            result = upgrade.run(conn, project, plans, args.actor or actor(), notify=log)
     document = {"ok": True, **result.to_dict(project)}
     emit(ctx, document, _text(project, result))
     return EXIT_OK
