@@ -27,6 +27,7 @@ from sqlalchemy.pool import NullPool
 from phasegate import lockguard
 from phasegate.errors import Busy, RuntimeFailure, SessionLost, UsageError
 from phasegate.lockguard import LockPolicy
+from phasegate.text import one_line
 
 URL_ENV_VARS = ("PHASEGATE_DATABASE_URL", "DATABASE_URL")
 DEFAULT_LOCK_TIMEOUT = "2s"
@@ -379,8 +380,9 @@ def acquire_orchestrator_lock(db: Session) -> None:
         )
     holder = holders[0] if holders else {}
     who = (
-        f"backend pid {holder['pid']} ({holder['application_name'] or 'no application_name'}, "
-        f"user {holder['usename']}, from {holder['client'] or 'local socket'}, "
+        f"backend pid {holder['pid']} "
+        f"({one_line(holder['application_name'] or 'no application_name')}, "
+        f"user {one_line(str(holder['usename']))}, from {holder['client'] or 'local socket'}, "
         f"connected {holder['backend_start']:%Y-%m-%d %H:%M:%S %Z})"
         if holder
         else "a session that has just released it"
