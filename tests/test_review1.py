@@ -190,3 +190,116 @@ def test_an_insert_that_leaves_a_column_to_its_default_is_synced(
     else:
         execute(database_url, "INSERT INTO t (k, doubled) VALUES (100000, 14)")  # new code
     assert fetch(database_url, "SELECT val, doubled FROM t WHERE k = 100000") == [(7, 14)]
+
+
+# -- one plan is one contract (item 1): a helper's check and the walk it joins -------------------
+
+
+def test_a_helper_joins_only_the_walk_whose_contract_it_checked(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`phasegate worker` checks its file against the recorded contract, then reads the
+    job's checkpoint and walks for the run that checkpoint names. Between the two, its
+    orchestrator died and a new run restarted the job with an edited `set`
+    (`--restart-job`): the helper, whose file is the old one, joins the new run's walk (its
+    generation is current, its driver lock held) and writes the old expression into the
+    slices it claims; its resweep `where` even rewrites rows the new run already fixed.
+    The new run's verification counts only `where`: done, with rows of both expressions.
+
+    The pause after the check stands for the scheduler; everything else is real."""
+    from phasegate import backfill, db
+    from phasegate.pacing import BackfillSettings
+    from phasegate.plan import load_plan
+
+    seeded_table(database_url)
+    plan = make_plan(tmp_path)
+    helper_plan = load_plan(plan)  # the helper's checkout: the file as the phase started
+    first = cli(database_url, "backfill", plan, "--live-version", "1", "--yes", *SLOW)
+    wait_for_batches(database_url, 3)
+
+    checked, go_on = threading.Event(), threading.Event()
+    original = backfill._hold_to_contract
+
+    def check_then_pause(session: db.Session, helper: object) -> None:
+        original(session, helper)  # type: ignore[arg-type]
+        checked.set()
+        go_on.wait(60)
+
+    monkeypatch.setattr(backfill, "_hold_to_contract", check_then_pause)
+    failures: list[BaseException] = []
+
+    def helper() -> None:
+        settings = BackfillSettings(batch_size=20, pause=0.05)
+        try:
+            with db.session(db.normalize_url(database_url), "phasegate worker test") as conn:
+                backfill.assist(conn, helper_plan, settings, backfill.NoProgress(), print, 30)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=helper, daemon=True)
+    thread.start()
+    assert checked.wait(30), "the helper never checked the contract"
+    first.kill()  # the orchestrator dies; the operator edits the plan and restarts the job
+    first.communicate(timeout=60)
+    Path(plan).write_text(TRIPLED)
+    second = cli(
+        database_url,
+        "backfill",
+        plan,
+        "--live-version",
+        "1",
+        "--yes",
+        "--restart-job",
+        "fill",
+        "--slices",
+        "6",
+        *SLOW,
+    )
+    wait_until(
+        lambda: poll(database_url, "SELECT FROM phasegate.event WHERE kind = 'job.restarted'"),
+        what="the restart",
+    )
+    wait_for_batches(database_url, 3)
+    go_on.set()
+    thread.join(120)
+    _out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    [(old_result,)] = fetch(database_url, "SELECT count(*) FROM t WHERE doubled = val * 2")
+    assert (old_result, tripled(database_url)) == (0, ROWS), (failures, err)
+
+
+# -- one plan is one contract (item 2): --restart-job of an edited `sync.down` -------------------
+
+
+def test_a_restart_for_an_edited_down_leaves_no_old_column_with_the_old_result(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`sync.down` of fill-b is edited from lower(b) to initcap(b) (both round-trip through
+    `set` = upper(a)) and the job restarted. The re-walk runs `set` only, and its resweep
+    finds rows whose new columns differ from `set`: none of the rows new code wrote before
+    the restart, whose old column the old `down` filled. Those keep `hello world` while the
+    same write now gives `Hello World`: old code reads the old expression's result in some
+    rows and the new one's in others, after "restarted ... rewrites every row the old ones
+    wrote" and exit 0. A walk cannot tell such a row from one old code wrote; the restart
+    should refuse (or say that the old `down` results stay) rather than promise."""
+    make_table(database_url)
+    path = tmp_path / "chain.yaml"
+    path.write_text(TWO_PLANS.format(name="down-edit", jobs=FILL_B.format(fill="fill-b")))
+    slow = ("--batch-size", "20", "--pause", "0.1")
+    owner = cli(database_url, "backfill", str(path), "--live-version", "1", "--yes", *slow)
+    wait_until(
+        lambda: poll(database_url, "SELECT FROM phasegate.job_checkpoint WHERE batches >= 2"),
+        what="the walk",
+    )
+    execute(database_url, "UPDATE t SET b = 'HELLO WORLD' WHERE k = 5")  # new code
+    owner.terminate()
+    _out, err = owner.communicate(timeout=60)
+    assert row(database_url, 5) == ("hello world", "HELLO WORLD", None), err
+    path.write_text(path.read_text().replace("a: lower(new.b)", "a: initcap(new.b)"))
+
+    result = Phasegate(database_url)(
+        "backfill", str(path), "--live-version", "1", "--yes", "--restart-job", "fill-b"
+    )
+    execute(database_url, "UPDATE t SET b = 'HELLO WORLD' WHERE k = 6")  # new code, now
+    assert row(database_url, 6)[0] == "Hello World"
+    assert result.exit_code == 2 or row(database_url, 5)[0] == "Hello World", result.output
