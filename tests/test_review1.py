@@ -26,7 +26,7 @@ from .test_backfill_engine import (
     wait_for_batches,
 )
 from .test_integrity import SLOW, own_connection, wait_until
-from .test_sync_order import DERIVE_C, FILL_B, make_table, row
+from .test_sync_order import DERIVE_C, FILL_B, SWITCH, make_table, row
 
 pytestmark = pytest.mark.db
 
@@ -303,3 +303,46 @@ def test_a_restart_for_an_edited_down_leaves_no_old_column_with_the_old_result(
     execute(database_url, "UPDATE t SET b = 'HELLO WORLD' WHERE k = 6")  # new code, now
     assert row(database_url, 6)[0] == "Hello World"
     assert result.exit_code == 2 or row(database_url, 5)[0] == "Hello World", result.output
+
+
+# -- drift: a sync trigger that no longer fires for the app's writes -----------------------------
+
+
+@pytest.mark.parametrize("how", ["replica", "partition"])
+def test_a_sync_trigger_that_no_longer_fires_for_app_writes_is_drift(
+    how: str, database_url: str, tmp_path: Path
+) -> None:
+    """`is_installed` counts a trigger as there unless pg_trigger says 'D' on the job's
+    table itself. `replica`: ENABLE REPLICA TRIGGER ('R') fires it only under
+    session_replication_role = replica, never for the app's sessions. `partition`: the
+    clone of the trigger on one partition is disabled; writes routed there skip the sync.
+    Either way old code's updates leave the new column stale while `status` reports no
+    drift, and `switch` would go ahead."""
+    if how == "partition":
+        execute(
+            database_url,
+            "CREATE TABLE t (k bigint PRIMARY KEY, a text, b text, c text) PARTITION BY RANGE (k)",
+            "CREATE TABLE t_low PARTITION OF t FOR VALUES FROM (0) TO (300)",
+            "CREATE TABLE t_high PARTITION OF t FOR VALUES FROM (300) TO (100000)",
+            "INSERT INTO t (k, a) SELECT g, 'r' || g FROM generate_series(1, 600) g",
+        )
+    else:
+        make_table(database_url)
+    plan = tmp_path / "one.yaml"
+    plan.write_text(  # a switch to come: the plan is not over, its triggers are expected
+        TWO_PLANS.format(name="drift", jobs=FILL_B.format(fill="fill-b")) + SWITCH
+    )
+    phasegate = Phasegate(database_url)
+    assert phasegate("backfill", str(plan), "--live-version", "1", "--yes").exit_code == 0
+    [(update,)] = fetch(
+        database_url,
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 't'::regclass AND tgname LIKE '~%_upd'",
+    )
+    if how == "replica":
+        execute(database_url, f'ALTER TABLE t ENABLE REPLICA TRIGGER "{update}"')
+    else:
+        execute(database_url, f'ALTER TABLE t_high DISABLE TRIGGER "{update}"')
+    execute(database_url, "UPDATE t SET a = 'moved' WHERE k = 400")  # old code
+    stale = row(database_url, 400) != ("moved", "MOVED", None)
+    status = phasegate("status", str(plan), json_output=True)
+    assert not stale or '"drift": true' in status.stdout, status.stdout
