@@ -8,6 +8,7 @@ the sync-order tests' chain table (`b = upper(a)`, `c = b || '!'`).
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -383,3 +384,43 @@ def test_rows_of_an_inheritance_child_stay_in_step_after_the_backfill(
     )
     assert row(database_url, 400) == ("moved", "MOVED", None)
     assert row(database_url, 1001) == ("fresh", "FRESH", None)
+
+
+# -- fencing (item 5): what `status` says about a run that died ----------------------------------
+
+
+def test_status_calls_a_dead_run_abandoned_while_another_plan_runs(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A backfill of plan one is killed; plan two's backfill then runs (one orchestrator
+    lock per database). `status` of plan one asks whether *any* phasegate holds the lock,
+    so while plan two runs it shows plan one as running, not abandoned; its job shows as
+    stopped (its own driver lock is asked), so the two disagree."""
+    seeded_table(database_url)
+    execute(
+        database_url,
+        "CREATE TABLE t2 (k bigint PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t2 SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    one = make_plan(tmp_path)
+    two = tmp_path / "two.yaml"
+    two.write_text(engine_plan_text(table="t2").replace("engine-test", "engine-two"))
+    first = cli(database_url, "backfill", one, "--live-version", "1", "--yes", *SLOW)
+    wait_for_batches(database_url, 3)
+    first.kill()
+    first.communicate(timeout=60)
+    second = cli(database_url, "backfill", str(two), "--live-version", "1", "--yes", *SLOW)
+    try:
+        wait_until(
+            lambda: poll(
+                database_url,
+                "SELECT FROM phasegate.job_checkpoint WHERE plan = 'engine-two' AND batches > 2",
+            ),
+            what="plan two's walk",
+        )
+        status = json.loads(Phasegate(database_url)("status", one, json_output=True).stdout)
+    finally:
+        second.kill()
+        second.communicate(timeout=60)
+    assert status["jobs"][0]["status"] == "stopped"
+    assert status["abandoned"] is True, status
