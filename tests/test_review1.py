@@ -9,12 +9,15 @@ the sync-order tests' chain table (`b = upper(a)`, `c = b || '!'`).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from .conftest import Phasegate
+from .conftest import ALEMBIC_INI, ROOT, Phasegate
 from .test_backfill_engine import (
     ROWS,
     cli,
@@ -424,3 +427,66 @@ def test_status_calls_a_dead_run_abandoned_while_another_plan_runs(
         second.communicate(timeout=60)
     assert status["jobs"][0]["status"] == "stopped"
     assert status["abandoned"] is True, status
+
+
+# -- one plan is one contract (item 1): what else a helper's session brings ----------------------
+
+DAYS = """\
+plan: engine-days
+app: enginetest
+baseline_compatible: ">=0"
+phases:
+  backfill:
+    compatible: ">=0"
+    jobs:
+      - name: fill
+        table: t
+        set:
+          day: new.at::date
+        where: new.day IS NULL
+"""
+
+
+def test_a_helper_in_another_time_zone_writes_what_the_orchestrator_would(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The helper's plan is the orchestrator's, byte for byte, and it adopts the
+    orchestrator's search_path; but its sessions keep the TimeZone its environment gives
+    (PGTZ, PGOPTIONS, a role's setting on another machine), and `new.at::date` depends on
+    it. Every row is at 23:30 UTC: the slices the helper walks get the next day, the
+    orchestrator's get the day in UTC; both exit 0 and verification (day IS NULL) passes.
+    search_path is adopted for this very reason; TimeZone, DateStyle, IntervalStyle and
+    the like are not."""
+    execute(
+        database_url,
+        "CREATE TABLE t (k bigint PRIMARY KEY, at timestamptz NOT NULL, day date)",
+        f"INSERT INTO t SELECT g, '2026-01-01 23:30+00'::timestamptz + g * interval '1 day'"
+        f" FROM generate_series(1, {ROWS}) g",
+    )
+    plan = tmp_path / "days.yaml"
+    plan.write_text(DAYS)
+
+    def run(zone: str, *args: str) -> subprocess.Popen[str]:
+        env = {**os.environ, "PHASEGATE_DATABASE_URL": database_url, "PGTZ": zone}
+        return subprocess.Popen(
+            [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    owner = run(
+        "UTC", "backfill", str(plan), "--live-version", "1", "--yes", "--slices", "6", *SLOW
+    )
+    wait_for_batches(database_url, 3)
+    helper = run("Pacific/Kiritimati", "worker", str(plan), "--wait", "30", *SLOW)
+    helper_out, helper_err = helper.communicate(timeout=120)
+    _out, owner_err = owner.communicate(timeout=120)
+    assert (owner.returncode, helper.returncode) == (0, 0), (owner_err, helper_err)
+    assert "helped" in helper_out, helper_out
+    [(other_day,)] = fetch(
+        database_url, "SELECT count(*) FROM t WHERE day <> (at AT TIME ZONE 'UTC')::date"
+    )
+    assert other_day == 0
