@@ -561,7 +561,7 @@ def test_a_sync_trigger_dropped_by_hand_is_drift_with_a_way_out(phasegate, seede
     assert phasegate("advance", P, "--to", "backfill", *OVERRIDE, "--yes").exit_code == 0
     # the UPDATE trigger alone: v1's updates would no longer reach root_cause_id
     [(update_trigger,)] = query(
-        seeded_url, "SELECT tgname FROM pg_trigger WHERE tgname LIKE '~sync_%_upd'"
+        seeded_url, "SELECT tgname FROM pg_trigger WHERE tgname LIKE '~%sync_%_upd'"
     )
     query(seeded_url, f'DROP TRIGGER "{update_trigger}" ON bug')
     status = json.loads(phasegate("status", P, json_output=True).stdout)

@@ -190,7 +190,7 @@ def test_a_renamed_job_leaves_no_trigger_behind(phasegate, engine, tmp_path) -> 
     [(comment,)] = fetch(
         engine,
         "SELECT DISTINCT obj_description(tgfoid, 'pg_proc') FROM pg_trigger"
-        " WHERE tgname LIKE '~sync_%'",
+        " WHERE tgname LIKE '~%sync_%'",
     )
     assert comment.startswith(
         "phasegate sync trigger of plan bug-root-cause, jobs bug-root-cause-ref\n"

@@ -185,7 +185,7 @@ def test_dependent_jobs_sync_in_plan_order_whatever_their_names(
     assert status["drift"] is False, status["drift_details"]
     # one function runs both jobs: two triggers (INSERT, UPDATE), named after the user's
     names = phasegate_triggers(database_url)
-    assert len(names) == 2 and all(name.startswith("~sync_sync_order_t_") for name in names)
+    assert len(names) == 2 and all(name.startswith("~001_sync_sync_order_t_") for name in names)
 
 
 def test_the_contract_rollback_refills_dependent_old_columns_in_reverse_plan_order(
@@ -526,7 +526,7 @@ def test_per_job_triggers_of_an_older_phasegate_are_drift_and_replaced_on_reinst
     result = phasegate("backfill", plan, "--live-version", "1", "--yes", "--restart-job", "boom")
     assert result.exit_code == 0, result.output
     names = phasegate_triggers(database_url)
-    assert len(names) == 2 and all(n.startswith("~sync_") for n in names), names
+    assert len(names) == 2 and all(n.startswith("~001_sync_") for n in names), names
     [(functions,)] = fetch(
         database_url,
         "SELECT count(*) FROM pg_proc WHERE pronamespace = 'phasegate'::regnamespace"

@@ -266,8 +266,68 @@ def check_columns(db: Session, plan: Plan) -> None:
     for job, message, hint in late:
         where = ("phases", "backfill", "jobs", plan.jobs().index(job), "table")
         issues.append(plan.issue(where, message, hint))
+    issues += default_issues(db, plan)
+    issues += inheritance_issues(db, plan)
     if issues:
         raise PlanError(issues)
+
+
+def default_issues(db: Session, plan: Plan) -> list[PlanIssue]:
+    """A synced column whose DEFAULT is not a constant, at its line (see
+    `sync.default_issues`)."""
+    with db.tx():
+        found = sync.default_issues(db, plan.jobs())
+    issues = []
+    for job, column, expression in found:
+        part = ("set", column) if column in job.new_columns else ("sync", "down", column)
+        where = ("phases", "backfill", "jobs", plan.jobs().index(job), *part)
+        table = quote_table(job.table or "").as_string(db.raw)
+        issues.append(
+            plan.issue(
+                where,
+                f"column {column!r} of {job.table} has DEFAULT {expression}, which is not a "
+                "constant: the sync trigger tells which code version inserted a row by the "
+                "columns it left out, and such a default fills them with a value no trigger "
+                "can tell from a written one",
+                f"drop it while the plan syncs the column (ALTER TABLE {table} ALTER COLUMN "
+                f"{sql.Identifier(column).as_string(db.raw)} DROP DEFAULT) and set it again "
+                "in a contract revision, or make it a constant",
+            )
+        )
+    return issues
+
+
+def inheritance_issues(db: Session, plan: Plan) -> list[PlanIssue]:
+    """A synced job's table with inheritance children (not partitions): the walk and its
+    count reach their rows, but triggers are not inherited, so after the backfill the app's
+    writes to those rows would never be synced."""
+    issues = []
+    for index, job in enumerate(plan.jobs()):
+        if not job.is_batched or job.sync is None:
+            continue
+        with db.tx():
+            children = [
+                row[0]
+                for row in db.all(
+                    "SELECT i.inhrelid::regclass::text FROM pg_inherits i"
+                    " JOIN pg_class c ON c.oid = i.inhparent"
+                    " WHERE i.inhparent = to_regclass(%(t)s) AND c.relkind <> 'p'"
+                    " ORDER BY 1",
+                    {"t": _regclass_text(db, job.table or "")},
+                )
+            ]
+        if children:
+            issues.append(
+                plan.issue(
+                    ("phases", "backfill", "jobs", index, "table"),
+                    f"table {job.table!r} has inheritance children ({', '.join(children)}): "
+                    "a walk of it reaches their rows, but its sync triggers would not fire "
+                    "for the app's writes to them (triggers are not inherited)",
+                    "give each child a job of its own, or make the table a partitioned one "
+                    "(partitions get the triggers)",
+                )
+            )
+    return issues
 
 
 def check_expressions(db: Session, plan: Plan) -> None:
@@ -508,31 +568,35 @@ def _run_driven(
     if hint:
         notify(f"job {work.checkpoint}: warning: {hint}")
     walks: list[_Walk] = []
-    seconds, moved, before = 0.0, 0, 0
+    seconds, moved, moving = 0.0, 0, False
+    before: tuple[int, int] | None = None
     for attempt in range(1 + CATCH_UP_WALKS):
         walk, took = _walk_once(db, plan, work, key, settings, progress, notify, attempt > 0)
         walks.append(walk)
         seconds += took
-        with _row_security_refusal(work.table):
-            remaining = count_remaining(db, work.table, work.unfinished)
-        if attempt:
-            moved += max(before - remaining, 0)
-            if remaining >= before:  # the catch-up found nothing: `set` leaves these
+        left = _leftover(db, work, key)
+        if before is not None:
+            moved += max(before[0] - left[0], 0)
+            moving = left != before  # other rows than before: keys are still moving
+            if not moving:  # the same rows: the walk leaves them, which is `set`'s doing
                 break
-        if not remaining or attempt == CATCH_UP_WALKS:
+        if not left[0] or attempt == CATCH_UP_WALKS:
             break
         notify(
-            f"job {work.checkpoint}: {remaining:,} row(s) still match `where` after the walk; "
-            "walking the range again for rows whose key changed while it ran (moved behind "
-            "it, out of its reach)"
+            f"job {work.checkpoint}: {left[0]:,} row(s) still to do after the walk; walking "
+            "the range again for rows whose key changed while it ran (moved behind it, out "
+            "of its reach)"
         )
-        before = remaining
+        before = left
     if moved:
         notify(
             f"job {work.checkpoint}: {moved:,} row(s) had moved behind the walk (their key "
             "changed while it ran) and were walked again"
         )
-    totals = verify(db, plan, work, remaining=remaining, moved=moved)
+    remaining = left[0] if work.done_unless is None else None  # else verify counts its own
+    totals = verify(
+        db, plan, work, remaining=remaining, moved=moved, moving=moving and bool(left[0])
+    )
     result = JobResult(
         work.checkpoint,
         "update",
@@ -548,6 +612,23 @@ def _run_driven(
     )
     progress.job_finished(result)
     return result
+
+
+def _leftover(db: Session, work: BatchedWork, key: Key) -> tuple[int, int]:
+    """The rows the walk's own `where` still selects: how many, and an order-independent
+    fingerprint of their keys (a sum of hashes), so a catch-up walk can tell the same rows
+    left behind again (`set` leaves them) from other rows (keys still moving). The walk's
+    `where`, not what verification counts: a resweep also selects rows whose new columns
+    differ from `set`, and those can move out of reach as well."""
+    query = sql.SQL(
+        "SELECT count(*), coalesce(sum(hashtextextended(ROW({keys})::text, 0)), 0)"
+        " FROM {table} AS new WHERE {where}"
+    ).format(keys=key.names(), table=quote_table(work.table), where=work.where)
+    with _row_security_refusal(work.table), db.tx():
+        whole_table(db)
+        row = db.execute(query).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def _walk_once(
@@ -1154,6 +1235,7 @@ def verify(
     after: str | None = None,
     remaining: int | None = None,
     moved: int = 0,
+    moving: bool = False,
 ) -> ledger.Checkpoint:
     """Count what still matches, record it (done, or failed so the next run walks again);
     returns the checkpoint as saved.
@@ -1161,6 +1243,8 @@ def verify(
     `after`: the `sql` job that ran later in the phase, when a done job is checked once
     more because that job may have written the table where no trigger saw it.
     `remaining`: already counted by the caller. `moved`: rows catch-up walks found.
+    `moving`: the last catch-up walk still found other rows out of reach than the one
+    before it: keys keep changing, nothing says `set` is at fault.
     """
     if remaining is None:
         with _row_security_refusal(work.table):
@@ -1177,6 +1261,13 @@ def verify(
     if remaining:
         if after is not None:
             cause = f"after job {after!r} ran (did it write {work.table} behind the sync trigger?)"
+        elif moving:
+            cause = (
+                f"after the walk and {CATCH_UP_WALKS} catch-up walks, each of which found other "
+                "rows out of its reach than the one before: the app keeps changing their keys "
+                "while the walk runs (moving them behind it or past its end). Run the same "
+                "command again once those key updates calm down"
+            )
         else:
             caught = (
                 f" ({moved:,} other(s) had moved behind the walk, their key changed while it "

@@ -362,6 +362,14 @@ def begin_run(db: Session) -> int:
     return db.generation
 
 
+def current_generation(db: Session) -> int | None:
+    """The generation of the run that began last (None: no ledger, or none began)."""
+    if not _readable(db):
+        return None
+    value = db.scalar("SELECT value FROM phasegate.meta WHERE key = 'generation'")
+    return int(value) if value is not None else None
+
+
 def fence(db: Session) -> None:
     """Refuse a write from a run that is no longer the current one (see `begin_run`).
 

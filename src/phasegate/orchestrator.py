@@ -130,8 +130,13 @@ class Orchestrator:
             state = ledger.get_state(self.db, self.plan.name)
             checkpoints = ledger.checkpoints(self.db, self.plan.name)
             now = self.db.scalar("SELECT now()")
-            # a run the ledger calls running while no phasegate holds the lock was killed
-            abandoned = state.state == "running" and not orchestrator_running(self.db)
+            # a run the ledger calls running is dead unless a phasegate holds the lock and
+            # is that run (another plan's run may hold it: it began a later generation)
+            abandoned = state.state == "running" and not (
+                orchestrator_running(self.db)
+                and state.generation is not None
+                and state.generation == ledger.current_generation(self.db)
+            )
             stopped = {
                 cp.job
                 for cp in checkpoints
@@ -247,7 +252,34 @@ class Orchestrator:
         if trigger_expected:  # a BEFORE trigger added since that fires after ours, ...
             with self.db.tx():
                 problems += sync.order_drift(self.db, self.plan.name, self._sync_jobs())
+                volatile = sync.default_issues(self.db, self._sync_jobs())
+            problems += [
+                f"column {job.table}.{column} of job {job.name!r} got DEFAULT {expression} "
+                "since the backfill, which is not a constant: inserts that leave it out can "
+                "no longer be told apart by the sync trigger. Drop the default (set it in a "
+                "contract revision instead)"
+                for job, column, expression in volatile
+            ]
         return problems
+
+    def _refresh_triggers(self, state: ledger.PlanState) -> None:
+        """Re-install the sync triggers when a synced column's constant DEFAULT changed
+        since they were built (a revision set or dropped one): the INSERT path compares
+        with the defaults it was built with (`sync.function_sql`)."""
+        names = self.plan.phase_names()
+        done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
+        if "backfill" not in done or "contract" in done or state.state == "done":
+            return
+        self._reinstall_if_defaults_changed()
+
+    def _reinstall_if_defaults_changed(self) -> None:
+        with self.db.tx():
+            changed = sync.defaults_drift(self.db, self.plan.name, self._sync_jobs())
+        if not changed:
+            return
+        for table, what in changed:
+            self.notify(f"the synced columns' defaults on {table} changed ({what}): re-installing")
+        self.db.retrying("re-installing the sync triggers", self._install_triggers)
 
     def _outdated_triggers(self) -> list[str]:
         """Jobs whose installed sync trigger runs expressions the file no longer has."""
@@ -413,6 +445,8 @@ class Orchestrator:
                 ),
             )
             failpoints.reach(f"after-revision:{revision}")
+        if phase == "switch" and self._sync_jobs():  # a revision may have set a DEFAULT
+            self._reinstall_if_defaults_changed()
         return []
 
     def _run_backfill(self) -> list[dict[str, Any]]:
@@ -684,7 +718,9 @@ class Orchestrator:
         operator restarts explicitly (`--restart-job`), which walk again from their first
         key with the new expressions."""
         restarted = set(self.options.restart_jobs) if restartable else set()
-        changes = [d for d in self._contract_changes() if d.job not in restarted]
+        every = self._contract_changes()
+        self._refuse_a_new_down(every, restarted)
+        changes = [d for d in every if d.job not in restarted]
         if not changes:
             return
         listed = "; ".join(d.describe(self.plan.source) for d in changes)
@@ -702,6 +738,26 @@ class Orchestrator:
             f"with, and running them would leave some rows with the old result and some with "
             f"the new: {listed}. Nothing was changed. The honest ways out: {ways}",
             changes=[d.describe(self.plan.source) for d in changes],
+        )
+
+    def _refuse_a_new_down(self, changes: list[contract.Difference], restarted: set[str]) -> None:
+        """A restart re-walks `set`; it cannot take back what the old `sync.down` wrote.
+        The rows new code wrote since the phase started hold the old `down`'s result in
+        their old columns, and no walk can tell them from rows old code wrote (whose old
+        columns are the truth): `--restart-job` of a job whose `sync` changed is refused."""
+        downs = [d for d in changes if d.job in restarted and d.key.split(".")[0] == "sync"]
+        if not downs:
+            return
+        listed = "; ".join(d.describe(self.plan.source) for d in downs)
+        raise UsageError(
+            f"--restart-job refused: {listed}. A restart walks the job's `set` again, but the "
+            "old columns of rows new code wrote since the backfill started hold what the old "
+            "`sync.down` gave, and no walk can tell those rows from ones old code wrote, so "
+            "they would keep the old result while new writes get the new one. Nothing was "
+            f"changed. Keep the recorded `sync.down` in {self.plan.source}; a new one takes a "
+            "new plan, or a rollback of the backfill first (whose old columns, from then on "
+            "the truth again, keep what they hold)",
+            changes=[d.describe(self.plan.source) for d in downs],
         )
 
     def _check_restarts(self, state: ledger.PlanState) -> None:
@@ -804,6 +860,7 @@ class Orchestrator:
                 drift=drift,
             )
         self._repair_emptied(state)
+        self._refresh_triggers(state)
         if not rolling_back and state.active_phase != "backfill":  # backfill reinstalls them
             for job in self._outdated_triggers():
                 self.notify(f"warning: `set` or `sync.down` of job {job!r} {self.OUTDATED_HINT}")

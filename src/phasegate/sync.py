@@ -23,11 +23,14 @@ computed the new columns from them). A refill (the rollback of contract) never d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from pglast import ast, parse_sql
 from psycopg import sql
 
 from phasegate.db import Session, quote_table
@@ -55,17 +58,47 @@ def object_name(plan: str, job: str) -> str:
 
 def function_name(plan: str, table: str) -> str:
     """The function of the plan's synced jobs on `table` (as its first job names it),
-    short enough that its triggers' names (`~` + name + `_ins`) fit 63 bytes."""
+    short enough that its triggers' names (`~`, the ordinal, name, `_ins`) fit 63 bytes."""
     digest = hashlib.sha1(f"{plan}\0table\0{table}".encode()).hexdigest()[:8]
-    room = _MAX_IDENT - len(_TRIGGER_PREFIX) - max(map(len, _TRIGGER_SUFFIXES))
+    room = _MAX_IDENT - len(_TRIGGER_PREFIX) - _ORDINAL_WIDTH - 1 - max(map(len, _TRIGGER_SUFFIXES))
     readable = re.sub(r"[^A-Za-z0-9_]", "_", f"sync_{plan}_{table}")[: room - len(digest) - 1]
     return f"{readable}_{digest}"
 
 
-def trigger_names(function: str) -> tuple[str, str]:
-    """The INSERT and the UPDATE trigger that call `function`."""
-    insert, update = (f"{_TRIGGER_PREFIX}{function}{suffix}" for suffix in _TRIGGER_SUFFIXES)
+_ORDINAL_WIDTH = 3
+_ORDINAL = re.compile(rf"^{re.escape(_TRIGGER_PREFIX)}(\d{{{_ORDINAL_WIDTH}}})_")
+
+
+def trigger_names(function: str, ordinal: int = 1) -> tuple[str, str]:
+    """The INSERT and the UPDATE trigger that call `function`. `ordinal`: the plan's place
+    among the plans whose sync runs on the table, in the order their backfills installed
+    it (`ordinal_for`): PostgreSQL fires the triggers in name order, so a plan that started
+    later (whose `set` may read what an earlier plan's writes) runs after it."""
+    prefix = f"{_TRIGGER_PREFIX}{ordinal:0{_ORDINAL_WIDTH}d}_"
+    insert, update = (f"{prefix}{function}{suffix}" for suffix in _TRIGGER_SUFFIXES)
     return insert, update
+
+
+def ordinal_for(db: Session, plan: str, table: str) -> int:
+    """The plan's ordinal on `table`: the one its triggers already have there, else one
+    past every other plan's (triggers named before ordinals count as 0). Inside the
+    caller's transaction."""
+    function = function_name(plan, table)
+    rows = db.all(
+        "SELECT t.tgname::text, p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+        " WHERE p.pronamespace = 'phasegate'::regnamespace AND NOT t.tgisinternal"
+        " AND t.tgrelid = to_regclass(%(t)s)",
+        {"t": quote_table(table).as_string(db.raw)},
+    )
+    mine, others = None, [0]
+    for trigger, proname in rows:
+        found = _ORDINAL.match(trigger)
+        number = int(found.group(1)) if found else 0
+        if proname == function:
+            mine = number
+        else:
+            others.append(number)
+    return mine if mine else max(others) + 1
 
 
 def table_groups(db: Session | None, jobs: Sequence[Job]) -> list[list[Job]]:
@@ -89,7 +122,9 @@ def table_groups(db: Session | None, jobs: Sequence[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-def function_sql(plan: str, jobs: Sequence[Job]) -> sql.Composed:
+def function_sql(
+    plan: str, jobs: Sequence[Job], defaults: Mapping[str, str] | None = None
+) -> sql.Composed:
     """CREATE OR REPLACE FUNCTION for the trigger of `jobs` (one table's, in plan order).
 
     The same rules as for one job (DESIGN.md "The plan file"), applied job by job: an
@@ -100,25 +135,32 @@ def function_sql(plan: str, jobs: Sequence[Job]) -> sql.Composed:
     order, then `down` where only the new ones changed, in reverse order. In an up walk's
     batch the WHEN clause lets a row in only if some job's old columns changed under the
     batch; each such job's `set` runs again, in plan order.
+
+    `defaults`: the constant DEFAULT of a synced column (`constant_defaults`). An INSERT
+    that leaves a column out gets its default, not NULL, so on INSERT a column counts as
+    not written when it is NULL or equal to its default: an old-code insert that leaves a
+    new column to its default still gets `set`, a new-code insert that leaves an old one
+    to its default still gets `down`.
     """
+    unwritten = functools.partial(_unwritten, defaults=defaults or {})
     flagged = [(job, sql.Identifier(f"phasegate_ran_{n}")) for n, job in enumerate(jobs)]
     insert: list[sql.Composable] = []
     for job, flag in flagged:
         insert.append(
             sql.SQL("  IF NOT {} AND {} THEN {} {} := true; END IF;").format(
-                _all_null(job.old_columns), _all_null(job.new_columns), _up(job), flag
+                unwritten(job.old_columns), unwritten(job.new_columns), _up(job), flag
             )
         )
     for job, flag in reversed(flagged):
         insert.append(
             sql.SQL("  IF {} AND NOT {} THEN {} {} := true; END IF;").format(
-                _all_null(job.old_columns), _all_null(job.new_columns), _down(job), flag
+                unwritten(job.old_columns), unwritten(job.new_columns), _down(job), flag
             )
         )
     for job, flag in flagged:
         insert.append(
             sql.SQL("  IF NOT {} AND {} THEN {} END IF;").format(
-                flag, _all_null(job.new_columns), _up(job)
+                flag, unwritten(job.new_columns), _up(job)
             )
         )
     walk = [
@@ -164,7 +206,7 @@ def function_sql(plan: str, jobs: Sequence[Job]) -> sql.Composed:
     )
 
 
-def owner_comment(plan: str, jobs: Sequence[Job]) -> str:
+def owner_comment(plan: str, jobs: Sequence[Job], defaults: Mapping[str, str] | None = None) -> str:
     """The comment on a trigger function: whose it is (how the plan finds its triggers
     after the file changed: a job renamed, its `sync` removed), and a line per job with a
     digest of the expressions it runs (how `outdated` tells they were edited since; not
@@ -172,7 +214,11 @@ def owner_comment(plan: str, jobs: Sequence[Job]) -> str:
     names = ", ".join(job.name for job in jobs)
     lines = [f"{_OWNER_PREFIX}{plan}, jobs {names}"]
     lines += [f"expressions {job.name} {expressions_digest(job)}" for job in jobs]
+    lines.append(f"{_DEFAULTS_LINE}{json.dumps(dict(defaults or {}), sort_keys=True)}")
     return "\n".join(lines)
+
+
+_DEFAULTS_LINE = "column defaults "
 
 
 def expressions_digest(job: Job) -> str:
@@ -205,7 +251,9 @@ def _owned_jobs(comment: str | None, plan: str) -> dict[str, str | None]:
     return {}
 
 
-def install_statements(plan: str, jobs: Sequence[Job]) -> list[sql.Composed]:
+def install_statements(
+    plan: str, jobs: Sequence[Job], ordinal: int = 1, defaults: Mapping[str, str] | None = None
+) -> list[sql.Composed]:
     """The statements that create (or replace) the function of one table's `jobs` and its
     two triggers. The UPDATE trigger's WHEN clause is checked before the function is
     entered, so the backfill's own batches pay no plpgsql call for a row whose old columns
@@ -213,13 +261,13 @@ def install_statements(plan: str, jobs: Sequence[Job]) -> list[sql.Composed]:
     insert, so it has none: a row inserted inside a batch's transaction, by a trigger of
     the user's, is written like any other)."""
     function = function_name(plan, jobs[0].table or "")
-    insert, update = (sql.Identifier(name) for name in trigger_names(function))
+    insert, update = (sql.Identifier(name) for name in trigger_names(function, ordinal))
     table = quote_table(jobs[0].table or "")
     called = sql.SQL("{}.{}()").format(sql.Identifier("phasegate"), sql.Identifier(function))
     return [
-        function_sql(plan, jobs),
+        function_sql(plan, jobs, defaults),
         sql.SQL("COMMENT ON FUNCTION {} IS {}").format(
-            called, sql.Literal(owner_comment(plan, jobs))
+            called, sql.Literal(owner_comment(plan, jobs, defaults))
         ),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(insert, table),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(update, table),
@@ -267,10 +315,82 @@ def install_all(db: Session, plan: str, jobs: Sequence[Job]) -> list[str]:
     for job in jobs:
         drop_installed(db, object_name(plan, job.name))  # installed before the comment
     for name, group in groups.items():
+        table = group[0].table or ""
+        ordinal = ordinal_for(db, plan, table)  # before its triggers go
+        defaults = constant_defaults(db, table, group)
         _drop_callers(db, name)  # on another table, or under another name
-        for statement in install_statements(plan, group):
+        for statement in install_statements(plan, group, ordinal, defaults):
             db.execute(statement)
     return gone
+
+
+# -- column defaults ----------------------------------------------------------------------------
+
+
+def column_defaults(db: Session, table: str, jobs: Sequence[Job]) -> dict[str, str]:
+    """The DEFAULT expression of each old and new column of `jobs` that has one."""
+    columns = [c for job in jobs for c in (*job.old_columns, *job.new_columns)]
+    rows = db.all(
+        "SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a"
+        " JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+        " WHERE a.attrelid = to_regclass(%(t)s) AND a.attname = ANY(%(c)s)"
+        " AND NOT a.attisdropped AND a.attgenerated = ''",
+        {"t": quote_table(table).as_string(db.raw), "c": columns},
+    )
+    return {name: expression for name, expression in rows}
+
+
+def constant_defaults(db: Session, table: str, jobs: Sequence[Job]) -> dict[str, str]:
+    """`column_defaults` that are constants (a literal, maybe cast): the ones the INSERT
+    path can tell from a written value (`function_sql`)."""
+    return {c: e for c, e in column_defaults(db, table, jobs).items() if _is_constant(e)}
+
+
+def default_issues(db: Session, jobs: Sequence[Job]) -> list[tuple[Job, str, str]]:
+    """(job, column, default) of each synced column whose DEFAULT is not a constant
+    (`now()`, `nextval(...)`): an INSERT that leaves the column out gets a value no trigger
+    can tell from one the writer chose, so which code version wrote the row is lost."""
+    issues = []
+    for group in table_groups(db, jobs):
+        table = group[0].table or ""
+        for column, expression in column_defaults(db, table, group).items():
+            if not _is_constant(expression):
+                owner = next(j for j in group if column in (*j.old_columns, *j.new_columns))
+                issues.append((owner, column, expression))
+    return issues
+
+
+def defaults_drift(db: Session, plan: str, jobs: Sequence[Job]) -> list[tuple[str, str]]:
+    """Tables whose synced columns' defaults are not the ones the installed trigger was
+    built with (a revision set or dropped one since): (table, what changed)."""
+    changed = []
+    for group in table_groups(db, jobs):
+        table = group[0].table or ""
+        comment = db.scalar(
+            "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p"
+            " WHERE p.pronamespace = 'phasegate'::regnamespace AND p.proname = %(n)s",
+            {"n": function_name(plan, table)},
+        )
+        if comment is None:
+            continue  # not installed: schema_drift says so where it should be
+        line = next((x for x in comment.split("\n") if x.startswith(_DEFAULTS_LINE)), None)
+        built = json.loads(line[len(_DEFAULTS_LINE) :]) if line else {}
+        now = constant_defaults(db, table, group)
+        if built != now:
+            changed.append((table, f"built with {built or 'none'}, now {now or 'none'}"))
+    return changed
+
+
+def _is_constant(expression: str) -> bool:
+    """A literal, possibly cast (`0`, `'x'::text`, `'{}'::jsonb`, `NULL::integer`)."""
+    try:
+        [raw] = parse_sql(f"SELECT {expression}")
+    except Exception:
+        return False
+    node: Any = raw.stmt.targetList[0].val
+    while isinstance(node, ast.TypeCast):
+        node = node.arg
+    return isinstance(node, ast.A_Const)
 
 
 def _old_columns(jobs: Sequence[Job]) -> list[str]:
@@ -310,20 +430,31 @@ def outdated(db: Session, plan: str, job: Job) -> bool:
 
 
 def is_installed(db: Session, plan: str, job: Job) -> bool:
-    """Whether enabled triggers on the job's table run its sync on INSERT and on UPDATE
-    (phasegate's own, under any name it ever gave them)."""
+    """Whether triggers that fire for the app's writes run the job's sync on INSERT and on
+    UPDATE, on its table and on every partition of it (phasegate's own, under any name it
+    ever gave them). Enabled means 'O' or 'A': one enabled for replicas only ('R') fires
+    only where the app's writes do not, and a partition's clone may be disabled alone."""
     rows = db.all(
-        "SELECT t.tgtype, p.proname, obj_description(p.oid, 'pg_proc') FROM pg_trigger t"
-        " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE t.tgrelid = to_regclass(%(t)s) AND n.nspname = 'phasegate'"
-        " AND t.tgenabled <> 'D'",
+        "SELECT r.relid, t.tgtype, p.proname, obj_description(p.oid, 'pg_proc')"
+        " FROM (SELECT to_regclass(%(t)s) AS relid"
+        " UNION SELECT relid FROM pg_partition_tree(to_regclass(%(t)s))) r"
+        " LEFT JOIN pg_trigger t ON t.tgrelid = r.relid AND t.tgenabled IN ('O', 'A')"
+        " LEFT JOIN pg_proc p ON p.oid = t.tgfoid"
+        " AND p.pronamespace = 'phasegate'::regnamespace",
         {"t": quote_table(job.table or "").as_string(db.raw)},
     )
-    events = 0
-    for kind, name, comment in rows:
-        if name == object_name(plan, job.name) or job.name in _owned_jobs(comment, plan):
-            events |= int(kind)
-    return events & _INSERT_AND_UPDATE == _INSERT_AND_UPDATE
+    events: dict[int, int] = {}
+    for relation, kind, name, comment in rows:
+        if relation is None:
+            continue  # no such table: not installed
+        events.setdefault(relation, 0)
+        if name is not None and (
+            name == object_name(plan, job.name) or job.name in _owned_jobs(comment, plan)
+        ):
+            events[relation] |= int(kind)
+    return bool(events) and all(
+        found & _INSERT_AND_UPDATE == _INSERT_AND_UPDATE for found in events.values()
+    )
 
 
 def drop(db: Session, plan: str, job: Job) -> None:
@@ -409,7 +540,8 @@ def trigger_order_issues(db: Session, plan: str, jobs: Sequence[Job]) -> list[tu
     it), as (the table's first synced job, what, what to do). Inside a transaction."""
     issues = []
     for group in table_groups(db, jobs):
-        first = min(trigger_names(function_name(plan, group[0].table or "")))
+        table = group[0].table or ""
+        first = min(trigger_names(function_name(plan, table), ordinal_for(db, plan, table)))
         late = _late_triggers(db, group[0].table or "", first)
         if late:
             issues.append((group[0], *_late_refusal(db, group[0].table or "", late, first)))
@@ -528,6 +660,19 @@ def _assign(columns: dict[str, str]) -> sql.Composed:
         sql.SQL(", ").join(sql.SQL("({})").format(sql.SQL(e)) for e in columns.values()),
         sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in columns),
     )
+
+
+def _unwritten(columns: list[str], defaults: Mapping[str, str]) -> sql.Composed:
+    """On INSERT: each of `columns` NULL, or equal to its constant default."""
+    terms = (
+        sql.SQL("(NEW.{0} IS NULL OR NEW.{0} IS NOT DISTINCT FROM ({1}))").format(
+            sql.Identifier(c), sql.SQL(defaults[c])
+        )
+        if c in defaults
+        else sql.SQL("NEW.{} IS NULL").format(sql.Identifier(c))
+        for c in columns
+    )
+    return sql.SQL("({})").format(sql.SQL(" AND ").join(terms))
 
 
 def _all_null(columns: list[str]) -> sql.Composed:
