@@ -1,0 +1,391 @@
+"""Adversarial review of issue 18's fixes (trust, the revision guard, `phasegate upgrade`,
+secrets, terminals, bounds). Every test here showed a problem on the branch it was written
+against; each docstring says what, and where the cause is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from phasegate import guard
+from phasegate.cli import cli
+from phasegate.db import libpq_url, normalize_url
+
+from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .test_failures import hold
+
+P = str(PLAN)
+SWITCH_HEAD = "d7e2b9f4a613"
+CONTRACT = "e59b1f0c3d82"
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """The bundled project (alembic.ini, migrations/, plans/) in a directory of its own."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copytree(ROOT / "migrations", root / "migrations")
+    shutil.copytree(ROOT / "plans", root / "plans")
+    shutil.copy(ALEMBIC_INI, root / "alembic.ini")
+    return root
+
+
+def cli_process(
+    root: Path, *args: str, url: str | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, float]:
+    """`python -m phasegate` in a process of its own; a hang is cut off after 30 s."""
+    environment = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    environment.pop(guard.ESCAPE, None)
+    environment.update(env or {})
+    base = [sys.executable, "-m", "phasegate", "--config", str(root / "alembic.ini")]
+    if url is not None:
+        base += ["--database-url", url]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [*base, *args],
+            capture_output=True,
+            text=True,
+            env=environment,
+            cwd=root,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode() + (exc.stderr or b"").decode()
+        return -1, f"(killed after 30 s){output}", time.monotonic() - started
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def alembic_process(root: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `alembic` command, as a deploy script runs it (guard on)."""
+    environment = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    environment.pop(guard.ESCAPE, None)
+    environment["PHASEGATE_DATABASE_URL"] = url  # the bundled env.py reads it
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+# -- bounds (item 15): YAML the safe constructor rejects -----------------------------------------
+
+PLAN_WITH = """\
+plan: demo-plan
+app: shop
+baseline_compatible: "<2"
+description: {value}
+phases:
+  expand:
+    compatible: "<2"
+"""
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2024-02-30",  # resolves as a timestamp; datetime.date() raises ValueError
+        "!!int twelve",  # an explicit tag the constructor cannot honour
+        "1" * 5000,  # an int longer than Python's int_max_str_digits (4300)
+    ],
+)
+def test_yaml_the_constructor_rejects_is_an_invalid_plan_with_its_line(
+    tmp_path: Path, value: str
+) -> None:
+    """Found: `validate` exits 3, "internal error: ValueError: day is out of range for
+    month" (or "invalid literal for int()", "Exceeds the limit (4300 digits)"), no file, no
+    line. Cause: plan.parse_plan runs `yaml.safe_load` outside its `except yaml.YAMLError`,
+    and PyYAML's SafeConstructor raises plain ValueError for these scalars."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(PLAN_WITH.format(value=value))
+    env = {"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None}
+    result = CliRunner().invoke(cli, ["--config", str(ALEMBIC_INI), "validate", str(path)], env=env)
+    assert result.exit_code == 2, result.output
+    assert "internal error" not in result.output
+    assert f"{path}:4" in result.output  # the line of `description:`
+
+
+# -- bounds (item 16): the import time limit --------------------------------------------------
+
+SWALLOWS_EVERYTHING = '''"""Waits for a service at import, retrying whatever goes wrong."""
+import time
+
+revision = "fa11fa110001"
+down_revision = "e59b1f0c3d82"
+branch_labels = None
+depends_on = None
+
+for _attempt in range(10_000):
+    try:
+        time.sleep(0.5)  # the service never comes
+    except:  # noqa: E722 - as real code writes it
+        pass
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def test_a_bare_except_at_import_does_not_outlast_the_time_limit(tmp_path: Path) -> None:
+    """Found: `validate` never ends (killed after 30 s with PHASEGATE_IMPORT_TIMEOUT=1s).
+    Cause: timelimit.time_limit arms a one-shot ITIMER_REAL; the single TimeLimitExceeded
+    is swallowed by the revision's bare `except:` (it catches BaseException too), and
+    nothing fires again. An interval timer (or a watchdog that ends the process) would."""
+    root = project_copy(tmp_path)
+    revision = root / "migrations" / "versions" / "fa11fa110001_waits.py"
+    revision.write_text(SWALLOWS_EVERYTHING)
+    code, output, seconds = cli_process(
+        root,
+        "validate",
+        str(root / "plans" / "bug_root_cause.yaml"),
+        env={"PHASEGATE_IMPORT_TIMEOUT": "1s"},
+    )
+    assert code == 2, output
+    assert str(revision) in output and "PHASEGATE_IMPORT_TIMEOUT" in output
+    assert seconds < 20
+
+
+@pytest.mark.db
+def test_an_env_py_that_blocks_at_import_is_bounded_too(tmp_path: Path, database_url: str) -> None:
+    """Found: `status` never ends (killed after 30 s). env.py runs on every command that
+    reads the heads (status, gate, advance, upgrade...), and projects import their app's
+    settings or models there, which is where a connection at import usually hides.
+    Cause: revisions.AlembicProject._run_env (and offline_sql) run `script.run_env()` with
+    no time limit; only the walk of the revision files in AlembicProject.__init__ has one."""
+    root = project_copy(tmp_path)
+    env_py = root / "migrations" / "env.py"
+    text = env_py.read_text()
+    marker = "config = context.config\n"
+    env_py.write_text(
+        text.replace(marker, marker + "import time\n\ntime.sleep(10**6)  # settings at import\n")
+    )
+    code, output, seconds = cli_process(
+        root, "status", url=database_url, env={"PHASEGATE_IMPORT_TIMEOUT": "1s"}
+    )
+    assert code in (2, 3), output
+    assert str(env_py) in output
+    assert seconds < 20
+
+
+# -- the revision guard (item 6) ----------------------------------------------------------------
+
+DROPS_THE_HELPER = '''"""bug-root-cause contract, step 1: drop the helper the sync trigger uses.
+
+Written by hand (not from script.py.mako): tagged, but its upgrade() has no guard.
+"""
+
+from alembic import op
+
+revision = "c0a1c0a1c0a1"
+down_revision = "d7e2b9f4a613"
+branch_labels = None
+depends_on = None
+phasegate_plan = "bug-root-cause"
+phasegate_phase = "contract"
+
+
+def upgrade() -> None:
+    op.execute("DROP FUNCTION root_cause_id_for(text)")
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+# the same revision as script.py.mako renders it: guarded
+GUARDED_HELPER = DROPS_THE_HELPER.replace(
+    "from alembic import op\n", "from alembic import op\n\nfrom phasegate.guard import guarded\n"
+).replace("\n\n\ndef upgrade", "\n\n\n@guarded\ndef upgrade")
+
+
+def split_contract(root: Path, helper: str = DROPS_THE_HELPER) -> None:
+    """Contract in two revisions, as teams often write it: first the helper function
+    (`helper`), then the column (the bundled, guarded e59b1f0c3d82, now after it)."""
+    versions = root / "migrations" / "versions"
+    (versions / "c0a1c0a1c0a1_drop_helper.py").write_text(helper)
+    column = versions / f"{CONTRACT}_bug_root_cause_contract.py"
+    text = column.read_text()
+    text = text.replace(
+        'down_revision: str | Sequence[str] | None = "d7e2b9f4a613"',
+        'down_revision: str | Sequence[str] | None = "c0a1c0a1c0a1"',
+    )
+    text = text.replace('    op.execute("DROP FUNCTION root_cause_id_for(text)")\n', "")
+    column.write_text(text)
+
+
+def old_code_write(url: str) -> str | None:
+    """A v1 write to bug (through the sync trigger); its error, or None when it went in."""
+    with psycopg.connect(libpq_url(normalize_url(url)), autocommit=True) as conn:
+        try:
+            conn.execute(
+                "INSERT INTO bug (bug_tracker_url, root_cause) VALUES ('v1://after', 'disk')"
+            )
+        except psycopg.Error as exc:
+            return str(exc).strip()
+    return None
+
+
+@pytest.mark.db
+def test_an_unguarded_plan_revision_is_not_left_to_a_deploys_alembic(
+    tmp_path: Path, seeded_url: str
+) -> None:
+    """A contract revision written by hand (or before the project's script.py.mako had the
+    guard) carries the tags but not `@guarded`. Found: `validate` only warns, `advance`
+    runs expand, backfill and switch without a word about it, and the deploy's own
+    `alembic upgrade head` then applies it mid-plan: the helper is gone and every v1 write
+    fails in the sync trigger ("function root_cause_id_for(text) does not exist") - the
+    issue's story. Cause: revisions.AlembicProject.unguarded is consulted only by
+    `validate` (cli/read.py); no phase command refuses (or even warns about) a plan whose
+    revisions a plain `alembic upgrade` would run before their phase."""
+    root = project_copy(tmp_path)
+    split_contract(root)
+    phasegate = Phasegate(seeded_url, root / "alembic.ini")
+    plan = str(root / "plans" / "bug_root_cause.yaml")
+    advance = phasegate("advance", plan, "--to", "switch", "--live-version", "1.0", "--yes")
+
+    deploy = alembic_process(root, seeded_url, "upgrade", "head")
+
+    assert old_code_write(seeded_url) is None, (advance.output, deploy.stdout)
+
+
+@pytest.mark.db
+def test_an_offline_script_cannot_apply_a_plan_revision_mid_plan(
+    tmp_path: Path, seeded_url: str
+) -> None:
+    """Alembic's offline mode is how many teams hand migrations to a DBA: `alembic upgrade
+    A:B --sql > release.sql`, reviewed, then `psql -f release.sql`. Found: mid-plan (switch
+    done, v1 still live) the script carries the contract revisions with no check at all;
+    run as psql runs it, the helper's DROP FUNCTION commits and every v1 write fails in
+    the sync trigger. (The bundled contract's DROP COLUMN alone happens to fail: the sync
+    UPDATE trigger's WHEN clause depends on the column.) Cause: guard.check returns at once
+    when `context.as_sql`; the rendered SQL could carry the check itself, e.g. a DO block
+    that raises unless phasegate.plan_state has the phase done or the marker is set."""
+    root = project_copy(tmp_path)
+    split_contract(root, GUARDED_HELPER)
+    phasegate = Phasegate(seeded_url, root / "alembic.ini")
+    plan = str(root / "plans" / "bug_root_cause.yaml")
+    result = phasegate("advance", plan, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    rendered = alembic_process(root, seeded_url, "upgrade", f"{SWITCH_HEAD}:head", "--sql")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "DROP FUNCTION root_cause_id_for(text)" in rendered.stdout
+
+    script = tmp_path / "release.sql"
+    script.write_text(rendered.stdout)
+    subprocess.run(  # as a DBA runs it; a refusal inside the script is the right outcome
+        ["psql", "-X", "-q", "-f", str(script), libpq_url(normalize_url(seeded_url))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert old_code_write(seeded_url) is None
+
+
+# -- secrets (item 10): what a failed batch stores ---------------------------------------------
+
+ROW_SECRET = "sk_live_51HrowSecret"
+
+
+def ledger_text(url: str) -> str:
+    """plan_state.error and every event's detail, as stored for ever."""
+    with psycopg.connect(libpq_url(normalize_url(url))) as conn:
+        errors = conn.execute(
+            "SELECT coalesce(string_agg(error, ' '), '') FROM phasegate.plan_state"
+        )
+        details = conn.execute(
+            "SELECT coalesce(string_agg(detail::text, ' '), '') FROM phasegate.event"
+        )
+        return f"{errors.fetchone()[0]} {details.fetchone()[0]}"
+
+
+@pytest.mark.db
+def test_a_failed_batch_keeps_the_rows_values_out_of_the_append_only_log(
+    phasegate: Phasegate, seeded_url: str
+) -> None:
+    """A batch that violates a constraint fails with PostgreSQL's DETAIL "Failing row
+    contains (...)" (or "Key (email)=(...) already exists" for a unique index): the row's
+    values, secrets and personal data included. Found: that text goes into
+    plan_state.error and the event log, which refuses DELETE and TRUNCATE (so it cannot be
+    purged, e.g. for an erasure request) and which the README's read-only role may read
+    although it has no grant on `bug`. Item 10 removed other sessions' literals from the
+    ledger but not the rows' own values. Cause: the backfill/orchestrator failure path
+    stores str(psycopg error), DETAIL included (orchestrator/backfill failure recording)."""
+    result = phasegate("advance", P, "--to", "expand", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(libpq_url(normalize_url(seeded_url)), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO bug (bug_tracker_url, root_cause, who) VALUES "
+            f"('https://bugs.example.com/SEC-1?token={ROW_SECRET}', 'leaked key', NULL)"
+        )
+        # a team rule: a bug with a curated root cause has an owner (new rows only for now)
+        conn.execute(
+            "ALTER TABLE bug ADD CONSTRAINT bug_owned CHECK "
+            "(root_cause_id IS NULL OR who IS NOT NULL) NOT VALID"
+        )
+    failed = phasegate("backfill", P, "--live-version", "1.0", "--yes")
+    assert failed.exit_code == 3, failed.output
+    assert "bug_owned" in failed.output  # the constraint is named: that is what helps
+    assert ROW_SECRET not in ledger_text(seeded_url)
+
+
+# -- passwords (item 11): a password with a space -----------------------------------------------
+
+
+@pytest.mark.db
+def test_a_password_with_a_space_still_names_the_blocker(seeded_url: str) -> None:
+    """Found: with a password that holds a space (given percent-encoded, as URLs must),
+    the lock-timeout message names no blocker. phasegate's own connection works (SQLAlchemy
+    hands the password over as a parameter), but db.libpq_url renders it raw ("pass
+    word"), libpq refuses the URI ("unexpected spaces found in ..."), and the blocker watch
+    and the long-wait watch (lockguard.BlockerWatch._run, LongWait._waiting) swallow the
+    error as a courtesy. The same makes LongWait unable to cancel a concurrent build on
+    SIGTERM. The server here trusts every local connection, so the password itself is
+    never checked: only its shape matters. Cause: db.libpq_url (SQLAlchemy's
+    render_as_string leaves spaces unquoted in the password)."""
+    url = sa.engine.make_url(normalize_url(seeded_url)).set(password="pass word")
+    spaced = url.render_as_string(hide_password=False)
+    phasegate = Phasegate(spaced)
+    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker_pid = blocker.info.backend_pid
+    try:
+        result = phasegate(
+            "switch",
+            P,
+            "--live-version",
+            "1",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "1",
+            "--yes",
+            json_output=True,
+        )
+    finally:
+        blocker.close()
+    assert result.exit_code == 3, result.output
+    assert "pass word" not in result.output
+    message = json.loads(result.stdout)["error"]["message"]
+    assert f"blocked by pid {blocker_pid}" in message, message
