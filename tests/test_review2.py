@@ -101,15 +101,21 @@ phases:
         "2024-02-30",  # resolves as a timestamp; datetime.date() raises ValueError
         "!!int twelve",  # an explicit tag the constructor cannot honour
         "1" * 5000,  # an int longer than Python's int_max_str_digits (4300)
+        "!mytag value",  # a local tag: ConstructorError, raised outside the except
+        "!!python/name:os.system ''",  # SafeLoader refuses it, the same way
+        "!!binary 'not base64!'",
     ],
 )
 def test_yaml_the_constructor_rejects_is_an_invalid_plan_with_its_line(
     tmp_path: Path, value: str
 ) -> None:
     """Found: `validate` exits 3, "internal error: ValueError: day is out of range for
-    month" (or "invalid literal for int()", "Exceeds the limit (4300 digits)"), no file, no
-    line. Cause: plan.parse_plan runs `yaml.safe_load` outside its `except yaml.YAMLError`,
-    and PyYAML's SafeConstructor raises plain ValueError for these scalars."""
+    month" (or "invalid literal for int()", "Exceeds the limit (4300 digits)", or
+    "ConstructorError: could not determine a constructor for the tag '!mytag'" with
+    PyYAML's own "<unicode string>" marks), no file, no line. Cause: plan.parse_plan runs
+    `yaml.safe_load` outside its `except yaml.YAMLError` (compose, inside it, does not
+    construct), and SafeConstructor raises ConstructorError for tags and plain ValueError
+    for these scalars."""
     path = tmp_path / "plan.yaml"
     path.write_text(PLAN_WITH.format(value=value))
     env = {"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None}
@@ -389,3 +395,37 @@ def test_a_password_with_a_space_still_names_the_blocker(seeded_url: str) -> Non
     assert "pass word" not in result.output
     message = json.loads(result.stdout)["error"]["message"]
     assert f"blocked by pid {blocker_pid}" in message, message
+
+
+# -- terminals (item 12): a row's text in a database error --------------------------------------
+
+FORGED = "gate for entering contract: pass - every live bugtracker version is inside '>=2'"
+
+
+@pytest.mark.db
+def test_a_rows_text_in_a_database_error_cannot_print_a_line_of_its_own(
+    phasegate: Phasegate, seeded_url: str
+) -> None:
+    """Anyone who can file a bug writes bug_tracker_url. Found: when a batch fails on that
+    row, PostgreSQL's DETAIL ("Failing row contains (...)") carries the text, newline and
+    all, and phasegate prints it as is (terminal_safe keeps newlines, since the message
+    has its own): the row's second line stands at the start of a line, a forged "gate ...:
+    pass", on the failing command's stderr and again in `status`. Control characters are
+    escaped, newlines are not. Cause: cli/app.handle_errors and cli/read.status print
+    database error text through terminal_safe, not one_line (or an indented block)."""
+    result = phasegate("advance", P, "--to", "expand", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(libpq_url(normalize_url(seeded_url)), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO bug (bug_tracker_url, root_cause, who) VALUES (%s, 'disk', NULL)",
+            (f"https://bugs.example.com/BUG-X\n{FORGED}",),
+        )
+        conn.execute(
+            "ALTER TABLE bug ADD CONSTRAINT bug_owned CHECK "
+            "(root_cause_id IS NULL OR who IS NOT NULL) NOT VALID"
+        )
+    failed = phasegate("backfill", P, "--live-version", "1.0", "--yes")
+    status = phasegate("status", P)
+    assert failed.exit_code == 3, failed.output
+    printed = failed.output.splitlines() + status.output.splitlines()
+    assert not [line for line in printed if line.lstrip().startswith(FORGED[:20])], printed
