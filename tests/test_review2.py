@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -23,6 +24,7 @@ from phasegate.db import libpq_url, normalize_url
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 from .test_failures import hold
+from .test_trust import Project, Roles, query
 
 P = str(PLAN)
 SWITCH_HEAD = "d7e2b9f4a613"
@@ -429,3 +431,77 @@ def test_a_rows_text_in_a_database_error_cannot_print_a_line_of_its_own(
     assert failed.exit_code == 3, failed.output
     printed = failed.output.splitlines() + status.output.splitlines()
     assert not [line for line in printed if line.lstrip().startswith(FORGED[:20])], printed
+
+
+# -- heartbeats (item 8): an app on the previous phasegate --------------------------------------
+
+# what report_version wrote before ledger version 7 (phasegate.ledger.HEARTBEAT_UPSERT then)
+OLD_HELPER_BEAT = """
+INSERT INTO phasegate.heartbeat (app, instance, version)
+VALUES ('bugtracker', 'web-1', '1.0')
+ON CONFLICT (app, instance, version) DO UPDATE SET last_seen = now()
+"""
+
+BACK_TO_LEDGER_6 = (
+    "DROP FUNCTION phasegate.beat(text, text, text); "
+    "DROP FUNCTION phasegate.forget_heartbeat(text, text, text); "
+    "DROP TRIGGER event_is_not_truncated ON phasegate.event; "
+    "ALTER TABLE phasegate.heartbeat DROP CONSTRAINT heartbeat_pkey; "
+    "ALTER TABLE phasegate.heartbeat DROP COLUMN role; "
+    "ALTER TABLE phasegate.heartbeat ADD PRIMARY KEY (app, instance, version); "
+    "UPDATE phasegate.meta SET value = '6' WHERE key = 'schema_version'"
+)
+
+
+@pytest.fixture
+def app_roles(seeded_url: str) -> Iterator[Roles]:
+    """Login roles with unique names, dropped at the end (test_trust's Roles)."""
+    made = Roles(seeded_url)
+    yield made
+    made.drop_all()
+
+
+@pytest.mark.db
+def test_an_old_apps_heartbeats_do_not_vanish_when_the_ledger_is_upgraded(
+    tmp_path: Path, app_roles: Roles, seeded_url: str
+) -> None:
+    """v1 is the old build, so it carries the previous phasegate's report_version, which
+    writes the heartbeat table directly with the grants the README used to give. Found:
+    the first command of the new phasegate upgrades the ledger, revokes those grants and
+    changes the key, so every later v1 beat fails (logged in the app, never raised);
+    once the TTL runs out the v1 instance, still running and still trying, is invisible,
+    and the contract gate PASSES on the trusted v2 connection alone: fail open, at the one
+    gate that exists to see v1. Cause: ledger._DDL version 7 (REVOKE of the direct writes
+    and the new primary key) with nothing that keeps an old writer visible or refusing,
+    e.g. a trigger that stamps role and server time on direct writes, or a gate that
+    refuses while a pre-7 row's instance is still trying."""
+    project, roles = Project(tmp_path, seeded_url), app_roles
+    project.settings('heartbeat_ttl = "2s"\n')
+    assert project.run("gate", project.plan, "--live-version", "1.0").exit_code == 0
+    query(seeded_url, BACK_TO_LEDGER_6)
+    web_v1, api_v2 = roles.create("web_v1"), roles.create("api_v2")
+    for role in (web_v1, api_v2):
+        roles.run("GRANT SELECT, INSERT, UPDATE, DELETE ON bug TO {}", role)
+    roles.run(  # the README's advice before ledger version 7
+        "GRANT USAGE ON SCHEMA phasegate TO {0}; "
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON phasegate.heartbeat TO {0}",
+        web_v1,
+    )
+    v1 = roles.connect(web_v1)
+    try:
+        v1.execute(OLD_HELPER_BEAT)  # v1 beats, as it always did
+        with roles.connect(api_v2, "bugtracker/2.0"):
+            refused = project.run("gate", project.plan, "--phase", "contract")
+            assert refused.exit_code == 1, refused.output  # v1 seen; the ledger is upgraded
+            errors = []
+            for _ in range(4):  # v1 keeps running and beating for longer than the TTL
+                time.sleep(1)
+                try:
+                    v1.execute(OLD_HELPER_BEAT)
+                except psycopg.Error as exc:
+                    errors.append(type(exc).__name__)
+            assert errors  # every beat fails now (the helper logs it, the app runs on)
+            later = project.run("gate", project.plan, "--phase", "contract")
+    finally:
+        v1.close()
+    assert later.exit_code == 1, later.output
