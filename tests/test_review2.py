@@ -505,3 +505,22 @@ def test_an_old_apps_heartbeats_do_not_vanish_when_the_ledger_is_upgraded(
     finally:
         v1.close()
     assert later.exit_code == 1, later.output
+
+
+@pytest.mark.db
+def test_an_app_name_from_a_heartbeat_stays_on_one_line_in_versions(
+    phasegate: Phasegate, seeded_url: str
+) -> None:
+    """Any role that may beat chooses the heartbeat's `app` too. Found: `phasegate
+    versions` (no --app lists every app it finds, heartbeats' included) prints the app
+    name as it is, so a newline in it starts a line of the attacker's: control characters
+    are escaped, newlines are not. (application_name cannot do this: PostgreSQL turns its
+    non-printable characters into '?'.) Cause: cli/versions._versions_text puts `name`
+    into the text without one_line (versions and instances get it)."""
+    assert phasegate("gate", P, "--live-version", "1.0").exit_code == 0  # the ledger
+    with psycopg.connect(libpq_url(normalize_url(seeded_url)), autocommit=True) as conn:
+        conn.execute("SELECT phasegate.beat(%s, 'web-1', '1.0')", (f"shop\n{FORGED}",))
+    result = phasegate("versions")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith(FORGED[:20])], lines
