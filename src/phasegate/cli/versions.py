@@ -173,7 +173,7 @@ def _versions_text(seen: dict[str, sources.Sighting]) -> str:
     blocks = []
     for name, sighting in seen.items():
         live = ", ".join(sorted({one_line(o.version) for o in sighting.observations}))
-        lines = [f"{name}: {live or 'nothing live'}"]
+        lines = [f"{one_line(name)}: {live or 'nothing live'}"]
         for o in sighting.observations:
             where = f"  instance {one_line(o.instance)}" if o.instance else ""
             detail = one_line(o.detail) or where
