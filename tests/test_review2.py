@@ -172,6 +172,54 @@ def test_a_bare_except_at_import_does_not_outlast_the_time_limit(tmp_path: Path)
     assert seconds < 20
 
 
+CONNECTS_WITH_THE_C_DRIVER = '''"""Checks the database at import, with psycopg2 (libpq in C)."""
+import socket
+
+import psycopg2
+
+revision = "fa11fa110002"
+down_revision = "e59b1f0c3d82"
+branch_labels = None
+depends_on = None
+
+_stalled = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never answers
+psycopg2.connect(host="127.0.0.1", port=_stalled.getsockname()[1], dbname="app", user="app")
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def test_a_revision_blocked_inside_a_c_call_does_not_outlast_the_time_limit(
+    tmp_path: Path,
+) -> None:
+    """psycopg2 is the most common driver, and libpq's connect runs in C with the GIL
+    released and retries on EINTR, so Python never gets to run the SIGALRM handler while
+    it waits. Found: `validate` never ends (killed after 30 s with
+    PHASEGATE_IMPORT_TIMEOUT=1s) when a revision connects at import to a server that
+    accepts TCP but never answers (without connect_timeout: for ever; to an unroutable
+    host: the kernel's SYN timeout, about two minutes). Cause: timelimit.time_limit relies
+    on a Python-level signal handler; a watchdog thread that reports and ends the process
+    (os._exit) or loading the revisions in a child process would hold."""
+    root = project_copy(tmp_path)
+    revision = root / "migrations" / "versions" / "fa11fa110002_checks.py"
+    revision.write_text(CONNECTS_WITH_THE_C_DRIVER)
+    code, output, seconds = cli_process(
+        root,
+        "validate",
+        str(root / "plans" / "bug_root_cause.yaml"),
+        env={"PHASEGATE_IMPORT_TIMEOUT": "1s"},
+    )
+    assert code == 2, output
+    assert str(revision) in output and "PHASEGATE_IMPORT_TIMEOUT" in output
+    assert seconds < 20
+
+
 @pytest.mark.db
 def test_an_env_py_that_blocks_at_import_is_bounded_too(tmp_path: Path, database_url: str) -> None:
     """Found: `status` never ends (killed after 30 s). env.py runs on every command that
