@@ -301,23 +301,42 @@ def old_code_write(url: str) -> str | None:
     return None
 
 
+# the same revision, untagged, as a plan that lists its revisions (`revisions:`) may have it
+UNTAGGED_HELPER = DROPS_THE_HELPER.replace(
+    'phasegate_plan = "bug-root-cause"\nphasegate_phase = "contract"\n', ""
+)
+
+
 @pytest.mark.db
+@pytest.mark.parametrize("kind", ["tagged without the guard", "listed in revisions: untagged"])
 def test_an_unguarded_plan_revision_is_not_left_to_a_deploys_alembic(
-    tmp_path: Path, seeded_url: str
+    tmp_path: Path, seeded_url: str, kind: str
 ) -> None:
     """A contract revision written by hand (or before the project's script.py.mako had the
-    guard) carries the tags but not `@guarded`. Found: `validate` only warns, `advance`
-    runs expand, backfill and switch without a word about it, and the deploy's own
-    `alembic upgrade head` then applies it mid-plan: the helper is gone and every v1 write
-    fails in the sync trigger ("function root_cause_id_for(text) does not exist") - the
-    issue's story. Cause: revisions.AlembicProject.unguarded is consulted only by
-    `validate` (cli/read.py); no phase command refuses (or even warns about) a plan whose
-    revisions a plain `alembic upgrade` would run before their phase."""
+    guard) carries the tags but not `@guarded`; or the plan lists its revisions under
+    `revisions:` (the plan format allows it) and the file has no tags at all. Found:
+    `validate` only warns, `advance` runs expand, backfill and switch without a word about
+    it, and the deploy's own `alembic upgrade head` then applies it mid-plan: the helper is
+    gone and every v1 write fails in the sync trigger ("function root_cause_id_for(text)
+    does not exist") - the issue's story. Cause: revisions.AlembicProject.unguarded is
+    consulted only by `validate` (cli/read.py); no phase command refuses (or even warns
+    about) a plan whose revisions a plain `alembic upgrade` would run before their phase."""
     root = project_copy(tmp_path)
-    split_contract(root)
+    plan = root / "plans" / "bug_root_cause.yaml"
+    if kind == "tagged without the guard":
+        split_contract(root)
+    else:
+        split_contract(root, UNTAGGED_HELPER)
+        plan.write_text(
+            plan.read_text().replace(
+                '  contract:\n    compatible: ">=2"\n',
+                '  contract:\n    compatible: ">=2"\n    revisions: [c0a1c0a1c0a1, e59b1f0c3d82]\n',
+            )
+        )
     phasegate = Phasegate(seeded_url, root / "alembic.ini")
-    plan = str(root / "plans" / "bug_root_cause.yaml")
-    advance = phasegate("advance", plan, "--to", "switch", "--live-version", "1.0", "--yes")
+    validate = phasegate("validate", str(plan))
+    assert validate.exit_code == 0 and "warning:" in validate.output, validate.output
+    advance = phasegate("advance", str(plan), "--to", "switch", "--live-version", "1.0", "--yes")
 
     deploy = alembic_process(root, seeded_url, "upgrade", "head")
 
