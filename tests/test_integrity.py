@@ -145,9 +145,7 @@ def test_restart_job_rewrites_every_row_with_the_new_expression(
     seeded_table(database_url)
     plan = make_plan(tmp_path)
     stopped_backfill(database_url, plan)
-    Path(plan).write_text(
-        engine_plan_text(set_="doubled: new.val * 3", down="val: new.doubled / 3")
-    )
+    Path(plan).write_text(TRIPLED)  # a new `set` (a new `sync.down` cannot be restarted)
     phasegate = Phasegate(database_url)
     result = phasegate("backfill", plan, "--live-version", "1", "--yes", "--restart-job", "fill")
     assert result.exit_code == 0, result.output

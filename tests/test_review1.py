@@ -253,7 +253,7 @@ def test_a_helper_joins_only_the_walk_whose_contract_it_checked(
     assert checked.wait(30), "the helper never checked the contract"
     first.kill()  # the orchestrator dies; the operator edits the plan and restarts the job
     first.communicate(timeout=60)
-    Path(plan).write_text(TRIPLED)
+    Path(plan).write_text(TRIPLED_SET)
     second = cli(
         database_url,
         "backfill",

@@ -134,7 +134,7 @@ def test_a_role_without_privileges_cannot_pass_a_gate_by_naming_itself(
         result.stdout
     )
     assert f"by role {intruder}" in result.stdout
-    assert "may use bug (the tables of the plan's jobs; root_cause: not there yet)" in (
+    assert "may write bug (the tables of the plan's jobs; root_cause: not there yet)" in (
         result.stdout
     )
     assert f"If role {intruder} is the app's, grant it its privileges" in result.stdout
@@ -169,18 +169,24 @@ def test_the_apps_own_role_passes_and_the_event_names_it(project, roles, seeded_
 
 
 def test_a_column_grant_is_enough_and_a_public_grant_trusts_everyone(project, roles) -> None:
+    """A write privilege on the plan's table, even on one column, trusts a role; reading
+    it does not (a reporting role could otherwise open contract by naming itself)."""
     reader = roles.create("reader")
-    roles.run("GRANT SELECT (id) ON bug TO {}", reader)
+    roles.run("GRANT SELECT ON bug TO {}", reader)
     with roles.connect(reader, "bugtracker/2.0"):
+        assert project.run("gate", project.plan, "--phase", "contract").exit_code == 1
+    writer = roles.create("writer")
+    roles.run("GRANT UPDATE (root_cause) ON bug TO {}", writer)
+    with roles.connect(writer, "bugtracker/2.0"):
         assert project.run("gate", project.plan, "--phase", "contract").exit_code == 0
     anyone = roles.create("anyone")
     with roles.connect(anyone, "bugtracker/2.0"):
         assert project.run("gate", project.plan, "--phase", "contract").exit_code == 1
-        roles.run("GRANT SELECT ON bug TO PUBLIC")
+        roles.run("GRANT INSERT ON bug TO PUBLIC")
         try:
             assert project.run("gate", project.plan, "--phase", "contract").exit_code == 0
         finally:
-            roles.run("REVOKE SELECT ON bug FROM PUBLIC")
+            roles.run("REVOKE INSERT ON bug FROM PUBLIC")
 
 
 def test_trusted_roles_and_their_members_pass(project, roles) -> None:
@@ -201,7 +207,7 @@ def test_trusted_roles_and_their_members_pass(project, roles) -> None:
 def test_an_untrusted_connection_does_not_hide_behind_a_trusted_one(project, roles) -> None:
     """Trusted v2 and untrusted v2 pass; an untrusted v1 beside them refuses."""
     app, intruder = roles.create("app"), roles.create("intruder")
-    roles.run("GRANT SELECT ON bug TO {}", app)
+    roles.run("GRANT SELECT, UPDATE ON bug TO {}", app)
     with roles.connect(app, "bugtracker/2.0"), roles.connect(intruder, "bugtracker/2.0"):
         result = project.run("gate", project.plan, "--phase", "contract", json_output=True)
         assert result.exit_code == 0, result.output
@@ -224,7 +230,9 @@ def test_a_plan_without_batched_jobs_is_judged_by_its_revisions_tables(project, 
     with roles.connect(intruder, "bugtracker/2.0"):
         result = project.run("gate", project.plan, "--phase", "contract")
         assert result.exit_code == 1, result.output
-    assert "may use bug (the tables the plan's revisions change; root_cause: not" in (result.stdout)
+    assert "may write bug (the tables the plan's revisions change; root_cause: not" in (
+        result.stdout
+    )
     with roles.connect(app, "bugtracker/2.0"):
         result = project.run("gate", project.plan, "--phase", "contract")
         assert result.exit_code == 0, result.output
@@ -238,7 +246,7 @@ def test_a_plan_that_names_no_table_trusts_only_trusted_roles(project, roles) ->
         "        sql: SELECT 1\n"
     )
     app = roles.create("app")
-    roles.run("GRANT SELECT ON bug TO {}", app)
+    roles.run("GRANT SELECT, UPDATE ON bug TO {}", app)
     with roles.connect(app, "bugtracker/2.0"):
         result = project.run("gate", str(notes))
         assert result.exit_code == 1, result.output
@@ -368,7 +376,7 @@ def test_report_version_works_with_only_the_documented_grants(
         fresh = "SELECT count(*) FROM phasegate.heartbeat WHERE last_seen > now() - interval '1m'"
         assert query(seeded_url, fresh) == [(1,)]
         result = project.run("gate", project.plan, "--phase", "contract")
-        assert result.exit_code == 0, result.output  # its role may use bug: trusted
+        assert result.exit_code == 0, result.output  # its role may write bug: trusted
     finally:
         reporter.stop()
         engine.dispose()
@@ -400,7 +408,7 @@ def test_upgrading_the_ledger_moves_direct_writers_to_the_functions(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON phasegate.heartbeat TO {0}",
         old,
     )
-    roles.run("GRANT SELECT ON bug TO {}", old)
+    roles.run("GRANT SELECT, UPDATE ON bug TO {}", old)
     result = project.run("gate", project.plan, "--phase", "contract", "--live-version", "2.0")
     assert result.exit_code == 1, result.output  # the old row refuses, as before
     assert "1.0 (heartbeat: instance web-1" in result.stdout

@@ -647,7 +647,15 @@ def _walk_once(
         cp = _prepare(db, plan, work, key, settings, notify, again)
         progress.job_started(work.checkpoint, cp.total, cp.walked)
         walk = _Walk(
-            plan, work, key, settings, _Locked(progress), notify, cp.search_path, cp.generation
+            plan,
+            work,
+            key,
+            settings,
+            _Locked(progress),
+            notify,
+            cp.search_path,
+            cp.generation,
+            expression_settings=cp.settings,
         )
         started = time.monotonic()
         walk.run(db)
@@ -703,12 +711,13 @@ def assist(
                 and ledger.unfinished_slices(db, plan.name, name)
                 and ledger.driven(db, plan.name, name)  # not one its orchestrator left
             ]
-        if running:
-            _hold_to_contract(db, plan)
         for name, make in running or []:
             with db.tx():
                 cp = ledger.get_checkpoint(db, plan.name, name)
-                adopt_search_path(db, cp.search_path)  # the orchestrator's: same tables
+                adopt_session(db, cp.search_path, cp.settings)  # the orchestrator's
+            # after the run (cp.generation) is read: a run that began since with another
+            # contract has recorded it by now, and one that begins later fences this walk
+            _hold_to_contract(db, plan)
             work = make()
             key = keys.resolve(db, work.table, work.key)
             if cp.walk_key not in (None, key.signature):
@@ -728,6 +737,7 @@ def assist(
                 cp.search_path,
                 cp.generation,
                 assisting=True,
+                expression_settings=cp.settings,
             )
             started = time.monotonic()
             with _row_security_refusal(work.table):
@@ -893,6 +903,7 @@ def _prepare(
         cp.run_started_at = db.scalar("SELECT now()")
         cp.run_walked = cp.walked
         cp.generation = db.generation  # this run: its workers, and helpers, walk for it
+        cp.settings = expression_settings(db)  # and with this session's settings
         ledger.save_checkpoint(db, cp)
     return cp
 
@@ -982,10 +993,12 @@ class _Walk:
         search_path: str | None,
         generation: int | None,
         assisting: bool = False,
+        expression_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.plan, self.work, self.key, self.settings = plan, work, key, settings
         self.progress, self.notify, self.assisting = progress, notify, assisting
         self.search_path = search_path
+        self.expression_settings = expression_settings or {}
         self.generation = generation  # the run that prepared the walk: see ledger.begin_run
         self.lock = threading.Lock()
         self.abort = threading.Event()
@@ -1067,7 +1080,7 @@ class _Walk:
             with dbmod.session(self._url, f"phasegate backfill worker {number}") as session:
                 with session.tx():
                     set_limits(session, self.settings, local=False)
-                    adopt_search_path(session, self.search_path)
+                    adopt_session(session, self.search_path, self.expression_settings)
                 try:
                     self._worker(session, number)
                 finally:
@@ -1318,6 +1331,43 @@ def set_limits(db: Session, settings: BackfillSettings, local: bool) -> None:
     )
 
 
+# Session settings that change what an expression gives (a date from a timestamptz, how
+# a literal or a number prints or parses): a walk session runs with the values of the
+# session that prepared the walk, so every worker, here or elsewhere, writes what the
+# orchestrator's own batches would.
+EXPRESSION_SETTINGS = (
+    "TimeZone",
+    "DateStyle",
+    "IntervalStyle",
+    "bytea_output",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "standard_conforming_strings",
+    "default_text_search_config",
+    "xmloption",
+    "xmlbinary",
+)
+
+
+def expression_settings(db: Session) -> dict[str, str]:
+    """This session's `EXPRESSION_SETTINGS`, to record with a walk."""
+    rows = db.all(
+        "SELECT name, current_setting(name) FROM unnest(%(n)s::text[]) AS name",
+        {"n": list(EXPRESSION_SETTINGS)},
+    )
+    return {name: value for name, value in rows}
+
+
+def adopt_session(db: Session, search_path: str | None, settings: Mapping[str, str] | None) -> None:
+    """The search_path (`adopt_search_path`) and the expression settings of the session
+    that prepared the walk, for this session's life."""
+    adopt_search_path(db, search_path)
+    for name, value in (settings or {}).items():
+        if name in EXPRESSION_SETTINGS:  # recorded by us; never a name from elsewhere
+            db.execute("SELECT set_config(%(n)s, %(v)s, false)", {"n": name, "v": value})
+
+
 def adopt_search_path(db: Session, search_path: str | None) -> None:
     """The search_path of the session that prepared the walk, for this session's life.
 
@@ -1346,6 +1396,7 @@ def reset_limits(db: Session) -> None:
                 "extra_float_digits",
                 "search_path",
                 "default_transaction_isolation",
+                *EXPRESSION_SETTINGS,
             ):
                 psycopg.Cursor(db.raw).execute(f"RESET {name}")
             if client_check(db.raw, local=False):  # set only where the server knows them

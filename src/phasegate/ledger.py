@@ -175,6 +175,11 @@ COMMENT ON FUNCTION phasegate.beat(text, text, text) IS
     'heartbeat of an app instance, stamped with the server''s time and the caller''s role';
 COMMENT ON FUNCTION phasegate.forget_heartbeat(text, text, text) IS
     'remove the caller''s own heartbeats of an instance (of one version, when given)';
+-- rows written before this upgrade (by an older helper, which cannot beat any more: its
+-- grants go below and its ON CONFLICT no longer matches the key) stay fresh if they were
+-- fresh now: their instance may still run, and its silence must not open a gate
+INSERT INTO phasegate.meta (key, value)
+    VALUES ('heartbeat_functions_since', clock_timestamp()::text) ON CONFLICT (key) DO NOTHING;
 REVOKE ALL ON FUNCTION phasegate.beat(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION phasegate.forget_heartbeat(text, text, text) FROM PUBLIC;
 -- roles that wrote the table directly (the grants the README asked for before) get the
@@ -230,6 +235,9 @@ COMMENT ON COLUMN phasegate.job_contract.columns IS
     'table oid and attnum of its old and new columns when checked: a changed one was re-created';
 ALTER TABLE phasegate.plan_state ADD COLUMN IF NOT EXISTS generation bigint;
 ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS generation bigint;
+ALTER TABLE phasegate.job_checkpoint ADD COLUMN IF NOT EXISTS settings jsonb;
+COMMENT ON COLUMN phasegate.job_checkpoint.settings IS
+    'TimeZone, DateStyle... of the session that prepared the walk: every worker adopts them';
 COMMENT ON COLUMN phasegate.job_checkpoint.generation IS
     'the run that prepared the walk: its batches stop once another run has begun';
 INSERT INTO phasegate.meta (key, value) VALUES ('generation', '0') ON CONFLICT (key) DO NOTHING;
@@ -275,6 +283,7 @@ class Checkpoint:
     search_path: str | None = None  # the preparing session's, for every walk session
     resweep: bool = False  # new columns may be stale (rollback of backfill): walk those too
     generation: int | None = None  # the run that prepared the walk (see `begin_run`)
+    settings: dict[str, str] | None = None  # its session's expression settings, for workers
 
 
 @dataclass
@@ -605,11 +614,11 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
         INSERT INTO phasegate.job_checkpoint AS c
             (plan, job, status, last_key, upper_key, rows_done, batches, remaining,
              started_at, updated_at, verified_at, walked, total, run_started_at, run_walked,
-             walk_key, search_path, resweep, generation)
+             walk_key, search_path, resweep, generation, settings)
         VALUES (%(plan)s, %(job)s, %(status)s, %(last_key)s, %(upper_key)s, %(rows_done)s,
                 %(batches)s, %(remaining)s, coalesce(%(started_at)s, now()), now(),
                 %(verified_at)s, %(walked)s, %(total)s, %(run_started_at)s, %(run_walked)s,
-                %(walk_key)s, %(search_path)s, %(resweep)s, %(generation)s)
+                %(walk_key)s, %(search_path)s, %(resweep)s, %(generation)s, %(settings)s)
         ON CONFLICT (plan, job) DO UPDATE SET
             status = excluded.status, last_key = excluded.last_key,
             upper_key = excluded.upper_key, rows_done = excluded.rows_done,
@@ -619,7 +628,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             total = excluded.total, run_started_at = excluded.run_started_at,
             run_walked = excluded.run_walked, walk_key = excluded.walk_key,
             search_path = excluded.search_path, resweep = excluded.resweep,
-            generation = excluded.generation
+            generation = excluded.generation, settings = excluded.settings
         """,
         {
             "plan": cp.plan,
@@ -640,6 +649,7 @@ def save_checkpoint(db: Session, cp: Checkpoint) -> None:
             "search_path": cp.search_path,
             "resweep": cp.resweep,
             "generation": cp.generation,
+            "settings": Jsonb(cp.settings) if cp.settings is not None else None,
         },
     )
 
@@ -891,6 +901,7 @@ class Heartbeat:
     first_seen: dt.datetime
     last_seen: dt.datetime
     age_seconds: float
+    kept: bool = False  # older than the TTL, kept fresh: written before the functions
 
 
 def heartbeat_functions_exist(db: Session) -> bool:
@@ -900,6 +911,20 @@ def heartbeat_functions_exist(db: Session) -> bool:
 
 def beat(db: Session, app: str, instance: str, version: str) -> None:
     db.execute(HEARTBEAT_BEAT, {"app": app, "instance": instance, "version": version})
+
+
+def forget_legacy_heartbeat(
+    db: Session, app: str, instance: str, version: str | None = None
+) -> int:
+    """Remove the instance's rows written before the heartbeat functions (role ''), which
+    never expire (see `heartbeats`); only the ledger's owner may."""
+    return int(
+        db.execute(
+            "DELETE FROM phasegate.heartbeat WHERE role = '' AND app = %(app)s"
+            " AND instance = %(instance)s AND (version = %(version)s OR %(version)s::text IS NULL)",
+            {"app": app, "instance": instance, "version": version},
+        ).rowcount
+    )
 
 
 def forget_heartbeat(db: Session, app: str, instance: str, version: str | None = None) -> int:
@@ -920,15 +945,23 @@ def heartbeats(db: Session, app: str | None, ttl_seconds: float) -> list[Heartbe
     version = schema_version(db) or 0
     check_version(version)
     # before version 7 no row says who wrote it: every row is then untrusted
-    role = sql.SQL("role" if version >= 7 else "''::text AS role")
+    role = sql.SQL("role" if version >= 7 else "''::text")
+    # A row written before the heartbeat functions (role '') whose instance ran an older
+    # helper: that helper cannot beat since the upgrade, so such a row stays fresh if it
+    # was fresh then, until removed (`forget_legacy_heartbeat`): its silence would
+    # otherwise drop a live old version out of every gate after one TTL.
     query = sql.SQL(
         """
-        SELECT app, instance, version, {role}, first_seen, last_seen,
-               extract(epoch FROM clock_timestamp() - last_seen)::float8 AS age_seconds
+        SELECT app, instance, version, {role} AS role, first_seen, last_seen,
+               extract(epoch FROM clock_timestamp() - last_seen)::float8 AS age_seconds,
+               NOT (last_seen > now() - make_interval(secs => %(ttl)s)) AS kept
         FROM phasegate.heartbeat
         WHERE (app = %(app)s OR %(app)s::text IS NULL)
-          AND last_seen > now() - make_interval(secs => %(ttl)s)
           AND last_seen <= clock_timestamp()
+          AND (last_seen > now() - make_interval(secs => %(ttl)s)
+               OR ({role} = '' AND last_seen > (
+                   SELECT value::timestamptz FROM phasegate.meta
+                   WHERE key = 'heartbeat_functions_since') - make_interval(secs => %(ttl)s)))
         ORDER BY app, version, instance, role
         """
     ).format(role=role)

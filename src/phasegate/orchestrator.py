@@ -38,7 +38,7 @@ from phasegate.db import Session, orchestrator_running
 from phasegate.durations import format_duration
 from phasegate.errors import PhasegateError, Refused, RuntimeFailure, UsageError
 from phasegate.pacing import BackfillSettings
-from phasegate.plan import Job, Plan
+from phasegate.plan import Job, Plan, PlanError
 from phasegate.revisions import AlembicProject, PlanRevisions
 
 START = "start"  # `rollback --to start`: undo every phase
@@ -339,6 +339,7 @@ class Orchestrator:
             )
             return Outcome(self.plan.name, steps, self.status())
         pending = names[names.index(current) : names.index(last) + 1]
+        self._refuse_unguarded(pending)
         refusal = self._lint_first(current, pending)
         if refusal is not None:
             return Outcome(self.plan.name, [refusal], self.status())
@@ -352,6 +353,19 @@ class Orchestrator:
             heads = self.project.current_heads(self.db)
             current = self._next_phase(state)
         return Outcome(self.plan.name, steps, self.status())
+
+    def _refuse_unguarded(self, pending: list[str]) -> None:
+        """A revision of a phase still to run that a plain `alembic upgrade head` would run
+        at any time (untagged, or tagged without the guard): refused before anything, so a
+        plan cannot start with a revision a deploy could apply behind its gate."""
+        waiting = {rev for phase in pending for rev in self.revisions.of(phase)}
+        issues = [
+            issue
+            for issue in self.project.unguarded(self.plan, self.revisions)
+            if issue.key.removeprefix("revision ") in waiting
+        ]
+        if issues:
+            raise PlanError(issues)
 
     def _lint_first(self, phase: str, pending: list[str]) -> Step | None:
         """Lint the phases about to run; errors refuse unless --allow-unsafe.

@@ -115,9 +115,11 @@ def judge_roles(
     db: Session, roles: Collection[str], tables: PlanTables, trusted_roles: Iterable[str]
 ) -> tuple[set[str], str]:
     """The roles among `roles` whose connections and heartbeats may pass a gate, and the
-    rule in words: superusers, roles with any of SELECT, INSERT, UPDATE, DELETE on one of
-    the plan's tables that exist (a column grant or a grant to PUBLIC counts), and
-    `trusted_roles` and their members. Every role may read the catalogs this asks."""
+    rule in words: superusers, roles that may write one of the plan's tables that exist
+    (INSERT, UPDATE or DELETE; a column grant or a grant to PUBLIC counts: such a role
+    could change those rows anyway), and `trusted_roles` and their members. A role that may
+    only read them is not trusted: reading gives no say over what the plan does to the
+    rows. Every role may read the catalogs this asks."""
     quoted = [quote_table(name).as_string(db.raw) for name in tables.names]
     present = db.all(
         "SELECT to_regclass(q) IS NOT NULL FROM unnest(%(t)s::text[]) WITH ORDINALITY AS t(q, n) "
@@ -145,7 +147,7 @@ def judge_roles(
                               WHERE t.rel IS NOT NULL
                                 AND (has_table_privilege(r.oid, t.rel, 'DELETE')
                                      OR has_any_column_privilege(
-                                            r.oid, t.rel, 'SELECT, INSERT, UPDATE'))))
+                                            r.oid, t.rel, 'INSERT, UPDATE'))))
             """,
             {"roles": sorted(set(roles)), "listed": listed, "tables": quoted},
         )
@@ -157,11 +159,11 @@ def _trust_rule(tables: PlanTables, existing: list[str], listed: list[str]) -> s
     absent = [name for name in tables.names if name not in existing]
     if existing:
         later = f"; {', '.join(absent)}: not there yet" if absent else ""
-        may_use = f"may use {', '.join(existing)} ({tables.origin}{later})"
+        may_use = f"may write {', '.join(existing)} ({tables.origin}{later})"
     elif tables.names:
-        may_use = f"may use the plan's tables, but {', '.join(absent)} do not exist yet"
+        may_use = f"may write the plan's tables, but {', '.join(absent)} do not exist yet"
     else:
-        may_use = f"may use the plan's tables, but {tables.describe()}"
+        may_use = f"may write the plan's tables, but {tables.describe()}"
     named = f"({', '.join(listed)})" if listed else "(none set)"
     return (
         f"a connection or heartbeat counts toward passing only when its role {may_use}, "
@@ -261,13 +263,22 @@ def heartbeat_observations(db: Session, app: str, ttl: float) -> list[Observatio
             beat.version,
             SOURCE_HEARTBEAT,
             f"instance {beat.instance}, last seen {format_duration(beat.age_seconds)} ago, "
-            f"written by role {beat.role or '(unknown: an old row)'}",
+            f"written by role {beat.role or '(unknown: an old row)'}"
+            + (_KEPT.format(app=beat.app, instance=beat.instance) if beat.kept else ""),
             beat.instance,
             beat.last_seen,
             role=beat.role or None,
         )
         for beat in ledger.heartbeats(db, app, ttl)
     ]
+
+
+_KEPT = (
+    "; written by an older phasegate helper before the ledger's upgrade, which that helper "
+    "cannot write through: kept as fresh, since its instance may still run, until it is "
+    "gone or runs this phasegate's helper and the row is removed: `phasegate heartbeat "
+    "--app {app} --instance {instance} --remove` as the ledger's owner"
+)
 
 
 # -- the configured command ------------------------------------------------------------------

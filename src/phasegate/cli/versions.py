@@ -66,6 +66,8 @@ def heartbeat(
                 found = ledger.forget_heartbeat(conn, app, instance, version)
             else:
                 ledger.beat(conn, app, instance, version or "")
+        if remove:
+            found += _forget_legacy(conn, app, instance, version)
     ttl = format_duration(ctx.settings().heartbeat_ttl)
     if remove:
         text = f"heartbeats of {app} instance {one_line(instance)}: {found} removed"
@@ -82,6 +84,16 @@ def heartbeat(
     document = {"ok": True, "app": app, "version": version, "instance": instance}
     emit(ctx, {**document, "removed": remove}, text)
     return EXIT_OK
+
+
+def _forget_legacy(conn: db.Session, app: str, instance: str, version: str | None) -> int:
+    """Rows an older helper wrote before the ledger's upgrade (they never expire): removed
+    when this role may (the ledger's owner); an app role's --remove leaves them."""
+    try:
+        with conn.tx():
+            return ledger.forget_legacy_heartbeat(conn, app, instance, version)
+    except InsufficientPrivilege:
+        return 0
 
 
 def _create_ledger(conn: db.Session) -> None:
