@@ -74,11 +74,12 @@ def _write(
         "import sqlalchemy as sa\n"
         "from alembic import op\n"
         "from sqlalchemy.dialects import postgresql\n\n"
+        "from phasegate.guard import guarded\n\n"
         f"revision = {rev_id!r}\n"
         f"down_revision = {parent!r}\n"
         "branch_labels = None\n"
         "depends_on = None\n"
         f"{tags}{textwrap.dedent(module)}\n\n"
-        f"def upgrade() -> None:\n{upgrade}\n\n\n"
+        f"{'@guarded' + chr(10) if tag else ''}def upgrade() -> None:\n{upgrade}\n\n\n"
         "def downgrade() -> None:\n    pass\n"
     )

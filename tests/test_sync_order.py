@@ -267,8 +267,10 @@ def chain_project(tmp_path: Path) -> Path:
         tags = f'phasegate_plan = "sync-order"\nphasegate_phase = "{phase}"\n' if phase else ""
         (project / "migrations" / "versions" / f"{revision}.py").write_text(
             f'"""{revision}."""\nfrom alembic import op\n\n'
+            "from phasegate.guard import guarded\n\n"
             f'revision = "{revision}"\ndown_revision = {down!r}\n'
             f"branch_labels = None\ndepends_on = None\n{tags}\n\n"
+            f"{'@guarded' + chr(10) if tags else ''}"
             f"def upgrade():\n    op.execute({upgrade!r})\n\n\n"
             f"def downgrade():\n    op.execute({downgrade!r})\n"
         )

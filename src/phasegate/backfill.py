@@ -593,7 +593,8 @@ def _run_driven(
             f"job {work.checkpoint}: {moved:,} row(s) had moved behind the walk (their key "
             "changed while it ran) and were walked again"
         )
-    remaining = left[0] if work.done_unless is None else None  # else verify counts its own
+    # verification counts its own rows unless the catch-up counted exactly those
+    remaining = left[0] if _catch_up_where(work) is work.unfinished else None
     totals = verify(
         db, plan, work, remaining=remaining, moved=moved, moving=moving and bool(left[0])
     )
@@ -623,12 +624,19 @@ def _leftover(db: Session, work: BatchedWork, key: Key) -> tuple[int, int]:
     query = sql.SQL(
         "SELECT count(*), coalesce(sum(hashtextextended(ROW({keys})::text, 0)), 0)"
         " FROM {table} AS new WHERE {where}"
-    ).format(keys=key.names(), table=quote_table(work.table), where=work.where)
+    ).format(keys=key.names(), table=quote_table(work.table), where=_catch_up_where(work))
     with _row_security_refusal(work.table), db.tx():
         whole_table(db)
         row = db.execute(query).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def _catch_up_where(work: BatchedWork) -> sql.Composable:
+    """What a catch-up walk looks for: a resweep's whole selection (stale rows can move out
+    of reach too); for a refill, only its empty old columns: its stale-row test keeps
+    matching a pair whose `set` does not undo `down`, which no walk changes."""
+    return work.unfinished if work.refill else work.where
 
 
 def _walk_once(

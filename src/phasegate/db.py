@@ -191,8 +191,26 @@ def _password_positions(url: str) -> list[tuple[int, int]]:
 
 
 def libpq_url(url: str) -> str:
-    """A libpq connection string for psycopg (drops SQLAlchemy's driver suffix)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """A libpq connection string for psycopg, for the database `url` names.
+
+    Built with psycopg's `make_conninfo` (key=value, each value quoted as libpq wants),
+    not by rendering the URL again: SQLAlchemy leaves a space in a password as it is,
+    which libpq then refuses, and every helper connection (the blocker watch, the long
+    wait's watch) failed silently."""
+    parsed = make_url(url)
+    params: dict[str, Any] = {
+        key: value[-1] if isinstance(value, tuple) else value for key, value in parsed.query.items()
+    }
+    for key, value in (
+        ("user", parsed.username),
+        ("password", parsed.password),
+        ("host", parsed.host),
+        ("port", parsed.port),
+        ("dbname", parsed.database),
+    ):
+        if value is not None and key not in params:
+            params[key] = str(value)
+    return psycopg.conninfo.make_conninfo(**params)
 
 
 class Session:

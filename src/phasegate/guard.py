@@ -10,7 +10,9 @@ script.py.mako); before the revision's first statement, the guard lets it run wh
 - the ledger (`phasegate.plan_state`) records the phase as done, and no phasegate run
   of it (or of a later phase) is under way or failed part way: re-applying a revision
   after an out-of-band downgrade is safe, and it is what the drift advice says;
-- the SQL is only rendered (`alembic upgrade --sql`, phasegate's lint and preview);
+- the SQL is only rendered by phasegate (lint, preview); a script rendered with
+  `alembic upgrade --sql` carries the same check as a DO block, which raises when the
+  script runs (and so fails that revision's transaction) unless it would pass here;
 - `PHASEGATE_GUARD=off` says so, for a new, empty database built from the whole
   history (tests, a developer's machine); it warns on stderr for every revision.
 
@@ -96,9 +98,13 @@ def check(module: Mapping[str, Any]) -> None:
         return  # not part of a plan: nothing to guard
     revision = str(module.get("revision") or "?")
     context = op.get_context()
-    if context.as_sql:
-        return  # rendering SQL touches no database
     escape = os.environ.get(ESCAPE, "").strip().lower()
+    if context.as_sql:
+        config = getattr(context, "config", None)
+        rendering = config is not None and config.attributes.get("phasegate_rendering")
+        if not rendering and escape != "off":  # a script someone will run: it checks there
+            op.execute(_offline_check(revision, str(plan), str(phase), context))
+        return
     if escape == "off":
         sys.stderr.write(
             f"phasegate guard: {ESCAPE}=off, so revision {revision} of plan {plan!r} "
@@ -118,6 +124,40 @@ def check(module: Mapping[str, Any]) -> None:
     if reason is None:
         return
     raise CommandError(_printable(_message(revision, str(plan), str(phase), reason, context)))
+
+
+def _offline_check(revision: str, plan: str, phase: str, context: Any) -> str:
+    """The guard as a statement of the rendered script (`alembic upgrade --sql`, run later
+    with psql): it raises, so the revision's transaction fails with it, unless phasegate's
+    marker is set or the ledger records the phase as done (`phase_done`, in SQL)."""
+    order = "ARRAY[" + ", ".join(_literal(p) for p in PHASE_ORDER) + "]"
+    refusal = _message(
+        revision, plan, phase, "the script's guard found the phase not done", context
+    )
+    done = (
+        f"SELECT array_position({order}, {_literal(phase)})"
+        f" <= array_position({order}, phase)"
+        " AND NOT (state IN ('running', 'failed') AND coalesce("
+        f"array_position({order}, active_phase) <= array_position({order}, {_literal(phase)}),"
+        " false))"
+        f" FROM phasegate.plan_state WHERE plan = {_literal(plan)}"
+    )
+    return (
+        "DO $phasegate_guard$\nDECLARE phasegate_done boolean;\nBEGIN\n"
+        f"  IF current_setting({_literal(MARKER)}, true) IS NOT DISTINCT FROM "
+        f"{_literal(f'{plan}/{phase}')} THEN RETURN; END IF;\n"
+        "  IF to_regclass('phasegate.plan_state') IS NOT NULL THEN\n"
+        f"    EXECUTE {_literal(done)} INTO phasegate_done;\n"
+        "  END IF;\n"
+        "  IF phasegate_done IS NOT TRUE THEN\n"
+        f"    RAISE EXCEPTION '%', {_literal(_printable(refusal))};\n"
+        "  END IF;\n"
+        "END\n$phasegate_guard$"
+    )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _refusal(connection: sa.Connection, plan: str, phase: str) -> str | None:

@@ -339,7 +339,7 @@ class Orchestrator:
             )
             return Outcome(self.plan.name, steps, self.status())
         pending = names[names.index(current) : names.index(last) + 1]
-        self._refuse_unguarded(pending)
+        self._refuse_unguarded(names[names.index(current) :])  # --to aside: all still to run
         refusal = self._lint_first(current, pending)
         if refusal is not None:
             return Outcome(self.plan.name, [refusal], self.status())
@@ -355,9 +355,10 @@ class Orchestrator:
         return Outcome(self.plan.name, steps, self.status())
 
     def _refuse_unguarded(self, pending: list[str]) -> None:
-        """A revision of a phase still to run that a plain `alembic upgrade head` would run
-        at any time (untagged, or tagged without the guard): refused before anything, so a
-        plan cannot start with a revision a deploy could apply behind its gate."""
+        """A revision of a phase still to run (up to the plan's end, whatever `--to` says)
+        that a plain `alembic upgrade head` would run at any time (untagged, or tagged
+        without the guard): refused before anything, so a plan cannot move while a deploy
+        could apply such a revision behind its gate."""
         waiting = {rev for phase in pending for rev in self.revisions.of(phase)}
         issues = [
             issue
@@ -977,7 +978,7 @@ class Orchestrator:
         if isinstance(exc, PhasegateError):
             message = exc.message
         else:
-            message = f"{type(original).__name__}: {original}"
+            message = f"{type(original).__name__}: {without_row_values(original)}"
         message = message.strip()
         try:
             self.db.connection.rollback()
@@ -1093,6 +1094,28 @@ class Orchestrator:
                 f"downgrade to: undo it with `alembic downgrade` and an explicit target"
             )
         return first.down_revisions[0] if first.down_revisions else "base"
+
+
+def without_row_values(exc: BaseException) -> str:
+    """A database error as the ledger keeps it: PostgreSQL's primary message and which
+    constraint, table or column, never its DETAIL ("Failing row contains (...)", "Key
+    (email)=(...) already exists"), which holds the row's values: the ledger refuses DELETE
+    (nothing could purge them) and a read-only role may read it without any grant on the
+    table. The terminal gets the whole error."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    if not primary:
+        return str(exc).strip().split("\n", 1)[0]
+    where = [
+        f"{label} {value}"
+        for label, value in (
+            ("constraint", diag.constraint_name),
+            ("table", diag.table_name),
+            ("column", diag.column_name),
+        )
+        if value
+    ]
+    return primary + (f" ({', '.join(where)})" if where else "")
 
 
 @dataclass

@@ -357,7 +357,10 @@ def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) ->
         )
     lines: dict[Loc, int] = {}
     issues = list(_walk(node, (), lines, source))
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise PlanError([*issues, _yaml_issue(exc, text, source)]) from None
     issues += _order_issues(data, lines, source)
     try:
         plan = Plan.model_validate(data)
@@ -438,6 +441,22 @@ def _check_size(text: str, source: str) -> None:
                     )
                 ]
             )
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, whose constructor's own errors carry the node's place: a
+    value it cannot build (`2024-02-30` as a date, an integer of 5,000 digits) raises a
+    plain ValueError with no line, which would end the command as an internal error."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"YAML cannot read this value: {exc}", node.start_mark
+            ) from None
 
 
 def _yaml_issue(exc: yaml.YAMLError, text: str, source: str) -> PlanIssue:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ StepHook = Callable[[MigrationInfo, tuple[str, ...]], None]
 # Reading the revisions imports every revision file; module-level code that blocks (a
 # sleep, a connection) would hang every command, so the reading has a time limit.
 IMPORT_TIMEOUT_ENV = "PHASEGATE_IMPORT_TIMEOUT"
+RENDERING = "phasegate_rendering"  # config attribute: phasegate renders SQL for lint/preview
 IMPORT_TIMEOUT = 30.0
 
 
@@ -84,22 +86,19 @@ class AlembicProject:
             )
         self.config_path = path
         self.config = Config(str(path))
-        limit = seconds_from_env(IMPORT_TIMEOUT_ENV, IMPORT_TIMEOUT)
+        self.import_limit = limit = seconds_from_env(IMPORT_TIMEOUT_ENV, IMPORT_TIMEOUT)
         try:
             self.script = ScriptDirectory.from_config(self.config)
-            with time_limit(limit):
+
+            def explain(stack: list[traceback.FrameSummary]) -> str:
+                return self._import_too_long(stack, f"still running after {limit:g} s")
+
+            with time_limit(limit, explain):
                 walked = list(self.script.walk_revisions())
         except CommandError as exc:
             raise UsageError(f"{path}: Alembic cannot read its revisions: {exc}") from None
         except TimeLimitExceeded as exc:
-            raise UsageError(
-                f"{path}: Alembic cannot read its revisions: {_running_file(exc, self.script)}"
-                f"was {exc} of loading the revision files ({IMPORT_TIMEOUT_ENV}: "
-                f"{limit:g} s). A revision file's module-level code runs whenever phasegate "
-                "or Alembic reads the revisions, so it must not sleep, connect or query: move "
-                "that work into upgrade() or downgrade(). If loading is only slow, raise the "
-                f"limit, e.g. {IMPORT_TIMEOUT_ENV}=2m (0 turns it off)"
-            ) from None
+            raise UsageError(self._import_too_long(exc.stack, str(exc))) from None
         except Exception as exc:  # a revision file that fails to import
             where = _failing_file(exc, str(path.parent))
             raise UsageError(
@@ -110,6 +109,17 @@ class AlembicProject:
         self.order: list[str] = [s.revision for s in walked]
         self.position = {rev: i for i, rev in enumerate(self.order)}
         self.revisions = {s.revision: _info(s) for s in walked}
+
+    def _import_too_long(self, stack: list[traceback.FrameSummary], what: str) -> str:
+        return (
+            f"{self.config_path}: Alembic cannot read its revisions: "
+            f"{_running_file(stack, self.script)}was {what} of loading the revision files "
+            f"({IMPORT_TIMEOUT_ENV}: {self.import_limit:g} s). A revision file's module-level "
+            "code runs whenever phasegate or Alembic reads the revisions, so it must not "
+            "sleep, connect or query: move that work into upgrade() or downgrade(). If "
+            f"loading is only slow, raise the limit, e.g. {IMPORT_TIMEOUT_ENV}=2m (0 turns it "
+            "off)"
+        )
 
     @property
     def ini_url(self) -> str | None:
@@ -299,8 +309,24 @@ class AlembicProject:
             found.extend(context.get_current_heads())
             return []
 
-        self._run_env(db, capture, destination=None, on_step=None, read_only=True)
+        def explain(stack: list[traceback.FrameSummary]) -> str:
+            return self._env_too_long(stack, f"still running after {self.import_limit:g} s")
+
+        try:  # env.py runs here as it would for a migration, but a read must not hang
+            with time_limit(self.import_limit, explain):
+                self._run_env(db, capture, destination=None, on_step=None, read_only=True)
+        except TimeLimitExceeded as exc:
+            raise UsageError(self._env_too_long(exc.stack, str(exc))) from None
         return tuple(sorted(found))
+
+    def _env_too_long(self, stack: list[traceback.FrameSummary], what: str) -> str:
+        return (
+            f"{self.config_path}: reading the database's Alembic heads through env.py: "
+            f"{_running_file(stack, self.script)}was {what} ({IMPORT_TIMEOUT_ENV}: "
+            f"{self.import_limit:g} s). env.py (or what it imports) must not block when it "
+            "runs: keep slow work inside run_migrations; raise the limit if reading is "
+            "only slow"
+        )
 
     def upgrade(
         self,
@@ -359,6 +385,7 @@ class AlembicProject:
         _force_phasegate_settings(environment, None, cut, settings, offline=True)
         previous = self.config.output_buffer
         self.config.output_buffer = buffer
+        self.config.attributes[RENDERING] = True  # lint and preview: no guard statement
         try:
             with environment:
                 self.script.run_env()
@@ -366,6 +393,7 @@ class AlembicProject:
             raise RuntimeFailure(f"Alembic cannot render {target} offline: {exc}") from None
         finally:
             self.config.output_buffer = previous
+            self.config.attributes.pop(RENDERING, None)
         text = buffer.getvalue()
         pieces, begin = {}, 0
         for revision, end in cuts:
@@ -529,12 +557,12 @@ def _failing_file(exc: BaseException, root: str) -> str:
     return found
 
 
-def _running_file(exc: TimeLimitExceeded, script: ScriptDirectory) -> str:
-    """'file:line ' of the innermost frame in the script directory (the revision that was
-    still running), else of the innermost frame at all."""
+def _running_file(stack: list[traceback.FrameSummary], script: ScriptDirectory) -> str:
+    """'file:line ' of the innermost frame in the script directory (the revision, or
+    env.py, that was still running), else of the innermost frame at all."""
     root = Path(script.dir).resolve()
-    inside = [f for f in exc.stack if Path(f.filename).resolve().is_relative_to(root)]
-    frame = (inside or exc.stack or [None])[-1]
+    inside = [f for f in stack if Path(f.filename).resolve().is_relative_to(root)]
+    frame = (inside or stack or [None])[-1]
     return f"{frame.filename}:{frame.lineno} " if frame is not None else ""
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -35,9 +36,21 @@ class TimeLimitExceeded(BaseException):
         self.stack = stack  # what was running when the time ran out, outermost first
 
 
+# How the process ends when the block still runs `HARD_STOP_AFTER` seconds past its limit
+# (a C call that retries through the signal: libpq's connect): set by the CLI, which owns
+# the process; a library caller keeps its process and only gets the exception.
+hard_stop: Callable[[str], None] | None = None
+HARD_STOP_AFTER = 10.0
+REPEAT_EVERY = 0.5  # the timer fires again until the block ends: a bare `except:` swallows one
+
+
 @contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeLimitExceeded in the block after `seconds` (0 or less: no limit)."""
+def time_limit(
+    seconds: float, explain: Callable[[list[traceback.FrameSummary]], str] | None = None
+) -> Iterator[None]:
+    """Raise TimeLimitExceeded in the block after `seconds` (0 or less: no limit), again
+    every `REPEAT_EVERY` seconds until it ends; with `hard_stop` set and `explain` given, end
+    the process `HARD_STOP_AFTER` seconds later, saying `explain(the main thread's stack)`."""
     usable = (
         seconds > 0
         and hasattr(signal, "setitimer")
@@ -51,11 +64,22 @@ def time_limit(seconds: float) -> Iterator[None]:
     def expire(_signum: int, frame: FrameType | None) -> None:
         raise TimeLimitExceeded(seconds, traceback.extract_stack(frame) if frame else [])
 
+    done = threading.Event()
+    main = threading.main_thread().ident
+
+    def watchdog() -> None:
+        if done.wait(seconds + HARD_STOP_AFTER) or hard_stop is None or explain is None:
+            return
+        frame = sys._current_frames().get(main) if main is not None else None
+        hard_stop(explain(traceback.extract_stack(frame) if frame else []))
+
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, REPEAT_EVERY)
+    threading.Thread(target=watchdog, name="phasegate-time-limit", daemon=True).start()
     try:
         yield
     finally:
+        done.set()
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 

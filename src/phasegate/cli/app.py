@@ -28,14 +28,14 @@ import click
 import sqlalchemy as sa
 from psycopg import Error as PsycopgError
 
-from phasegate import __version__, db
+from phasegate import __version__, db, timelimit
 from phasegate.config import ProjectConfig, load_config
 from phasegate.durations import parse_duration
 from phasegate.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PhasegateError
 from phasegate.pacing import BackfillSettings
 from phasegate.plan import Plan
 from phasegate.revisions import AlembicProject
-from phasegate.text import terminal_safe
+from phasegate.text import one_line, terminal_safe
 
 
 @dataclass
@@ -111,7 +111,9 @@ def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
             code = EXIT_FAILURE
         except (sa.exc.SQLAlchemyError, PsycopgError) as exc:
             original = getattr(exc, "orig", None) or exc
-            message = ctx.scrub(str(original).strip())
+            # the database's words carry values of rows (DETAIL): one line, never a line of
+            # their own on the operator's terminal
+            message = one_line(ctx.scrub(str(original).strip()))
             if db.connection_lost(exc):
                 message = (
                     f"lost the connection to the database ({message}): the server restarted, "
@@ -206,8 +208,19 @@ def cli(click_ctx: click.Context, database_url: str | None, config_path: str, as
     click_ctx.obj = Context(database_url, config_path, as_json)
 
 
+def _hard_stop(message: str) -> None:
+    """A time limit that a blocked C call outlasted (see timelimit): no exception can end
+    the block, so the process ends here, with the error said as any other would be."""
+    if "--json" in sys.argv[1:]:
+        error = {"kind": "usage", "message": message}
+        print(json.dumps({"ok": False, "exit_code": EXIT_USAGE, "error": error}), flush=True)
+    print(f"phasegate: error: {terminal_safe(message)}", file=sys.stderr, flush=True)
+    os._exit(EXIT_USAGE)
+
+
 def main() -> None:
     """Entry point; click's own usage errors also honour --json and exit 2."""
+    timelimit.hard_stop = _hard_stop  # the CLI owns the process
     try:
         code = cli.main(prog_name="phasegate", standalone_mode=False)
     except click.ClickException as exc:

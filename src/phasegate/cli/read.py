@@ -25,6 +25,7 @@ from phasegate.orchestrator import Options, Orchestrator
 from phasegate.plan import PHASES, REVISION_PHASES, PlanError, load_plan
 from phasegate.plan_lint import lint_plan
 from phasegate.preview import PreviewOptions, preview
+from phasegate.text import one_line
 
 # -- validate -------------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ def _status_text(s: dict[str, Any]) -> str:
         ),
     ]
     if s["active_phase"]:
-        error = f": {s['error']}" if s["error"] else ""
+        error = f": {one_line(s['error'])}" if s["error"] else ""
         lines.append(f"  {s['direction']} of {s['active_phase']} {s['state']}{error}")
     lines.append(f"  alembic heads: {', '.join(s['heads']) or '(none)'}")
     for phase in s["phases"]:
