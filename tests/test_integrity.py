@@ -456,3 +456,38 @@ def test_a_new_column_dropped_and_added_back_is_walked_again(phasegate, seeded_u
     result = phasegate("rollback", plan, "--live-version", "1", "--yes")  # back to expand
     assert result.exit_code == 0, result.output
     assert fetch(seeded_url, WRONG_ROOT_CAUSES) == [(0,)]
+
+
+# -- the sync trigger and column defaults -----------------------------------------------------
+
+
+def test_a_default_set_on_a_synced_column_after_the_backfill_is_honoured(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A revision (switch, say) gives the new column a DEFAULT after the trigger was built:
+    an old-code INSERT then leaves it at the default, not NULL. The next command re-installs
+    the trigger with the default, so such an insert is synced again."""
+    seeded_table(database_url)
+    plan = tmp_path / "with-switch.yaml"
+    plan.write_text(engine_plan_text() + '  switch:\n    compatible: ">=0"\n')
+    phasegate = Phasegate(database_url)
+    assert phasegate("backfill", str(plan), "--live-version", "1", "--yes").exit_code == 0
+    execute(database_url, "ALTER TABLE t ALTER COLUMN doubled SET DEFAULT 0")
+    result = phasegate("switch", str(plan), "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "defaults on t changed" in result.stderr
+    execute(database_url, "INSERT INTO t (k, val) VALUES (100000, 7)")  # old code
+    assert fetch(database_url, "SELECT doubled FROM t WHERE k = 100000") == [(14,)]
+
+
+def test_a_synced_column_with_a_volatile_default_is_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    seeded_table(database_url)
+    execute(database_url, "ALTER TABLE t ALTER COLUMN doubled SET DEFAULT (random() * 10)::int")
+    plan = make_plan(tmp_path)
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 2, result.output
+    assert f"{plan}:11:" in result.stderr and "which is not a constant" in result.stderr
+    assert "DROP DEFAULT" in result.stderr
+    assert not fetch(database_url, "SELECT FROM pg_trigger WHERE tgrelid = 't'::regclass")
