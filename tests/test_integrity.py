@@ -491,3 +491,40 @@ def test_a_synced_column_with_a_volatile_default_is_refused(
     assert f"{plan}:11:" in result.stderr and "which is not a constant" in result.stderr
     assert "DROP DEFAULT" in result.stderr
     assert not fetch(database_url, "SELECT FROM pg_trigger WHERE tgrelid = 't'::regclass")
+
+
+def test_an_out_of_band_downgrade_of_contract_is_said_and_rolled_back_with_its_data(
+    phasegate, seeded_url: str
+) -> None:
+    """The issue's story, after the contract: someone runs `alembic downgrade` of the
+    contract revision by hand (downgrades are not guarded), which brings bug.root_cause
+    back with every row NULL while the ledger says done. status says the old column is
+    empty and offers `phasegate rollback`, which re-installs the sync trigger and refills
+    the column with sync.down: every row right, and old code's writes synced again."""
+    from .conftest import PLAN
+    from .test_failures import alembic
+
+    plan = str(PLAN)
+    result = phasegate("advance", plan, "--to", "switch", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("contract", plan, "--live-version", "2", "--yes")
+    assert result.exit_code == 0, result.output
+    alembic(seeded_url, "downgrade", "d7e2b9f4a613")  # by hand: root_cause is back, empty
+
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert status["drift"] and "phasegate rollback" in " ".join(status["drift_details"])
+    [said] = status["emptied"]
+    assert "bug.root_cause were dropped and added back" in said
+    assert phasegate("advance", plan, "--live-version", "2", "--yes").exit_code == 1  # drift
+
+    result = phasegate("rollback", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert fetch(seeded_url, WRONG_ROOT_CAUSES) == [(0,)]
+    execute(seeded_url, "UPDATE bug SET root_cause = 'disk full' WHERE id = 1")  # old code
+    [(name,)] = fetch(
+        seeded_url,
+        "SELECT r.name FROM bug b JOIN root_cause r ON r.id = b.root_cause_id WHERE b.id = 1",
+    )
+    assert name == "disk full"
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert (status["phase"], status["drift"], status["emptied"]) == ("switch", False, [])

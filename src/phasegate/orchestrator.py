@@ -145,7 +145,7 @@ class Orchestrator:
         heads = self.project.current_heads(self.db)
         self._check_recorded_phases(state)
         drift = self.drift(state, heads) + self.schema_drift(state)
-        lost = [e.describe() for e in self._emptied(state)]
+        lost = [e.describe() for e in self._emptied(state, heads)]
         phase_list = self.plan.phase_names()
         return {
             "plan": self.plan.name,
@@ -180,8 +180,15 @@ class Orchestrator:
             "jobs": [_job_status(cp, now, cp.job in stopped) for cp in checkpoints],
         }
 
-    def drift(self, state: ledger.PlanState, heads: tuple[str, ...]) -> list[str]:
-        """Where Alembic's version table disagrees with the phases the ledger recorded."""
+    def drift(
+        self, state: ledger.PlanState, heads: tuple[str, ...], rolling_back: bool = False
+    ) -> list[str]:
+        """Where Alembic's version table disagrees with the phases the ledger recorded.
+
+        `rolling_back`: the newest done phase's revisions downgraded by hand are not drift
+        for a rollback, which undoes that phase first: it finishes what the downgrade began
+        (for contract: the sync triggers again, and the old columns the downgrade brought
+        back empty refilled with sync.down)."""
         applied = self.project.applied(heads)
         names = self.plan.phase_names()
         done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
@@ -192,11 +199,20 @@ class Orchestrator:
                 continue
             if phase in done:
                 missing = [r for r in revisions if r not in applied]
+                if missing and rolling_back and phase == state.phase and active is None:
+                    continue
                 if missing:
+                    refill = (
+                        ", which re-installs the sync triggers and refills the old columns "
+                        "the downgrade brought back empty with sync.down"
+                        if phase == "contract" and self._sync_jobs()
+                        else ""
+                    )
                     problems.append(
                         f"phase {phase!r} is recorded as done but revision(s) "
                         f"{', '.join(missing)} are not applied (was `alembic downgrade` run by "
-                        f"hand?); restore with `alembic upgrade {revisions[-1]}`"
+                        f"hand?); restore with `alembic upgrade {revisions[-1]}`, or undo the "
+                        f"phase with `phasegate rollback {self.plan.source}`{refill}"
                     )
             else:
                 present = [r for r in revisions if r in applied]
@@ -668,24 +684,29 @@ class Orchestrator:
 
     # -- columns that came back empty -------------------------------------------------------
 
-    def _emptied(self, state: ledger.PlanState) -> list[emptied.Emptied]:
+    def _emptied(self, state: ledger.PlanState, heads: tuple[str, ...]) -> list[emptied.Emptied]:
         """Old or new columns re-created behind phasegate's back that lost values, where the
         plan's state says they hold them: old ones from the backfill's start until the
-        contract, new ones from the backfill's end (see `emptied`)."""
+        contract (and after it, when its revisions were downgraded by hand, which brings
+        them back empty), new ones from the backfill's end (see `emptied`)."""
         names = self.plan.phase_names()
         done = set(names[: names.index(state.phase) + 1]) if state.phase else set()
         active = state.active_phase if state.state in ("running", "failed") else None
-        if "contract" in done or state.state == "done" or active == "contract":
-            return []  # the contract dropped (or is dropping) the old columns on purpose
+        if active == "contract":
+            return []  # the contract drops, or its rollback refills, the old columns now
+        if "contract" in done:  # over, unless its revisions were undone by hand since
+            applied = self.project.applied(heads)
+            if all(r in applied for r in self.revisions.of("contract")):
+                return []
         started = "backfill" in done or active == "backfill"
         batched = [job for job in self.plan.jobs() if job.is_batched]
         return emptied.find(self.db, self.plan.name, batched, old=started, new="backfill" in done)
 
-    def _repair_emptied(self, state: ledger.PlanState) -> None:
+    def _repair_emptied(self, state: ledger.PlanState, heads: tuple[str, ...]) -> None:
         """Before anything else: refill old columns with sync.down and walk new ones again
         with set, where an out-of-band drop and re-add emptied them. A job with no sync.down
         cannot rebuild its old columns: refused with the way out."""
-        found = self._emptied(state)
+        found = self._emptied(state, heads)
         hopeless = [e for e in found if e.side == emptied.OLD and e.job.sync is None]
         if hopeless:
             raise Refused(
@@ -866,7 +887,9 @@ class Orchestrator:
             state = ledger.get_state(self.db, self.plan.name)
         self._check_recorded_phases(state)
         self._check_restarts(state)
-        drift = self.drift(state, heads) + self.schema_drift(state, triggers=not rolling_back)
+        drift = self.drift(state, heads, rolling_back) + self.schema_drift(
+            state, triggers=not rolling_back
+        )
         if drift:
             raise Refused(
                 "the database has drifted from what phasegate recorded: "
@@ -874,7 +897,7 @@ class Orchestrator:
                 + ". Resolve it, then run the command again",
                 drift=drift,
             )
-        self._repair_emptied(state)
+        self._repair_emptied(state, heads)
         self._refresh_triggers(state)
         if not rolling_back and state.active_phase != "backfill":  # backfill reinstalls them
             for job in self._outdated_triggers():
