@@ -654,17 +654,7 @@ def _walk_once(
     with _row_security_refusal(work.table):
         cp = _prepare(db, plan, work, key, settings, notify, again)
         progress.job_started(work.checkpoint, cp.total, cp.walked)
-        walk = _Walk(
-            plan,
-            work,
-            key,
-            settings,
-            _Locked(progress),
-            notify,
-            cp.search_path,
-            cp.generation,
-            expression_settings=cp.settings,
-        )
+        walk = _Walk.of(cp, plan, work, key, settings, progress, notify)
         started = time.monotonic()
         walk.run(db)
         seconds = time.monotonic() - started
@@ -735,18 +725,7 @@ def assist(
                 )
                 continue
             progress.job_started(work.checkpoint, None, 0)
-            walk = _Walk(
-                plan.name,
-                work,
-                key,
-                settings,
-                _Locked(progress),
-                notify,
-                cp.search_path,
-                cp.generation,
-                assisting=True,
-                expression_settings=cp.settings,
-            )
+            walk = _Walk.of(cp, plan.name, work, key, settings, progress, notify, assisting=True)
             started = time.monotonic()
             with _row_security_refusal(work.table):
                 walk.run(db)
@@ -1015,6 +994,32 @@ class _Walk:
         self._driver_checked: dict[int, float] = {}  # per worker thread: when it last asked
         self.rows = self.batches = self.walked = 0
         self.durations: list[float] = []
+
+    @classmethod
+    def of(
+        cls,
+        cp: ledger.Checkpoint,
+        plan: str,
+        work: BatchedWork,
+        key: Key,
+        settings: BackfillSettings,
+        progress: Progress,
+        notify: Notify,
+        assisting: bool = False,
+    ) -> _Walk:
+        """The walk the checkpoint `cp` prepared: its run, search_path and settings."""
+        return cls(
+            plan,
+            work,
+            key,
+            settings,
+            _Locked(progress),
+            notify,
+            cp.search_path,
+            cp.generation,
+            assisting=assisting,
+            expression_settings=cp.settings,
+        )
 
     KEEPALIVE_EVERY = 30.0  # seconds between pings of the caller's session during a walk
 

@@ -1,7 +1,6 @@
-"""Adversarial review of issue 18's integrity fixes: ways a phase still ends with wrong rows.
-
-Every test here is expected to FAIL on the code it was written against: each shows a wrong
-row, a wrong exit code or a misleading message, against real PostgreSQL and the real CLI.
+"""Adversarial cases against the integrity fixes of issue 18: ways a phase could still end
+with wrong rows, a wrong exit code or a misleading message, found by a review that tried
+to break them. Each failed on the code it was written against and passes since the fix.
 They use the engine tests' table `t` (`doubled = val * 2` up, `val = doubled / 2` down) or
 the sync-order tests' chain table (`b = upper(a)`, `c = b || '!'`).
 """

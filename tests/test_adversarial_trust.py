@@ -1,6 +1,8 @@
-"""Adversarial review of issue 18's fixes (trust, the revision guard, `phasegate upgrade`,
-secrets, terminals, bounds). Every test here showed a problem on the branch it was written
-against; each docstring says what, and where the cause is."""
+"""Adversarial cases against issue 18's trust, guard, secrets, terminal and bounds fixes,
+found by a review that tried to break them (a gate passing wrongly, a plan revision
+applied behind phasegate, a secret or a forged line shown, a hang). Each failed on the
+code it was written against and passes since the fix; each docstring says what it found
+and where the cause was."""
 
 from __future__ import annotations
 
