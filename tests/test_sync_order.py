@@ -27,6 +27,7 @@ from phasegate.plan import load_plan
 from phasegate.progress import LogProgress
 
 from .conftest import ALEMBIC_INI, ROOT, Phasegate
+from .test_backfill_engine import execute, fetch
 from .test_backfill_engine import no_temporary_url as no_temporary_url
 
 pytestmark = pytest.mark.db
@@ -89,17 +90,6 @@ def write_plan(tmp_path: Path, jobs: str, switch: bool = False, contract: bool =
     later = (SWITCH if switch else "") + (CONTRACT if contract else "")
     path.write_text(HEADER + BACKFILL + jobs + later)
     return str(path)
-
-
-def execute(url: str, *statements: str) -> None:
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def fetch(url: str, query: str) -> list[tuple]:
-    with psycopg.connect(libpq_url(url)) as conn:
-        return conn.execute(query).fetchall()
 
 
 def make_table(url: str, padded: bool = False) -> None:
