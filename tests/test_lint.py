@@ -417,3 +417,48 @@ def test_a_dropped_index_is_named_with_its_table(tmp_path) -> None:
     _, findings = lint(tmp_path, R("contract", 'op.drop_index("ix_bug_title", table_name="bug")'))
     (finding,) = findings
     assert (finding["lock"], finding["table"]) == ("ACCESS EXCLUSIVE", "bug")
+
+
+NOT_NULL_CHECK = (
+    'op.execute("ALTER TABLE bug ADD CONSTRAINT {name} CHECK ({column} IS NOT NULL) NOT VALID")'
+)
+SET_BODY_NOT_NULL = 'op.alter_column("bug", "body", nullable=False)'
+
+
+@pytest.mark.parametrize(
+    "revisions",
+    [
+        pytest.param(
+            [
+                R("switch", NOT_NULL_CHECK.format(name="ck_body", column="body")),
+                R("switch", SET_BODY_NOT_NULL),
+            ],
+            id="check-never-validated",
+        ),
+        pytest.param(
+            [
+                R("switch", NOT_NULL_CHECK.format(name="ck_title", column="title")),
+                R("switch", 'op.execute("ALTER TABLE bug VALIDATE CONSTRAINT ck_title")'),
+                R("switch", SET_BODY_NOT_NULL),
+            ],
+            id="validated-check-on-another-column",
+        ),
+        pytest.param(
+            [
+                R("switch", NOT_NULL_CHECK.format(name="ck_body", column="body")),
+                R("switch", NOT_NULL_CHECK.format(name="ck_title", column="title")),
+                R("switch", 'op.execute("ALTER TABLE bug VALIDATE CONSTRAINT ck_title")'),
+                R("switch", SET_BODY_NOT_NULL),
+            ],
+            id="the-other-check-validated-not-this-one",
+        ),
+    ],
+)
+def test_set_not_null_needs_a_validated_check_on_that_very_column(
+    tmp_path, revisions: list[Revision]
+) -> None:
+    """Only a VALIDATEd CHECK (col IS NOT NULL) on the same column spares SET NOT NULL its
+    scan under ACCESS EXCLUSIVE; a NOT VALID one, or one on another column, does not."""
+    code, findings = lint(tmp_path, *revisions)
+    assert "set-not-null-unchecked" in rules(findings), findings
+    assert code == 1
