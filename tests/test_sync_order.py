@@ -586,3 +586,45 @@ def test_a_disabled_sync_trigger_is_drift(database_url: str, tmp_path: Path) -> 
     assert "sync trigger of job 'fill-b' on t is missing or disabled" in " ".join(
         status["drift_details"]
     )
+
+
+# -- writers that write both sides -------------------------------------------------------------
+
+
+@pytest.fixture
+def synced_table(database_url: str, tmp_path: Path) -> str:
+    """t backfilled by the single plan (`fill-b`: b = upper(a), down a = lower(b)), its
+    sync trigger installed: the state in which old and new code write side by side."""
+    make_table(database_url)
+    plan = write_plan(tmp_path, FILL_B.format(fill="fill-b"))
+    result = Phasegate(database_url)("backfill", plan, "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert phasegate_triggers(database_url)
+    return database_url
+
+
+def test_an_update_that_writes_both_columns_keeps_what_the_writer_wrote_in_each(
+    synced_table: str,
+) -> None:
+    """New code writes the old and the new column itself; the trigger derives neither from
+    the other (`set` would make b 'MIXED', `down` would make a 'other')."""
+    execute(synced_table, "UPDATE t SET a = 'mixed', b = 'OTHER' WHERE k = 1")
+    assert row(synced_table, 1) == ("mixed", "OTHER", None)
+    # a write of one side still derives the other, so the trigger is live
+    execute(
+        synced_table, "UPDATE t SET a = 'solo' WHERE k = 2", "UPDATE t SET b = 'UP' WHERE k = 3"
+    )
+    assert row(synced_table, 2) == ("solo", "SOLO", None)
+    assert row(synced_table, 3) == ("up", "UP", None)
+
+
+def test_an_insert_that_writes_both_columns_keeps_what_the_writer_wrote_in_each(
+    synced_table: str,
+) -> None:
+    """An INSERT by new code that fills both sides is stored as written, in either side."""
+    execute(synced_table, "INSERT INTO t (k, a, b) VALUES (1001, 'mine', 'YOURS')")
+    assert row(synced_table, 1001) == ("mine", "YOURS", None)
+    execute(synced_table, "INSERT INTO t (k, a) VALUES (1002, 'one')")
+    execute(synced_table, "INSERT INTO t (k, b) VALUES (1003, 'TWO')")
+    assert row(synced_table, 1002) == ("one", "ONE", None)
+    assert row(synced_table, 1003) == ("two", "TWO", None)
