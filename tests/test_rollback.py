@@ -135,16 +135,20 @@ def edited_plan(tmp_path: Path, old: str, new: str) -> str:
     return str(path)
 
 
+def plan_without_sync(tmp_path: Path) -> str:
+    """The seed plan with its job's `sync` (and so its `down`) removed."""
+    text = PLAN.read_text()
+    start = text.index("        sync:\n")
+    end = text.index("\n", text.index("root_cause: (SELECT name FROM root_cause")) + 1
+    return edited_plan(tmp_path, text[start:end], "")
+
+
 def test_contract_drops_a_trigger_whose_sync_left_the_plan(phasegate, engine, tmp_path) -> None:
     """The file changed after switch: the job lost its `sync`. Contract must still drop the
     trigger it installed, or every write fails once root_cause is gone."""
     result = phasegate("advance", P, "--to", "switch", "--live-version", "1.0", "--yes")
     assert result.exit_code == 0, result.output
-    down = "        sync:\n          down:\n            root_cause: (SELECT name FROM root_cause"
-    text = PLAN.read_text()
-    start = text.index(down[: down.index("\n")])
-    end = text.index("\n", text.index("root_cause: (SELECT name FROM root_cause")) + 1
-    plan = edited_plan(tmp_path, text[start:end], "")
+    plan = plan_without_sync(tmp_path)
     result = phasegate("contract", plan, "--live-version", "2.0", "--yes")
     assert result.exit_code == 0, result.output
     assert "dropped sync trigger of job 'bug-root-cause-id'" in result.stderr
@@ -439,3 +443,38 @@ def test_a_contract_stopped_after_its_triggers_went_is_rolled_back_with_new_code
     assert result.exit_code == 0, result.output
     assert pairs_out_of_step(engine) == 0
     assert sync_triggers(engine) == 2
+
+
+def test_contract_rollback_without_sync_down_is_refused_unless_data_loss_is_allowed(
+    phasegate, engine, tmp_path
+) -> None:
+    """A job with no `sync.down` cannot rebuild the old column the contract dropped: the
+    rollback exits 1 (refused) and touches nothing; `--allow-data-loss` downgrades anyway
+    and leaves the re-added old column empty, the new one intact."""
+    plan = plan_without_sync(tmp_path)
+    result = phasegate("advance", plan, "--to", "switch", "--live-version", "1.0", "--yes")
+    assert result.exit_code == 0, result.output
+    result = phasegate("contract", plan, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 0, result.output
+    ids = dict(fetch(engine, "SELECT id, root_cause_id FROM bug"))
+
+    result = phasegate("rollback", plan, "--live-version", "2.0", "--yes")
+    assert result.exit_code == 1, result.output
+    assert (
+        "rollback of contract refused: job(s) bug-root-cause-id have no `sync` with `down`"
+        in result.output
+    )
+    assert "--allow-data-loss" in result.output
+    assert "root_cause" not in columns(engine)
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "e59b1f0c3d82"
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert (status["phase"], status["state"]) == ("contract", "done")
+
+    result = phasegate("rollback", plan, "--live-version", "2.0", "--allow-data-loss", "--yes")
+    assert result.exit_code == 0, result.output
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "d7e2b9f4a613"
+    assert "root_cause" in columns(engine) and sync_triggers(engine) == 0
+    assert scalar(engine, "SELECT count(*) FROM bug WHERE root_cause IS NOT NULL") == 0
+    assert dict(fetch(engine, "SELECT id, root_cause_id FROM bug")) == ids
+    status = json.loads(phasegate("status", plan, json_output=True).stdout)
+    assert status["phase"] == "switch"
