@@ -25,6 +25,7 @@ from phasegate.lockguard import LockPolicy
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 from .lint_project import Revision, build
+from .test_backfill_engine import execute, fetch
 from .test_failures import hold
 from .test_seed_story import scalar
 
@@ -153,6 +154,7 @@ class Project:
         self.run = Phasegate(url, self.ini)
 
 
+AUTOCOMMIT_EXECUTE = "with op.get_context().autocommit_block():\n    op.execute({!r})"
 CONCURRENT_BUILD = (
     "with op.get_context().autocommit_block():\n"
     '    op.create_index("ix_bug_score", "bug", ["score"], postgresql_concurrently=True)'
@@ -221,6 +223,88 @@ def test_ddl_that_blocks_writes_runs_under_the_short_statement_timeout(
         "--yes",
     )
     assert result.exit_code == 0, result.output
+
+
+RECORD_TIMEOUT = (
+    "CREATE TABLE timeout_seen (statement text, timeout text)",
+    "CREATE FUNCTION record_timeout(statement text) RETURNS text LANGUAGE plpgsql AS $$BEGIN"
+    " INSERT INTO timeout_seen VALUES (statement, current_setting('statement_timeout'));"
+    " RETURN statement; END$$",
+    # an index expression must be IMMUTABLE; the volatile function underneath still records
+    "CREATE FUNCTION record_timeout_immutable(statement text) RETURNS text LANGUAGE plpgsql"
+    " IMMUTABLE AS $$BEGIN RETURN record_timeout(statement); END$$",
+)
+
+
+BACKFILL_RECORDING = """\
+  backfill:
+    compatible: ">=0"
+    jobs:
+      - name: sql-job
+        sql: UPDATE bug SET title = record_timeout('sql job') WHERE id = 1
+      - name: batched-job
+        table: bug
+        set:
+          meta: record_timeout('backfill batch')
+        where: new.meta = 'update'
+"""
+
+
+def test_each_statement_runs_under_the_statement_timeout_of_the_lock_it_takes(
+    tmp_path, database_url
+) -> None:
+    """Each statement evaluates a function that records the statement_timeout in effect:
+    those whose lock blocks writes (a rewriting ADD COLUMN, a plain CREATE INDEX) run under
+    ddl_statement_timeout (5s), the rest (data work, CREATE INDEX CONCURRENTLY, VALIDATE
+    CONSTRAINT, a backfill `sql` job) under statement_timeout (none), a backfill batch
+    under its own (--batch-statement-timeout, 30s). Ordered so that no statement evaluates
+    another's expression again (an UPDATE re-evaluates a CHECK and may an index's)."""
+
+    def execute_each(*statements: str) -> str:
+        return "\n".join(f"op.execute({statement!r})" for statement in statements)
+
+    expand = execute_each(
+        "ALTER TABLE bug ADD COLUMN seen text DEFAULT record_timeout('add column')",
+        "UPDATE bug SET meta = record_timeout('update')",
+    )
+    check = execute_each(
+        "ALTER TABLE bug ADD CONSTRAINT ck_seen"
+        " CHECK (record_timeout('validate constraint') IS NOT NULL) NOT VALID"
+    )
+    validate = execute_each("ALTER TABLE bug VALIDATE CONSTRAINT ck_seen")
+    concurrent = AUTOCOMMIT_EXECUTE.format(
+        "CREATE INDEX CONCURRENTLY ix_bug_cic"
+        " ON bug (record_timeout_immutable('create index concurrently'))"
+    )
+    plain = execute_each(
+        "CREATE INDEX ix_bug_seen ON bug (record_timeout_immutable('create index'))"
+    )
+    revisions = [Revision("expand", expand)]
+    revisions += [Revision("switch", body) for body in (check, validate, concurrent, plain)]
+    project = Project(tmp_path, database_url, revisions, rows=20)
+    text = project.plan.read_text()
+    project.plan.write_text(text.replace("  switch:\n", BACKFILL_RECORDING + "  switch:\n"))
+    execute(database_url, *RECORD_TIMEOUT)
+    result = project.run(
+        "advance",
+        str(project.plan),
+        "--live-version",
+        "1",
+        "--allow-unsafe",
+        "recording the statement_timeout of each statement",
+        "--yes",
+    )
+    assert result.exit_code == 0, result.output
+    seen = set(fetch(database_url, "SELECT statement, timeout FROM timeout_seen"))
+    assert seen == {
+        ("add column", "5s"),
+        ("update", "0"),
+        ("sql job", "0"),
+        ("backfill batch", "30s"),
+        ("validate constraint", "0"),
+        ("create index concurrently", "0"),
+        ("create index", "5s"),
+    }
 
 
 def test_advance_lints_first_and_refuses_unless_allowed(tmp_path, database_url) -> None:
