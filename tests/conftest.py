@@ -9,6 +9,12 @@ Tests that need the seeded bug tracker clone a template database seeded once per
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,3 +117,44 @@ class Phasegate:
 @pytest.fixture
 def phasegate(seeded_url: str) -> Phasegate:
     return Phasegate(seeded_url)
+
+
+def on_a_terminal(url: str, *args: str, answer: str | None = None) -> tuple[int, str]:
+    """The real CLI in a child process whose stdin, stdout and stderr are a pseudo-terminal,
+    as an operator runs it: a progress bar instead of log lines, and a confirmation before
+    it changes anything, answered with `answer`. The URL comes from PHASEGATE_DATABASE_URL.
+    Returns the exit code and what the terminal showed, without its ANSI sequences."""
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    env.update(PHASEGATE_DATABASE_URL=url, COLUMNS="120", TERM="xterm")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=ROOT,
+        env=env,
+    )
+    os.close(follower)
+    shown, asked = bytearray(), False
+    deadline = time.monotonic() + 300  # a safety net for a child that hangs, not a measure
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if answer is not None and not asked and b"[y/N]" in shown:
+                os.write(leader, answer.encode() + b"\n")
+                asked = True
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))

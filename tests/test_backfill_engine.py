@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import pty
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -37,7 +35,7 @@ from phasegate.plan import load_plan
 from phasegate.progress import LogProgress
 from phasegate.revisions import AlembicProject
 
-from .conftest import ALEMBIC_INI, ROOT, Phasegate
+from .conftest import ALEMBIC_INI, ROOT, Phasegate, on_a_terminal
 
 ROWS = 2000
 PLAN_TEXT = """\
@@ -1597,39 +1595,13 @@ def test_statement_timeouts_past_the_retries_stop_the_job_with_exit_3(
     assert filled == 0  # every attempt rolled back
 
 
-def run_with_stderr_on_a_terminal(url: str, *args: str) -> tuple[int, str]:
-    """Run the CLI with stderr on a pseudo-terminal; returns (exit code, what it showed)."""
-    leader, follower = pty.openpty()
-    env = {**os.environ, "PHASEGATE_DATABASE_URL": url, "COLUMNS": "120", "TERM": "xterm"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=follower,
-    )
-    os.close(follower)
-    shown = bytearray()
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(leader)
-    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
-    return process.wait(timeout=60), plain
-
-
 def test_a_terminal_gets_the_bar_and_a_pipe_gets_log_lines(
     database_url: str, tmp_path: Path
 ) -> None:
     seeded_table(database_url)
     plan = make_plan(tmp_path)
     slow = ["--batch-size", "100", "--pause", "0.05"]
-    code, shown = run_with_stderr_on_a_terminal(
+    code, shown = on_a_terminal(
         database_url, "backfill", plan, "--live-version", "1", "--yes", *slow
     )
     assert code == 0, shown

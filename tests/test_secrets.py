@@ -12,12 +12,7 @@ command line.
 from __future__ import annotations
 
 import json
-import os
-import pty
-import select
 import subprocess
-import sys
-import time
 
 import psycopg
 import pytest
@@ -28,7 +23,7 @@ from phasegate.cli import cli
 from phasegate.db import libpq_url, mask_url, scrub
 from phasegate.redact import NOT_SHOWN, without_literals
 
-from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .conftest import PLAN, Phasegate, on_a_terminal
 from .test_cli import invoke
 from .test_failures import hold
 
@@ -212,47 +207,6 @@ def test_libpq_finds_a_password_left_out_of_the_url(pg_server, tmp_path, monkeyp
 PASSWORD = "s3cret-pw"
 
 
-def on_a_terminal(url: str, *args: str, answer: str) -> tuple[int, str, bool]:
-    """The real CLI in a child process whose stdin, stdout and stderr are a pseudo-terminal
-    (so it asks before it changes anything), `answer` typed at its confirmation. The URL
-    comes from PHASEGATE_DATABASE_URL. Returns the exit code, everything the terminal
-    showed, and whether a confirmation was asked."""
-    main, terminal = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
-    env["PHASEGATE_DATABASE_URL"] = url
-    process = subprocess.Popen(
-        [sys.executable, "-m", "phasegate", "--config", str(ALEMBIC_INI), *args],
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        cwd=ROOT,
-        env=env,
-    )
-    os.close(terminal)
-    shown, asked = b"", False
-    deadline = time.monotonic() + 300  # a safety net for a hung child, not a measurement
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([main], [], [], 1.0)[0]:
-                continue
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: every holder of the terminal closed it
-                break
-            if not chunk:
-                break
-            shown += chunk
-            if not asked and b"[y/N]" in shown:
-                os.write(main, answer.encode() + b"\n")
-                asked = True
-        code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(main)
-    return code, shown.decode(errors="replace"), asked
-
-
 @pytest.mark.db
 def test_no_prompt_or_output_of_a_run_shows_the_password(seeded_url) -> None:
     """Confirmations print the URL outside any error path, where nothing scrubs it again:
@@ -265,9 +219,9 @@ def test_no_prompt_or_output_of_a_run_shows_the_password(seeded_url) -> None:
     seen: list[str] = []
 
     def confirmed(*args: str, answer: str = "y", code: int = 0) -> None:
-        exit_code, shown, asked = on_a_terminal(url, *args, answer=answer)
+        exit_code, shown = on_a_terminal(url, *args, answer=answer)
         assert exit_code == code, shown
-        assert asked and f"on {masked}?" in shown, shown
+        assert f"on {masked}? [y/N]: {answer}" in shown, shown
         seen.append(shown)
 
     def run(*args: str, json_output: bool = False, code: int = 0) -> None:
@@ -296,9 +250,9 @@ def test_no_prompt_or_output_of_a_run_shows_the_password(seeded_url) -> None:
 def test_the_upgrade_confirmation_does_not_show_the_password(database_url) -> None:
     """`upgrade` on an empty database has revisions to apply, so it asks first."""
     url = with_password(database_url, PASSWORD)
-    code, shown, asked = on_a_terminal(url, "upgrade", answer="y")
+    code, shown = on_a_terminal(url, "upgrade", answer="y")
     assert code == 0, shown
-    assert asked and f"Upgrade {mask_url(url)} to every revision" in shown, shown
+    assert f"Upgrade {mask_url(url)} to every revision that is safe now? [y/N]: y" in shown
     assert "applied" in shown and PASSWORD not in shown
     document = Phasegate(url)("upgrade", "--yes", json_output=True)
     assert document.exit_code == 0 and PASSWORD not in document.output
