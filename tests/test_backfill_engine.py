@@ -1595,6 +1595,39 @@ def test_statement_timeouts_past_the_retries_stop_the_job_with_exit_3(
     assert filled == 0  # every attempt rolled back
 
 
+# A real error with the SQLSTATE a deadlock or a serialization failure has, raised by the
+# server while a batch updates row 1000, the first two times (a sequence is never rolled
+# back, so it counts the attempts across the batches' rollbacks).
+CONFLICT_AT_ROW_1000 = (
+    "CREATE SEQUENCE conflicts",
+    "CREATE FUNCTION conflict() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN"
+    " IF NEW.k = 1000 AND nextval('conflicts') <= 2 THEN"
+    " RAISE EXCEPTION 'simulated conflict' USING ERRCODE = '{sqlstate}'; END IF;"
+    " RETURN NEW; END$$",
+    "CREATE TRIGGER conflict BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION conflict()",
+)
+
+
+@pytest.mark.parametrize(
+    "sqlstate, reason", [("40P01", "deadlock"), ("40001", "serialization failure")]
+)
+def test_a_batch_that_deadlocks_or_fails_to_serialize_is_retried_and_the_walk_completes(
+    sqlstate: str, reason: str, database_url: str, tmp_path: Path
+) -> None:
+    """The server cancelled the batch to let other transactions go on: it is rolled back
+    and retried smaller, the batches before it stay committed, and every row ends right."""
+    seeded_table(database_url)
+    execute(database_url, *(s.replace("{sqlstate}", sqlstate) for s in CONFLICT_AT_ROW_1000))
+    result = Phasegate(database_url)(
+        "backfill", make_plan(tmp_path), "--live-version", "1", "--batch-size", "100", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count(f"job fill: batch hit {reason}; retrying with ") == 2
+    assert fetch(database_url, "SELECT last_value FROM conflicts") == [(3,)]
+    assert checkpoint(database_url)["status"] == "done"
+    assert_all_agree(database_url, ROWS)
+
+
 def test_a_terminal_gets_the_bar_and_a_pipe_gets_log_lines(
     database_url: str, tmp_path: Path
 ) -> None:
