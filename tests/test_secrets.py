@@ -239,9 +239,11 @@ def test_no_prompt_or_output_of_a_run_shows_the_password(seeded_url) -> None:
     confirmed("rollback", P, "--live-version", "1")
     run("switch", P, "--live-version", "1", "--yes", json_output=True)
     run("contract", P, "--live-version", "2", "--yes")
+    run("heartbeat", "--app", "bugtracker", "--version", "2", "--instance", "web-1")
     for json_output in (False, True):
         run("status", P, json_output=json_output)
         run("versions", "--app", "bugtracker", json_output=json_output)
+        run("check-deploy", P, "--app-version", "2", json_output=json_output)
     for shown in (*seen, *ledger_text(seeded_url)):
         assert PASSWORD not in shown
 
