@@ -351,11 +351,11 @@ def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) ->
     except yaml.YAMLError as exc:
         raise PlanError([_yaml_issue(exc, text, source)]) from None
     if node is None or not isinstance(node, yaml.MappingNode):
-        line = node.start_mark.line + 1 if node is not None else None
+        line = node.start_mark.line + 1 if node is not None else 1  # empty: its first line
         raise PlanError(
             [PlanIssue(source, line, "", "a plan is a YAML mapping", "start with `plan: <name>`")]
         )
-    lines: dict[Loc, int] = {}
+    lines: dict[Loc, int] = {(): node.start_mark.line + 1}  # a missing top-level key's line
     issues = list(_walk(node, (), lines, source))
     try:
         data = yaml.load(text, Loader=_Loader)
@@ -610,7 +610,7 @@ def _line_for(lines: dict[Loc, int], loc: Loc) -> int | None:
         if loc in lines:
             return lines[loc]
         loc = loc[:-1]
-    return 1 if lines else None
+    return lines.get((), 1 if lines else None)
 
 
 def _dotted(loc: Loc) -> str:
