@@ -4,6 +4,7 @@ example per rule, waivers, and the lock table. No database."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +13,7 @@ from pglast import parse_sql
 from phasegate.cli import cli
 from phasegate.locks import locks_of
 
-from .conftest import ALEMBIC_INI, PLAN
+from .conftest import ALEMBIC_INI, PLAN, ROOT
 from .lint_project import Revision, build
 
 AUTOCOMMIT = "with op.get_context().autocommit_block():\n"
@@ -417,3 +418,31 @@ def test_a_dropped_index_is_named_with_its_table(tmp_path) -> None:
     _, findings = lint(tmp_path, R("contract", 'op.drop_index("ix_bug_title", table_name="bug")'))
     (finding,) = findings
     assert (finding["lock"], finding["table"]) == ("ACCESS EXCLUSIVE", "bug")
+
+
+def test_lint_rules_lists_every_rule_the_registry_and_the_readme_know_without_a_database() -> None:
+    """`lint --rules` is what a waiver's author reads: it must name every rule lint can
+    report, as the README's table does, with the same severities."""
+    from phasegate.lint import RULES
+
+    unreachable = "postgresql://nobody@127.0.0.1:1/none"  # a database would not be reached
+    runner = CliRunner()
+    text = runner.invoke(
+        cli, ["--database-url", unreachable, "--config", str(ALEMBIC_INI), "lint", "--rules"]
+    )
+    assert text.exit_code == 0, text.output
+    listed = dict(re.findall(r"^([a-z][a-z-]+) \((error|warning)\): ", text.stdout, re.M))
+    document = runner.invoke(
+        cli,
+        ["--database-url", unreachable, "--config", str(ALEMBIC_INI), "--json", "lint", "--rules"],
+    )
+    assert document.exit_code == 0
+    in_json = {r["id"]: r["severity"] for r in json.loads(document.stdout)["rules"]}
+    readme = (ROOT / "README.md").read_text()
+    in_readme = dict(re.findall(r"^\| `([a-z-]+)` \| (error|warning) \|", readme, re.M))
+    registry = {rule.id: rule.severity for rule in RULES.values()}
+    reported = set(
+        re.findall(r'report\(\s*"([a-z-]+)"', (ROOT / "src/phasegate/lint.py").read_text())
+    )
+    assert reported and reported <= set(registry)  # every id a finding may carry is registered
+    assert listed == in_json == registry == in_readme
