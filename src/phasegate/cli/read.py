@@ -403,4 +403,6 @@ def _preview_text(doc: dict[str, Any]) -> str:
                 )
                 if "sample" in job and "error" in job["sample"]:
                     lines.append(f"      not timed: {job['sample']['error']}")
+                elif "sample" in job and "skipped" in job["sample"]:
+                    lines.append(f"      not timed: {job['sample']['skipped']}")
     return "\n".join(lines)
