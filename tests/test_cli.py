@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -241,6 +242,32 @@ def test_status_on_an_empty_database_creates_nothing(database_url) -> None:
             "SELECT to_regclass('alembic_version'), to_regnamespace('phasegate')"
         ).fetchone()
     assert made == (None, None)
+
+
+def test_the_database_url_comes_from_the_flag_then_the_two_variables_then_alembic_ini(
+    database_url: str, tmp_path: Path
+) -> None:
+    """README's order: --database-url, $PHASEGATE_DATABASE_URL, $DATABASE_URL, then
+    sqlalchemy.url in alembic.ini. Each step puts the real database or NOWHERE (exit 3)
+    above the others, so the exit code shows which one was used."""
+    ini = ALEMBIC_INI.read_text().replace("%(here)s/migrations", str(ROOT / "migrations"))
+    ini = re.sub(r"(?m)^sqlalchemy\.url = .*$", f"sqlalchemy.url = {database_url}", ini)
+    config = tmp_path / "alembic.ini"
+    config.write_text(ini)
+
+    def status(*flags: str, **env: str | None) -> int:
+        unset: dict[str, str | None] = {"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None}
+        result = CliRunner().invoke(
+            cli, ["--config", str(config), *flags, "--json", "status", P], env={**unset, **env}
+        )
+        return result.exit_code
+
+    assert status() == 0  # alembic.ini's
+    assert status(DATABASE_URL=NOWHERE) == 3  # $DATABASE_URL before alembic.ini
+    assert status(DATABASE_URL=NOWHERE, PHASEGATE_DATABASE_URL=database_url) == 0
+    assert status(PHASEGATE_DATABASE_URL=NOWHERE, DATABASE_URL=database_url) == 3
+    assert status("--database-url", database_url, PHASEGATE_DATABASE_URL=NOWHERE) == 0
+    assert status("--database-url", NOWHERE, PHASEGATE_DATABASE_URL=database_url) == 3
 
 
 # -- --json: one document on stdout for every command -----------------------------------------
