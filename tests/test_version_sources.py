@@ -19,6 +19,7 @@ from phasegate.appversion import connect_args, report_version
 from phasegate.db import libpq_url
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .test_failures import hold
 from .test_seed_story import scalar
 
 SECOND_PLAN = """\
@@ -347,6 +348,42 @@ def test_check_deploy_follows_the_plan_through_its_phases(project) -> None:
     document = json.loads(result.stdout)
     assert document["allowed"] is False
     assert document["plans"][0]["ranges"][0]["compatible"] == ">=1,<3"
+
+
+def test_check_deploy_during_a_failed_phase_needs_both_of_its_ends(project, seeded_url) -> None:
+    """README: V must be inside "both ends of a phase that is running or failed". A contract
+    that failed part way may be done or not: 1.5 fits switch's ">=1" but not contract's
+    ">=2", so it may not roll out; 2.0 fits both."""
+    assert (
+        project.run("advance", project.plan, "--to", "switch", "--live-version", "1.0", "--yes")
+    ).exit_code == 0
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    try:
+        failed = project.run(
+            "contract",
+            project.plan,
+            "--live-version",
+            "2.0",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "0",
+            "--yes",
+        )
+    finally:
+        blocker.close()
+    assert failed.exit_code == 3, failed.output
+    status = json.loads(project.run("status", project.plan, json_output=True).stdout)
+    assert (status["phase"], status["active_phase"], status["state"]) == (
+        "switch",
+        "contract",
+        "failed",
+    )
+    refused = project.run("check-deploy", "--app-version", "1.5", json_output=True)
+    assert refused.exit_code == 1, refused.output
+    ranges = [r["compatible"] for r in json.loads(refused.stdout)["plans"][0]["ranges"]]
+    assert ranges == [">=1", ">=2"], ranges
+    assert project.run("check-deploy", "--app-version", "2.0").exit_code == 0
 
 
 def test_check_deploy_across_several_plans_of_one_app(project) -> None:
