@@ -270,6 +270,24 @@ def test_the_database_url_comes_from_the_flag_then_the_two_variables_then_alembi
     assert status("--database-url", NOWHERE, PHASEGATE_DATABASE_URL=database_url) == 3
 
 
+def test_status_json_of_one_plan_is_its_object_and_of_several_a_list(
+    seeded_url: str, tmp_path: Path
+) -> None:
+    """README: `status --json PLAN` prints that plan's object (`plan`, `phase`, `next`,
+    `state`, `jobs`, `drift`, `drift_details`, `heads`, `phases`, ...); with several
+    PLANs, `{"plans": [...]}`."""
+    other = tmp_path / "notes.yaml"
+    other.write_text(PLAN.read_text().replace("plan: bug-root-cause", "plan: bug-notes"))
+    phasegate = Phasegate(seeded_url)
+    one = json.loads(phasegate("status", P, json_output=True).stdout)
+    promised = {"plan", "phase", "next", "state", "jobs", "drift", "drift_details", "heads"}
+    assert promised | {"phases"} <= set(one), sorted(one)
+    assert (one["plan"], one["phase"], one["next"]) == ("bug-root-cause", None, "expand")
+    several = json.loads(phasegate("status", P, str(other), json_output=True).stdout)
+    assert [p["plan"] for p in several["plans"]] == ["bug-root-cause", "bug-notes"]
+    assert all(promised <= set(p) for p in several["plans"])
+
+
 # -- --json: one document on stdout for every command -----------------------------------------
 
 NOWHERE = "postgresql://postgres@127.0.0.1:1/nothing"  # no server listens there: exit 3

@@ -446,3 +446,23 @@ def test_lint_rules_lists_every_rule_the_registry_and_the_readme_know_without_a_
     )
     assert reported and reported <= set(registry)  # every id a finding may carry is registered
     assert listed == in_json == registry == in_readme
+
+
+def test_lint_phase_checks_only_that_phases_revisions(tmp_path) -> None:
+    """`lint PLAN --phase P`: a blocking index build in expand is not switch's finding."""
+    ini, plan = build(
+        tmp_path,
+        [
+            R("expand", 'op.create_index("ix_bug_score", "bug", ["score"])'),
+            R("switch", f'op.execute("{ADD_CHECK}")'),
+        ],
+    )
+
+    def lint_phase(*phase: str) -> tuple[int, set[str]]:
+        args = ["--config", str(ini), "--json", "lint", str(plan), *phase]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        return result.exit_code, rules(json.loads(result.stdout)["findings"])
+
+    assert lint_phase() == (1, {"create-index-blocking"})
+    assert lint_phase("--phase", "expand") == (1, {"create-index-blocking"})
+    assert lint_phase("--phase", "switch") == (0, set())
