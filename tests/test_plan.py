@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phasegate.plan import PlanError, load_plan, parse_plan
+from phasegate.plan import COMPLEX_KEY, PlanError, load_plan, parse_plan
 
 from .conftest import ALEMBIC_INI, PLAN
 
@@ -49,14 +49,18 @@ def assert_located(issues: list[dict[str, Any]], text: str) -> None:
         line, key = issue["line"], issue["key"]
         assert isinstance(line, int) and 1 <= line <= len(lines) + 1, issue
         if not key:
-            assert "YAML" in issue["message"] or "alias" in issue["message"], issue
+            yaml_own = "YAML" in issue["message"] or "alias" in issue["message"]
+            assert yaml_own or "''" in issue["message"], issue  # or the key is empty text
             continue
         path = key.split(".")
         if issue["message"].startswith("missing required key"):
             path = path[:-1]
         if not path:  # a missing top-level key: the document's first line
-            assert line == 1, issue
-        elif path[-1].endswith("]"):  # the job (or list item) itself
+            before = lines[: line - 1]
+            assert all(not b.strip() or b.lstrip()[0] in "#-%" for b in before), issue
+        elif issue["message"] in ("Keys should be strings", COMPLEX_KEY):
+            continue  # a key that is not text (`? `, `1:`, `? [a]`): the line need not spell it
+        elif re.search(r"\[\d+\]$", path[-1]):  # the job (or list item) itself
             assert lines[line - 1].lstrip().startswith("- "), (issue, lines[line - 1])
         else:
             leaf = re.sub(r"\[\d+\]$", "", path[-1])
@@ -201,6 +205,15 @@ def test_an_empty_plan_is_located_at_its_first_line() -> None:
         (1, "baseline_compatible"),
         (1, "phases"),
     }
+
+
+def test_a_list_or_mapping_as_a_key_is_an_invalid_plan_with_its_line() -> None:
+    """YAML's complex keys (`? [a]`) are bad input like any other: exit 2 at their line,
+    not an internal error (exit 3) from hashing them."""
+    for text, line in (("? [a]\n: b\n", 1), ("plan: p\nphases:\n  ? {x: 1}\n  : y\n", 3)):
+        issues = issues_of(text)
+        assert any(i.line == line and COMPLEX_KEY in i.message for i in issues), issues
+        assert_located([i.to_dict() for i in issues], text)
 
 
 def test_unreadable_file(tmp_path) -> None:
