@@ -160,6 +160,70 @@ def test_single_column_keys_of_every_type(kind: str, database_url: str, tmp_path
     assert event["rows_per_second"] > 0 and set(event["batch_ms"]) == {"p50", "p99", "max"}
 
 
+def job_finished(url: str) -> dict[str, Any]:
+    """The job.finished event's detail: the job's summary in the event log."""
+    [(event,)] = fetch(url, "SELECT detail FROM phasegate.event WHERE kind = 'job.finished'")
+    return event
+
+
+def test_target_batch_ms_from_the_command_line_sizes_the_batches(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`--target-batch-ms 1` reaches the sizing: `set` sleeps 0.1 ms a row, so no rate can
+    fill 1 ms with more than 10 rows and every batch after the first 1,000 is the 100-row
+    floor: exactly 1 + 10 batches for 2,000 rows (the default 50 ms would take 500-row
+    batches or larger). Counted, never timed."""
+    execute(
+        database_url,
+        "CREATE TABLE t (id int PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    plan = tmp_path / "slow.yaml"
+    plan.write_text(engine_plan_text(set_="doubled: (SELECT new.val * 2 FROM pg_sleep(0.0001))"))
+    result = Phasegate(database_url)(
+        "backfill", str(plan), "--live-version", "1", "--target-batch-ms", "1", "--yes"
+    )
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+    assert checkpoint(database_url)["batches"] == 1 + (ROWS - 1000) // 100
+    event = job_finished(database_url)
+    assert event["batches"] == 11 and event["paused_seconds"] == 0  # no pause asked for
+
+
+def test_pause_ratio_from_the_command_line_pauses_after_each_batch(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`--pause-ratio 2` reaches the walk: after each of the first three of four 500-row
+    batches it pauses twice that batch's time, recorded in the job's summary (event log and
+    --json), at most twice the slowest batch each."""
+    execute(
+        database_url,
+        "CREATE TABLE t (id int PRIMARY KEY, val int NOT NULL, doubled int)",
+        f"INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g",
+    )
+    result = Phasegate(database_url)(
+        "backfill",
+        make_plan(tmp_path),
+        "--live-version",
+        "1",
+        "--batch-size",
+        "500",
+        "--pause-ratio",
+        "2",
+        "--yes",
+        json_output=True,
+    )
+    assert result.exit_code == 0, result.output
+    assert_all_agree(database_url, ROWS)
+    event = job_finished(database_url)
+    assert event["batches"] == 4
+    slowest = event["batch_ms"]["max"] / 1000
+    assert 0 < event["paused_seconds"] <= 2 * 3 * slowest + 0.01, event
+    [step] = json.loads(result.stdout)["steps"]
+    [job] = [j for j in step["jobs"] if j["name"] == "fill"]
+    assert job["paused_seconds"] == event["paused_seconds"]
+
+
 def test_composite_primary_key_walks_as_a_row(database_url: str, tmp_path: Path) -> None:
     execute(
         database_url,

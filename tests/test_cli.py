@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 from click.testing import CliRunner
 
 from phasegate.cli import cli
 from phasegate.db import libpq_url, mask_url, scrub
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .test_safety import run_phasegate
 
 P = str(PLAN)
 
@@ -39,6 +42,7 @@ def test_validate_invalid_plan_exits_2_with_file_and_line(tmp_path) -> None:
     assert document["ok"] is False and document["exit_code"] == 2  # as every document says
     [issue] = document["plans"][0]["issues"]
     assert issue["key"] == "phases.swtich" and issue["line"] > 1
+    assert document["error"]["kind"] == "invalid-plan"  # an exit 2 document, as README says
 
 
 def test_unreachable_database_exits_3_without_the_password() -> None:
@@ -179,6 +183,7 @@ def test_status_of_all_plans_shows_the_valid_ones_and_lists_an_invalid_one(
     assert [p["plan"] for p in document["plans"]] == ["bug-root-cause"]
     files = {Path(i["file"]).name for i in document["invalid_plans"]}
     assert files == {"broken.yaml", "ghost.yaml"}
+    assert (document["exit_code"], document["error"]["kind"]) == (2, "invalid-plan")
 
 
 def test_a_password_is_scrubbed_from_an_unparsable_url() -> None:
@@ -237,3 +242,109 @@ def test_status_on_an_empty_database_creates_nothing(database_url) -> None:
             "SELECT to_regclass('alembic_version'), to_regnamespace('phasegate')"
         ).fetchone()
     assert made == (None, None)
+
+
+def test_the_database_url_comes_from_the_flag_then_the_two_variables_then_alembic_ini(
+    database_url: str, tmp_path: Path
+) -> None:
+    """README's order: --database-url, $PHASEGATE_DATABASE_URL, $DATABASE_URL, then
+    sqlalchemy.url in alembic.ini. Each step puts the real database or NOWHERE (exit 3)
+    above the others, so the exit code shows which one was used."""
+    ini = ALEMBIC_INI.read_text().replace("%(here)s/migrations", str(ROOT / "migrations"))
+    ini = re.sub(r"(?m)^sqlalchemy\.url = .*$", f"sqlalchemy.url = {database_url}", ini)
+    config = tmp_path / "alembic.ini"
+    config.write_text(ini)
+
+    def status(*flags: str, **env: str | None) -> int:
+        unset: dict[str, str | None] = {"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None}
+        result = CliRunner().invoke(
+            cli, ["--config", str(config), *flags, "--json", "status", P], env={**unset, **env}
+        )
+        return result.exit_code
+
+    assert status() == 0  # alembic.ini's
+    assert status(DATABASE_URL=NOWHERE) == 3  # $DATABASE_URL before alembic.ini
+    assert status(DATABASE_URL=NOWHERE, PHASEGATE_DATABASE_URL=database_url) == 0
+    assert status(PHASEGATE_DATABASE_URL=NOWHERE, DATABASE_URL=database_url) == 3
+    assert status("--database-url", database_url, PHASEGATE_DATABASE_URL=NOWHERE) == 0
+    assert status("--database-url", NOWHERE, PHASEGATE_DATABASE_URL=database_url) == 3
+
+
+def test_status_json_of_one_plan_is_its_object_and_of_several_a_list(
+    seeded_url: str, tmp_path: Path
+) -> None:
+    """README: `status --json PLAN` prints that plan's object (`plan`, `phase`, `next`,
+    `state`, `jobs`, `drift`, `drift_details`, `heads`, `phases`, ...); with several
+    PLANs, `{"plans": [...]}`."""
+    other = tmp_path / "notes.yaml"
+    other.write_text(PLAN.read_text().replace("plan: bug-root-cause", "plan: bug-notes"))
+    phasegate = Phasegate(seeded_url)
+    one = json.loads(phasegate("status", P, json_output=True).stdout)
+    promised = {"plan", "phase", "next", "state", "jobs", "drift", "drift_details", "heads"}
+    assert promised | {"phases"} <= set(one), sorted(one)
+    assert (one["plan"], one["phase"], one["next"]) == ("bug-root-cause", None, "expand")
+    several = json.loads(phasegate("status", P, str(other), json_output=True).stdout)
+    assert [p["plan"] for p in several["plans"]] == ["bug-root-cause", "bug-notes"]
+    assert all(promised <= set(p) for p in several["plans"])
+
+
+# -- --json: one document on stdout for every command -----------------------------------------
+
+NOWHERE = "postgresql://postgres@127.0.0.1:1/nothing"  # no server listens there: exit 3
+# Per command, cheap runs against a fresh seeded database (or NOWHERE): at least one that
+# succeeds (demo's is test_demo_json_reports_the_crash_and_the_summary) and one that fails.
+JSON_CASES: dict[str, list[tuple[str, ...]]] = {
+    "validate": [(P,), ("missing.yaml",)],
+    "lint": [("--rules",), (P,), ()],
+    "preview": [(P, "--offline"), (P, "--no-sample", "--live-version", "1"), ("missing.yaml",)],
+    "status": [(P,), (), ("nowhere", P)],
+    "gate": [(P, "--phase", "expand", "--live-version", "1"), (P, "--phase", "contract")],
+    "advance": [(P, "--to", "expand", "--live-version", "1", "--yes"), (P, "--to", "bogus")],
+    "expand": [(P, "--live-version", "1", "--yes"), (P, "--live-version", "1")],
+    "backfill": [(P, "--live-version", "1", "--yes"), (P, "--batch-size", "x")],
+    "switch": [(P, "--live-version", "1", "--yes"), ("nowhere", P, "--yes")],
+    "contract": [(P, "--live-version", "2", "--yes"), (P, "--lock-timeout", "x")],
+    "rollback": [(P, "--live-version", "1", "--yes"), (P, "--to", "nowhere-phase")],
+    "check-deploy": [("--app-version", "1"), ("--app-version", "2"), ()],
+    "versions": [(), ("nowhere",)],
+    "heartbeat": [("--app", "bugtracker", "--version", "1", "--instance", "t"), ("--app", "a")],
+    "worker": [(P, "--wait", "0.1s"), ("nowhere", P)],
+    "upgrade": [("--yes",), ("nowhere", "--yes")],
+    "demo": [("--rows", "many")],
+}
+DONE_BEFORE = {"backfill": "expand", "switch": "backfill", "contract": "switch"}  # so they run
+
+
+def test_every_command_has_json_cases() -> None:
+    """A new command is checked for its --json contract as soon as it exists."""
+    assert set(JSON_CASES) == set(cli.commands)
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_json_prints_exactly_one_document_for_every_command_and_outcome(
+    command: str, seeded_url: str
+) -> None:
+    """README: `--json` prints one JSON document on stdout for every command, errors
+    included, starting with `ok` and `exit_code`; progress and logs go to stderr. Run as a
+    process, so click's own usage errors go through the same entry point."""
+    if command in DONE_BEFORE:
+        done = Phasegate(seeded_url)(
+            "advance", P, "--to", DONE_BEFORE[command], "--live-version", "1", "--yes"
+        )
+        assert done.exit_code == 0, done.output
+    codes = []
+    for case in JSON_CASES[command]:
+        url, args = (NOWHERE, case[1:]) if case[:1] == ("nowhere",) else (seeded_url, case)
+        out, err = (process := run_phasegate(url, "--json", command, *args)).communicate(
+            timeout=300
+        )
+        document = json.loads(out)  # the whole of stdout: one document, nothing else
+        assert isinstance(document, dict), out
+        assert list(document)[:2] == ["ok", "exit_code"], (case, out)
+        assert document["exit_code"] == process.returncode, (case, out, err)
+        assert document["ok"] is (process.returncode == 0), (case, out)
+        if process.returncode >= 2:
+            assert document["error"]["message"], (case, out)
+        codes.append(process.returncode)
+    assert 0 in codes or command == "demo", codes
+    assert any(code != 0 for code in codes), codes

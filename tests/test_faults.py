@@ -31,6 +31,7 @@ from phasegate.db import libpq_url
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate, load_example
 from .test_failures import hold
+from .test_plan import assert_located
 
 P = str(PLAN)
 OVERRIDE = ("--override-gate", "fault suite: no app connected")
@@ -639,13 +640,31 @@ _values = st.recursive(
 def test_fuzzed_plans_exit_0_or_2_with_a_location_never_a_traceback(tmp_path, document) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert_validate_locates(path)
+
+
+def assert_validate_locates(path: Path) -> None:
+    """`validate` exits 0, or 2 naming the file, the line and the key of every issue, in
+    its text and its `--json`; never a traceback."""
     result = CliRunner().invoke(
         cli, ["--config", str(ALEMBIC_INI), "validate", str(path)], catch_exceptions=False
     )
     assert result.exit_code in (0, 2), result.output
     assert "Traceback" not in result.output
-    if result.exit_code == 2:
-        assert f"{path}:" in result.output  # file, then line and key
+    if result.exit_code == 0:
+        return
+    document = (
+        CliRunner()
+        .invoke(cli, ["--config", str(ALEMBIC_INI), "--json", "validate", str(path)])
+        .stdout
+    )
+    [checked] = json.loads(document)["plans"]
+    issues = checked["issues"]
+    assert issues and all(i["file"] == str(path) for i in issues), issues
+    assert_located(issues, path.read_text())
+    for issue in issues:
+        key = f" {issue['key']}:" if issue["key"] else ""
+        assert f"{path}:{issue['line']}:{key} {issue['message']}" in result.output, issue
 
 
 def test_a_mutated_seed_plan_is_located(tmp_path) -> None:
@@ -667,9 +686,7 @@ def test_a_mutated_seed_plan_is_located(tmp_path) -> None:
         )
         path = tmp_path / "mutated.yaml"
         path.write_text("\n".join(mutated) + "\n")
-        result = CliRunner().invoke(cli, ["--config", str(ALEMBIC_INI), "validate", str(path)])
-        assert result.exit_code in (0, 2), result.output
-        assert "Traceback" not in result.output
+        assert_validate_locates(path)
 
 
 @pytest.mark.parametrize(

@@ -592,6 +592,21 @@ def test_phasegate_upgrade_takes_the_lock_and_runs_under_the_lock_guard(
 
 
 @pytest.mark.db
+def test_phasegate_upgrade_with_revisions_to_apply_needs_yes(database_url: str) -> None:
+    """README: upgrade, like the other commands that change the database, asks for
+    confirmation or --yes; without a terminal and without --yes it applies nothing."""
+    phasegate = Phasegate(database_url)
+    refused = phasegate("upgrade", json_output=True)
+    assert refused.exit_code == 2, refused.output
+    assert "pass --yes" in json.loads(refused.stdout)["error"]["message"]
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        assert conn.execute("SELECT to_regclass('alembic_version')").fetchone() == (None,)
+    applied = phasegate("upgrade", "--yes", json_output=True)
+    assert applied.exit_code == 0, applied.output
+    assert heads(database_url) == {BASELINE}
+
+
+@pytest.mark.db
 def test_phasegate_upgrade_refuses_a_database_ahead_of_its_code(
     phasegate: Phasegate, seeded_url: str
 ) -> None:

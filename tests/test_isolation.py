@@ -212,6 +212,23 @@ def test_an_sql_job_that_keeps_conflicting_fails_after_its_retries(
     assert query(seeded_url, "SELECT who FROM bug WHERE id = 1") != [("flaky",)]
 
 
+def test_an_sql_job_that_hits_a_statement_timeout_is_not_retried(seeded_url, tmp_path) -> None:
+    """README: "A statement timeout is not retried (the same statement would run as long
+    again)": one attempt (57014, as the server raises it, counted by a sequence no rollback
+    returns), exit 3, nothing committed, whatever --retries allows."""
+    timing_out = FLAKY.format(failures=100).replace("serialization_failure", "query_canceled")
+    plan = plan_with_job(tmp_path, timing_out)
+    query(seeded_url, "CREATE SEQUENCE flaky_attempts")
+    phasegate = Phasegate(seeded_url)
+    assert phasegate("expand", plan, "--live-version", "1", "--yes").exit_code == 0
+    result = phasegate("--json", "backfill", plan, "--live-version", "1", "--retries", "5", "--yes")
+    assert result.exit_code == 3, result.output
+    assert "simulated conflict" in json.loads(result.stdout)["error"]["message"]
+    assert "retry 1 of 5" not in result.stderr
+    assert query(seeded_url, "SELECT last_value FROM flaky_attempts") == [(1,)]
+    assert query(seeded_url, "SELECT who FROM bug WHERE id = 1") != [("flaky",)]
+
+
 def test_a_stop_ends_the_wait_before_an_sql_job_is_retried(seeded_url, tmp_path) -> None:
     plan = plan_with_job(tmp_path, FLAKY.format(failures=100))
     query(seeded_url, "CREATE SEQUENCE flaky_attempts")

@@ -4,6 +4,7 @@ example per rule, waivers, and the lock table. No database."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +13,7 @@ from pglast import parse_sql
 from phasegate.cli import cli
 from phasegate.locks import locks_of
 
-from .conftest import ALEMBIC_INI, PLAN
+from .conftest import ALEMBIC_INI, PLAN, ROOT
 from .lint_project import Revision, build
 
 AUTOCOMMIT = "with op.get_context().autocommit_block():\n"
@@ -462,3 +463,51 @@ def test_set_not_null_needs_a_validated_check_on_that_very_column(
     code, findings = lint(tmp_path, *revisions)
     assert "set-not-null-unchecked" in rules(findings), findings
     assert code == 1
+
+
+def test_lint_rules_lists_every_rule_the_registry_and_the_readme_know_without_a_database() -> None:
+    """`lint --rules` is what a waiver's author reads: it must name every rule lint can
+    report, as the README's table does, with the same severities."""
+    from phasegate.lint import RULES
+
+    unreachable = "postgresql://nobody@127.0.0.1:1/none"  # a database would not be reached
+    runner = CliRunner()
+    text = runner.invoke(
+        cli, ["--database-url", unreachable, "--config", str(ALEMBIC_INI), "lint", "--rules"]
+    )
+    assert text.exit_code == 0, text.output
+    listed = dict(re.findall(r"^([a-z][a-z-]+) \((error|warning)\): ", text.stdout, re.M))
+    document = runner.invoke(
+        cli,
+        ["--database-url", unreachable, "--config", str(ALEMBIC_INI), "--json", "lint", "--rules"],
+    )
+    assert document.exit_code == 0
+    in_json = {r["id"]: r["severity"] for r in json.loads(document.stdout)["rules"]}
+    readme = (ROOT / "README.md").read_text()
+    in_readme = dict(re.findall(r"^\| `([a-z-]+)` \| (error|warning) \|", readme, re.M))
+    registry = {rule.id: rule.severity for rule in RULES.values()}
+    reported = set(
+        re.findall(r'report\(\s*"([a-z-]+)"', (ROOT / "src/phasegate/lint.py").read_text())
+    )
+    assert reported and reported <= set(registry)  # every id a finding may carry is registered
+    assert listed == in_json == registry == in_readme
+
+
+def test_lint_phase_checks_only_that_phases_revisions(tmp_path) -> None:
+    """`lint PLAN --phase P`: a blocking index build in expand is not switch's finding."""
+    ini, plan = build(
+        tmp_path,
+        [
+            R("expand", 'op.create_index("ix_bug_score", "bug", ["score"])'),
+            R("switch", f'op.execute("{ADD_CHECK}")'),
+        ],
+    )
+
+    def lint_phase(*phase: str) -> tuple[int, set[str]]:
+        args = ["--config", str(ini), "--json", "lint", str(plan), *phase]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        return result.exit_code, rules(json.loads(result.stdout)["findings"])
+
+    assert lint_phase() == (1, {"create-index-blocking"})
+    assert lint_phase("--phase", "expand") == (1, {"create-index-blocking"})
+    assert lint_phase("--phase", "switch") == (0, set())

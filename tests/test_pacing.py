@@ -1,4 +1,4 @@
-"""Batch sizing, pauses and the status view of a job: pure logic, no database."""
+"""Batch sizing, pauses, retry backoff and the status view of a job: pure logic, no database."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from phasegate.ledger import Checkpoint
+from phasegate.lockguard import LockPolicy
 from phasegate.orchestrator import _job_status
-from phasegate.pacing import BackfillSettings, BatchSizer, Throttle
+from phasegate.pacing import BackfillSettings, BatchSizer, Throttle, backoff
 
 
 def sizer(**settings: object) -> BatchSizer:
@@ -104,3 +105,27 @@ def test_status_rate_counts_this_run_and_eta_the_rows_left() -> None:
     assert (view["rows_per_second"], view["eta_seconds"]) == (300, 20)
     cp.status = "done"
     assert _job_status(cp, now)["eta_seconds"] is None
+
+
+def test_lock_retry_delays_grow_exponentially_with_jitter_inside_their_bounds() -> None:
+    """Equal jitter: retry n waits between half and all of min(8 s, 0.25 s x 2**n), and the
+    delays vary, so two blocked orchestrators (or a revision and the app's retry loop) do
+    not keep colliding in step."""
+    policy = LockPolicy()
+    for attempt in range(1, 8):
+        ceiling = min(8.0, 0.25 * 2**attempt)
+        delays = [policy.backoff(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, min(delays))
+        assert len(set(delays)) > 100, attempt  # jitter: not one fixed delay
+        assert max(delays) - min(delays) > ceiling / 4  # spread over the range
+    assert policy.backoff(20) <= 8.0  # capped
+
+
+def test_batch_retry_delays_have_full_jitter_under_their_exponential_cap() -> None:
+    """A retried batch waits a random share of min(5 s, 0.1 s x 2**n): never longer, and
+    not the same each time (workers retrying together would collide again)."""
+    for attempt in range(1, 8):
+        ceiling = min(5.0, 0.1 * 2**attempt)
+        delays = [backoff(attempt) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 100 and max(delays) - min(delays) > ceiling / 2

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phasegate.plan import PlanError, load_plan, parse_plan
+from phasegate.plan import COMPLEX_KEY, PlanError, load_plan, parse_plan
 
 from .conftest import ALEMBIC_INI, PLAN
 
@@ -36,6 +38,33 @@ phases:
   contract:
     compatible: ">=2"
 """
+
+
+def assert_located(issues: list[dict[str, Any]], text: str) -> None:
+    """Each issue of `text` (as `--json` or `PlanIssue.to_dict` gives it) points at a line
+    that shows its key: the key itself, a missing key's parent, a job's list item. An issue
+    with no key is the YAML's own (syntax, nesting, aliases), and still has its line."""
+    lines = text.splitlines()
+    for issue in issues:
+        line, key = issue["line"], issue["key"]
+        assert isinstance(line, int) and 1 <= line <= len(lines) + 1, issue
+        if not key:
+            yaml_own = "YAML" in issue["message"] or "alias" in issue["message"]
+            assert yaml_own or "''" in issue["message"], issue  # or the key is empty text
+            continue
+        path = key.split(".")
+        if issue["message"].startswith("missing required key"):
+            path = path[:-1]
+        if not path:  # a missing top-level key: the document's first line
+            before = lines[: line - 1]
+            assert all(not b.strip() or b.lstrip()[0] in "#-%" for b in before), issue
+        elif issue["message"] in ("Keys should be strings", COMPLEX_KEY):
+            continue  # a key that is not text (`? `, `1:`, `? [a]`): the line need not spell it
+        elif re.search(r"\[\d+\]$", path[-1]):  # the job (or list item) itself
+            assert lines[line - 1].lstrip().startswith("- "), (issue, lines[line - 1])
+        else:
+            leaf = re.sub(r"\[\d+\]$", "", path[-1])
+            assert leaf in lines[line - 1], (issue, lines[line - 1])
 
 
 def issues_of(text: str) -> list:
@@ -163,6 +192,30 @@ def test_not_a_mapping_and_empty_phases() -> None:
     assert "at least one phase" in issues_of(text)[0].message
 
 
+def test_an_empty_plan_is_located_at_its_first_line() -> None:
+    """File and line always: an empty file (or one of comments only) is refused at line 1."""
+    for text in ("", "# nothing yet\n"):
+        [issue] = issues_of(text)
+        assert (issue.line, issue.message) == (1, "a plan is a YAML mapping")
+        assert str(issue).startswith("plans/x.yaml:1: a plan is a YAML mapping")
+    missing = issues_of("{}\n")  # a mapping with no keys: each missing key at line 1
+    assert {(i.line, i.key) for i in missing} == {
+        (1, "plan"),
+        (1, "app"),
+        (1, "baseline_compatible"),
+        (1, "phases"),
+    }
+
+
+def test_a_list_or_mapping_as_a_key_is_an_invalid_plan_with_its_line() -> None:
+    """YAML's complex keys (`? [a]`) are bad input like any other: exit 2 at their line,
+    not an internal error (exit 3) from hashing them."""
+    for text, line in (("? [a]\n: b\n", 1), ("plan: p\nphases:\n  ? {x: 1}\n  : y\n", 3)):
+        issues = issues_of(text)
+        assert any(i.line == line and COMPLEX_KEY in i.message for i in issues), issues
+        assert_located([i.to_dict() for i in issues], text)
+
+
 def test_unreadable_file(tmp_path) -> None:
     with pytest.raises(PlanError, match="cannot read the plan"):
         load_plan(tmp_path / "missing.yaml")
@@ -176,6 +229,7 @@ def test_any_text_either_loads_or_raises_plan_error(text: str) -> None:
         parse_plan(text, "fuzz.yaml")
     except PlanError as exc:
         assert exc.issues and all(i.file == "fuzz.yaml" for i in exc.issues)
+        assert_located([i.to_dict() for i in exc.issues], text)
 
 
 @settings(max_examples=100, deadline=None)
@@ -183,10 +237,11 @@ def test_any_text_either_loads_or_raises_plan_error(text: str) -> None:
 def test_corrupted_lines_of_a_valid_plan_are_located(line: int, junk: str) -> None:
     lines = VALID.splitlines()
     lines[line] = lines[line] + junk
+    text = "\n".join(lines) + "\n"
     try:
-        parse_plan("\n".join(lines) + "\n", "fuzz.yaml")
+        parse_plan(text, "fuzz.yaml")
     except PlanError as exc:
-        assert all(i.line is None or 1 <= i.line <= len(lines) + 1 for i in exc.issues)
+        assert_located([i.to_dict() for i in exc.issues], text)
 
 
 def test_sync_object_names_are_one_to_one_and_fit() -> None:

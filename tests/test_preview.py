@@ -107,6 +107,30 @@ def test_preview_after_expand_times_a_sample_and_rolls_it_back(phasegate, seeded
         )
 
 
+ROOT_CAUSE_IDS = "SELECT last_value FROM pg_sequences WHERE sequencename = 'root_cause_id_seq'"
+
+
+def test_preview_no_sample_runs_nothing_on_the_rows_and_says_so(phasegate, seeded_url) -> None:
+    """`--no-sample` skips the sample batch: the plan's `set` never runs (root_cause_id_for()
+    would take ids from root_cause's sequence, which no rollback returns), the job has no
+    timing, and both outputs say why. The default, on the same database, does sample."""
+    assert phasegate("expand", P, "--live-version", "1.0", "--yes").exit_code == 0
+    with psycopg.connect(libpq_url(seeded_url), autocommit=True) as conn:
+        ids = conn.execute(ROOT_CAUSE_IDS).fetchone()
+        document = preview(seeded_url, "--no-sample")
+        assert conn.execute(ROOT_CAUSE_IDS).fetchone() == ids
+        job = next(j for j in document["phases"][0]["jobs"] if j["kind"] == "batched")
+        assert job["sample"] == {"skipped": "--no-sample"}
+        assert job["estimated_rows"] > 0 and "seconds" not in job and "batches" not in job
+        text = Phasegate(seeded_url)("preview", P, "--no-sample")
+        assert text.exit_code == 0, text.output
+        assert "not timed: --no-sample" in text.stdout
+        assert conn.execute(ROOT_CAUSE_IDS).fetchone() == ids
+        sampled = preview(seeded_url)  # the default times one batch: the sequence moves
+        assert next(j for j in sampled["phases"][0]["jobs"] if j["kind"] == "batched")["seconds"]
+        assert conn.execute(ROOT_CAUSE_IDS).fetchone() != ids
+
+
 def test_preview_without_a_database_shows_sql_locks_and_lint() -> None:
     config = ROOT / "tests" / "external_project" / "alembic.ini"  # its URL is a placeholder
     plan = ROOT / "tests" / "external_project" / "plans" / "customer_email.yaml"

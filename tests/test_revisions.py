@@ -286,3 +286,16 @@ def test_the_import_limit_is_read_from_the_environment(tmp_path: Path) -> None:
     plan = str(project / "plans" / "customer_email.yaml")
     code, output, _seconds = run_cli(project, "validate", plan, limit="soon")
     assert code == 2 and "$PHASEGATE_IMPORT_TIMEOUT: 'soon' is not a duration" in output
+
+
+def test_an_import_timeout_of_0_turns_the_limit_off(tmp_path: Path) -> None:
+    """README: `PHASEGATE_IMPORT_TIMEOUT` ... `0` turns it off. A revision that takes 3 s
+    at import fails validate under a 1 s limit and passes with 0 (it is waited for)."""
+    slow = SLEEPS_AT_IMPORT.replace("time.sleep(10**6)", "time.sleep(3)")
+    project = blocking_project(tmp_path, "f00dcafe0001_slow.py", slow)
+    plan = str(project / "plans" / "customer_email.yaml")
+    code, output, _seconds = run_cli(project, "validate", plan, limit="1s")
+    assert code == 2 and "was still running after 1.0 s" in output, output
+    code, output, _seconds = run_cli(project, "validate", plan, limit="0")
+    assert code == 0, output
+    assert "was still running" not in output

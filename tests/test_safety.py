@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -126,6 +127,55 @@ def test_when_retries_run_out_the_blocker_is_named(phasegate, engine, seeded_url
     assert "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE" in message
     blockers = json.loads(result.stdout)["error"]["blockers"]
     assert [b["pid"] for b in blockers] == [blocker_pid]
+    assert scalar(engine, "SELECT version_num FROM alembic_version") == "8f3a2d1c9b7e"
+
+
+def test_lock_retry_time_ends_the_retries_long_before_lock_retries_would(
+    phasegate, engine, seeded_url
+) -> None:
+    """`--lock-retry-time 2s` bounds the retries whatever `--lock-retries` allows: exit 3
+    naming the blocker after a handful of attempts, not 100 (counted from the retry lines,
+    never timed: a loaded machine only means fewer attempts fit)."""
+    assert (
+        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
+    )
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker_pid = blocker.info.backend_pid
+    try:
+        process = run_phasegate(
+            seeded_url,
+            "--json",
+            "switch",
+            P,
+            "--live-version",
+            "1",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "100",
+            "--lock-retry-time",
+            "2s",
+            "--yes",
+        )
+        assert process.stderr is not None
+        retries: list[str] = []
+        for line in process.stderr:  # 200 ms + backoff each: 2 s fit at most 4 attempts
+            retries += [line] if "retry " in line and " of 100" in line else []
+            if len(retries) > 12:  # the time budget was ignored: stop, do not sit it out
+                process.kill()
+                break
+        out, err = process.communicate(timeout=60)
+    finally:
+        blocker.close()
+    assert len(retries) <= 12, retries
+    assert process.returncode == 3, out + err
+    error = json.loads(out)["error"]
+    counted = re.search(r"could not get its lock in (\d+) attempt", error["message"])
+    assert counted, error["message"]
+    attempts = int(counted[1])
+    assert 1 <= attempts <= 6 and attempts == len(retries) + 1, (attempts, retries)
+    assert f"blocked by pid {blocker_pid} (application 'blocker'" in error["message"]
+    assert [b["pid"] for b in error["blockers"]] == [blocker_pid]
     assert scalar(engine, "SELECT version_num FROM alembic_version") == "8f3a2d1c9b7e"
 
 

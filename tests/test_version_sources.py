@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from phasegate.appversion import connect_args, report_version
 from phasegate.db import libpq_url
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .test_failures import hold
 from .test_seed_story import scalar
 
 SECOND_PLAN = """\
@@ -63,6 +65,45 @@ def versions(project: Project, *args: str, exit_code: int = 0) -> dict:
     result = project.run("versions", "--app", "bugtracker", *args, json_output=True)
     assert result.exit_code == exit_code, result.output
     return json.loads(result.stdout)["apps"][0]
+
+
+DECOY_PLAN = """\
+plan: decoy
+app: otherapp
+baseline_compatible: ">=1"
+phases:
+  backfill:
+    compatible: ">=1"
+    jobs:
+      - name: touch
+        sql: SELECT 1
+"""
+
+
+def test_the_plans_setting_names_the_directory_every_plan_less_command_reads(project) -> None:
+    """`plans` in phasegate.toml: status, versions, check-deploy and upgrade, given no PLAN,
+    read the plans there and not plans/ (here a decoy of another app), so a project that
+    keeps its plans elsewhere is still gated by them."""
+    moved = project.root / "deploy" / "plans" / "bug_root_cause.yaml"
+    moved.parent.mkdir(parents=True)
+    moved.write_text(PLAN.read_text())
+    (project.root / "plans" / "bug_root_cause.yaml").write_text(DECOY_PLAN)
+    project.settings('plans = "deploy/plans"\n')
+
+    status = project.run("status", json_output=True)
+    assert status.exit_code == 0, status.output
+    assert [p["plan"] for p in json.loads(status.stdout)["plans"]] == ["bug-root-cause"]
+    apps = project.run("versions", "--live-version", "1", json_output=True)
+    assert [a["app"] for a in json.loads(apps.stdout)["apps"]] == ["bugtracker"]
+    deploy = project.run("check-deploy", "--app-version", "2", json_output=True)
+    assert deploy.exit_code == 1, deploy.output  # bug-root-cause has not started: "<2"
+    assert [p["plan"] for p in json.loads(deploy.stdout)["plans"]] == ["bug-root-cause"]
+    upgrade = project.run("upgrade", "--yes", json_output=True)
+    assert upgrade.exit_code == 0, upgrade.output
+    left = json.loads(upgrade.stdout)["left"]
+    assert [(p["plan"], p["phase"]) for p in left][:1] == [("bug-root-cause", "expand")]
+    assert {p["source"] for p in left} == {str(moved)}  # the file there, with its command
+    assert left[0]["command"] == f"phasegate advance {moved} --to expand"
 
 
 # -- pg_stat_activity ------------------------------------------------------------------------
@@ -147,6 +188,47 @@ def test_report_version_beats_on_connect_and_forgets_on_stop(project, seeded_url
         reporter.stop()
     assert versions(project)["observed"] == []
     app_engine.dispose()
+
+
+APP_PROCESS = """\
+import sys
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+from phasegate.appversion import report_version
+
+engine = sa.create_engine(sys.argv[1], poolclass=NullPool)
+report_version(engine, "bugtracker", "2.0", instance="exiting-1", interval=3600)
+print("ready", flush=True)
+sys.stdin.readline()  # the test has seen the row: end normally, never calling stop()
+"""
+
+
+def test_report_version_removes_its_heartbeat_when_the_process_exits(project, seeded_url) -> None:
+    """README: "removed at exit". An app that never calls stop() must not keep counting as
+    live for the heartbeat TTL after it exited (it would hold contract shut for minutes)."""
+    project.run("heartbeat", "--app", "bootstrap", "--version", "0")  # creates the ledger
+    child = subprocess.Popen(
+        [sys.executable, "-c", APP_PROCESS, seeded_url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        assert child.stdout.readline() == "ready\n", child.stderr.read() if child.stderr else ""
+        engine = sa.create_engine(seeded_url, poolclass=NullPool)
+        rows = "SELECT count(*) FROM phasegate.heartbeat WHERE instance = 'exiting-1'"
+        assert scalar(engine, rows) == 1
+        assert versions(project)["versions"] == ["2.0"]
+        _out, err = child.communicate("\n", timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err
+    assert scalar(engine, rows) == 0
+    assert versions(project)["observed"] == []
+    engine.dispose()
 
 
 def test_report_version_never_raises_into_the_app(seeded_url, caplog) -> None:
@@ -266,6 +348,42 @@ def test_check_deploy_follows_the_plan_through_its_phases(project) -> None:
     document = json.loads(result.stdout)
     assert document["allowed"] is False
     assert document["plans"][0]["ranges"][0]["compatible"] == ">=1,<3"
+
+
+def test_check_deploy_during_a_failed_phase_needs_both_of_its_ends(project, seeded_url) -> None:
+    """README: V must be inside "both ends of a phase that is running or failed". A contract
+    that failed part way may be done or not: 1.5 fits switch's ">=1" but not contract's
+    ">=2", so it may not roll out; 2.0 fits both."""
+    assert (
+        project.run("advance", project.plan, "--to", "switch", "--live-version", "1.0", "--yes")
+    ).exit_code == 0
+    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    try:
+        failed = project.run(
+            "contract",
+            project.plan,
+            "--live-version",
+            "2.0",
+            "--lock-timeout",
+            "200ms",
+            "--lock-retries",
+            "0",
+            "--yes",
+        )
+    finally:
+        blocker.close()
+    assert failed.exit_code == 3, failed.output
+    status = json.loads(project.run("status", project.plan, json_output=True).stdout)
+    assert (status["phase"], status["active_phase"], status["state"]) == (
+        "switch",
+        "contract",
+        "failed",
+    )
+    refused = project.run("check-deploy", "--app-version", "1.5", json_output=True)
+    assert refused.exit_code == 1, refused.output
+    ranges = [r["compatible"] for r in json.loads(refused.stdout)["plans"][0]["ranges"]]
+    assert ranges == [">=1", ">=2"], ranges
+    assert project.run("check-deploy", "--app-version", "2.0").exit_code == 0
 
 
 def test_check_deploy_across_several_plans_of_one_app(project) -> None:

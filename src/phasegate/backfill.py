@@ -79,6 +79,7 @@ class JobResult:
     # this run's (they go with `seconds` and `batch_ms`); None when they are the same.
     job_rows: int | None = None
     job_batches: int | None = None
+    paused: float = 0.0  # seconds --pause / --pause-ratio asked for between batches
 
     @property
     def rate(self) -> float:
@@ -98,6 +99,7 @@ class JobResult:
             "batch_ms": self.batch_ms,
             "job_rows": self.rows if self.job_rows is None else self.job_rows,
             "job_batches": self.batches if self.job_batches is None else self.job_batches,
+            "paused_seconds": round(self.paused, 3),
         }
 
 
@@ -610,6 +612,7 @@ def _run_driven(
         _Walk.percentiles_of(walks),
         totals.rows_done,
         totals.batches,
+        sum(w.paused for w in walks),
     )
     progress.job_finished(result)
     return result
@@ -747,6 +750,7 @@ def assist(
                     walk.walked,
                     settings.workers,
                     walk.percentiles(),
+                    paused=walk.paused,
                 )
             )
         if settings.stop.is_set():
@@ -994,6 +998,7 @@ class _Walk:
         self._driver_checked: dict[int, float] = {}  # per worker thread: when it last asked
         self.rows = self.batches = self.walked = 0
         self.durations: list[float] = []
+        self.paused = 0.0  # what the throttle's pauses asked for, all workers together
 
     @classmethod
     def of(
@@ -1178,7 +1183,9 @@ class _Walk:
                 self.progress.batch_done(self.work.checkpoint, scanned, updated)
             if done:
                 return
-            throttle.after_batch(db, elapsed, self.notify)
+            paused = throttle.after_batch(db, elapsed, self.notify)
+            with self.lock:
+                self.paused += paused
 
     def _batch(
         self,

@@ -103,14 +103,16 @@ class Throttle:
         self.lag_checked = float("-inf")
         self.lag_hidden_said = False
 
-    def after_batch(self, db: Session, batch_seconds: float, notify) -> None:
+    def after_batch(self, db: Session, batch_seconds: float, notify) -> float:
+        """Pause as --pause and --pause-ratio ask, then wait out replica lag; the pause asked
+        for is returned, for the job's summary (`paused_seconds`)."""
         pause = self.settings.pause + self.settings.pause_ratio * batch_seconds
         if pause > 0 and self.settings.stop.wait(pause):
-            return
+            return pause
         limit = self.settings.max_replica_lag
         now = time.monotonic()
         if limit is None or now - self.lag_checked < self.LAG_CHECK_EVERY:
-            return
+            return pause
         self.lag_checked = now
         delay = 0.5
         while not self.settings.stop.is_set():
@@ -125,10 +127,11 @@ class Throttle:
                     f"pass --max-replica-lag 0 to say that is intended"
                 )
             if lag.seconds is None or lag.seconds <= limit:
-                return
+                return pause
             notify(f"replica replay lag {lag.seconds:.1f}s > {limit:.1f}s: pausing {delay:.1f}s")
             self.settings.stop.wait(delay)
             delay = min(delay * 2, 30.0)
+        return pause
 
 
 @dataclass(frozen=True)

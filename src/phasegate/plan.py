@@ -344,6 +344,9 @@ def load_plan(path: str | Path) -> Plan:
     return parse_plan(raw.decode("utf-8", errors="replace"), source, raw)
 
 
+COMPLEX_KEY = "a key must be a name, not a YAML list or mapping"
+
+
 def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) -> Plan:
     try:
         _check_size(text, source)  # before anything recursive or alias-expanding runs
@@ -351,12 +354,14 @@ def parse_plan(text: str, source: str = "<string>", raw: bytes | None = None) ->
     except yaml.YAMLError as exc:
         raise PlanError([_yaml_issue(exc, text, source)]) from None
     if node is None or not isinstance(node, yaml.MappingNode):
-        line = node.start_mark.line + 1 if node is not None else None
+        line = node.start_mark.line + 1 if node is not None else 1  # empty: its first line
         raise PlanError(
             [PlanIssue(source, line, "", "a plan is a YAML mapping", "start with `plan: <name>`")]
         )
-    lines: dict[Loc, int] = {}
+    lines: dict[Loc, int] = {(): node.start_mark.line + 1}  # a missing top-level key's line
     issues = list(_walk(node, (), lines, source))
+    if any(issue.message == COMPLEX_KEY for issue in issues):  # yaml.load could not hash it
+        raise PlanError(issues)
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -482,6 +487,15 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], source: str) -> Iter
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a]`: unhashable, never a name
+                yield PlanIssue(
+                    source,
+                    key_node.start_mark.line + 1,
+                    _dotted(loc),
+                    COMPLEX_KEY,
+                    "write the key as plain text",
+                )
+                continue
             key = key_node.value
             child = (*loc, key)
             if key in seen:
@@ -610,7 +624,7 @@ def _line_for(lines: dict[Loc, int], loc: Loc) -> int | None:
         if loc in lines:
             return lines[loc]
         loc = loc[:-1]
-    return 1 if lines else None
+    return lines.get((), 1 if lines else None)
 
 
 def _dotted(loc: Loc) -> str:

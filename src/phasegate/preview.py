@@ -176,7 +176,9 @@ def _job(
     rules = backfill.update_rules(db, job.table or "") if source != "table missing" else []
     if rules:
         entry["sample"] = {"error": " ".join(backfill.rules_refusal(job.table or "", rules))}
-    elif options.sample and rows:
+    elif not options.sample:  # asked for: nothing runs against the rows, and preview says so
+        entry["sample"] = {"skipped": "--no-sample"}
+    elif rows:
         try:
             sample = backfill.sample_batch(db, backfill.up_work(job))
         except Exception as exc:  # a column that expand has yet to add, a lock, ...

@@ -27,6 +27,13 @@ from phasegate.plan_lint import lint_plan
 from phasegate.preview import PreviewOptions, preview
 from phasegate.text import one_line
 
+# the `error` of an exit-2 document that lists invalid plans (validate, status): the issues
+# themselves are in the command's own fields
+INVALID_PLANS = {
+    "kind": PlanError.kind,
+    "message": "invalid plan(s); fix the lines named above",
+}
+
 # -- validate -------------------------------------------------------------------------------
 
 
@@ -86,10 +93,13 @@ def validate(ctx: Context, plans: tuple[str, ...]) -> int:
                 + [f"warning: {issue}" for issue in unguarded]
             )
         )
-    emit(ctx, {"ok": ok, "valid": ok, "plans": results}, "\n".join(lines))
+    document: dict[str, Any] = {"ok": ok, "valid": ok, "plans": results}
+    if not ok:  # an exit 2 document carries `error`, as every error document does
+        document["error"] = INVALID_PLANS
+    emit(ctx, document, "\n".join(lines))
     if not ok:
-        log("phasegate: error: invalid plan(s); fix the lines named above")
-    return EXIT_OK if ok else 2
+        log(f"phasegate: error: {INVALID_PLANS['message']}")
+    return EXIT_OK if ok else EXIT_USAGE
 
 
 # -- lint -----------------------------------------------------------------------------------
@@ -191,6 +201,7 @@ def status(ctx: Context, plans: tuple[str, ...]) -> int:
     document = statuses[0] if len(plans) == 1 else {"plans": statuses, "other_plans": others}
     if invalid:
         document["invalid_plans"] = [issue for exc in invalid for issue in exc.details["issues"]]
+        document["error"] = INVALID_PLANS
     emit(ctx, document, text)
     return EXIT_USAGE if invalid else EXIT_OK
 
@@ -392,4 +403,6 @@ def _preview_text(doc: dict[str, Any]) -> str:
                 )
                 if "sample" in job and "error" in job["sample"]:
                     lines.append(f"      not timed: {job['sample']['error']}")
+                elif "sample" in job and "skipped" in job["sample"]:
+                    lines.append(f"      not timed: {job['sample']['skipped']}")
     return "\n".join(lines)
