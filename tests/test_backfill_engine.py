@@ -38,6 +38,7 @@ from phasegate.progress import LogProgress
 from phasegate.revisions import AlembicProject
 
 from .conftest import ALEMBIC_INI, ROOT, Phasegate
+from .test_failures import release_after_a_retry
 
 ROWS = 2000
 PLAN_TEXT = """\
@@ -902,8 +903,7 @@ def test_a_table_lock_between_batches_times_out_the_next_one_which_is_retried(
     wait_for_batches(database_url, 3)
     with psycopg.connect(libpq_url(database_url)) as blocker:
         blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
-        time.sleep(1.0)
-        blocker.rollback()
+        release_after_a_retry(database_url, blocker, blocker.rollback).join()
     _out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "batch hit lock timeout; retrying" in err

@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from phasegate.cli import cli
 from phasegate.db import libpq_url
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate, load_example
-from .test_failures import alembic, hold
+from .test_failures import alembic, hold, release_after_a_retry
 
 P = str(PLAN)
 OVERRIDE = ("--override-gate", "fault suite: no app connected")
@@ -466,8 +465,7 @@ def test_a_long_transaction_blocking_switch_under_app_traffic(seeded_url) -> Non
         instances.append(app.AppInstance(seeded_url, "2.0.0", ops_per_second=20, seed=3))
         instances[-1].start()
         blocker = hold(seeded_url, "BEGIN; SELECT 1 FROM bug LIMIT 1")
-        closer = threading.Timer(3.0, blocker.close)
-        closer.start()
+        closer = release_after_a_retry(seeded_url, blocker)
         result = phasegate("switch", P, "--lock-timeout", "300ms", "--yes")
         closer.join()
         assert result.exit_code == 0, result.output

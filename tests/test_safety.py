@@ -25,7 +25,7 @@ from phasegate.lockguard import LockPolicy
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 from .lint_project import Revision, build
-from .test_failures import hold
+from .test_failures import hold, release_after_a_retry
 from .test_faults import query, wait_for
 from .test_seed_story import scalar
 
@@ -189,8 +189,7 @@ def test_an_invalid_index_left_by_a_timed_out_concurrent_build_is_dropped_before
     project = Project(tmp_path, database_url, [Revision("expand", CONCURRENT_BUILD)])
     (tmp_path / "phasegate.toml").write_text('concurrent_lock_timeout = "300ms"\n')
     writer = hold(database_url, OPEN_WRITE)
-    closer = threading.Timer(2.5, writer.close)
-    closer.start()
+    closer = release_after_a_retry(database_url, writer)
     result = project.run(
         "expand",
         str(project.plan),
