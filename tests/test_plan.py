@@ -178,6 +178,7 @@ def test_any_text_either_loads_or_raises_plan_error(text: str) -> None:
         assert exc.issues and all(i.file == "fuzz.yaml" for i in exc.issues)
 
 
+@pytest.mark.hypothesis  # in CI's random run too, where it checks the draws differ
 def test_property_tests_draw_the_same_examples_each_run_unless_random_is_asked_for() -> None:
     """CI's default run is reproducible (a red run fails the same way again); the run with
     PHASEGATE_HYPOTHESIS=random draws new examples, so many runs cover more cases."""
