@@ -23,6 +23,7 @@ from types import ModuleType
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from hypothesis import settings
 from sqlalchemy.pool import NullPool
 
 from phasegate import demo, guard, provision
@@ -32,6 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC_INI = ROOT / "alembic.ini"
 PLAN = ROOT / "plans" / "bug_root_cause.yaml"
 SEED_ROWS = 3000
+
+# Property-based tests run the same examples every time by default, so a red CI run is
+# reproducible and a green one means the same thing twice; PHASEGATE_HYPOTHESIS=random
+# draws new examples each run (CI does one such run too) and prints how to replay a failure.
+HYPOTHESIS_PROFILE = os.environ.get("PHASEGATE_HYPOTHESIS", "seeded")
+settings.register_profile("seeded", derandomize=True, database=None, print_blob=True)
+settings.register_profile("random", derandomize=False, database=None, print_blob=True)
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 
 def load_example(name: str) -> ModuleType:

@@ -12,11 +12,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from phasegate.cli import cli
 from phasegate.db import libpq_url, mask_url, scrub
 
-from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
+from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate, load_example
 from .test_safety import run_phasegate
 
 P = str(PLAN)
@@ -93,8 +94,9 @@ def test_python_dash_m_and_help() -> None:
     assert "--allow-data-loss" in result.stdout and "--live-version" in result.stdout
 
 
-def run_demo(url: str, *options: str) -> subprocess.CompletedProcess[str]:
-    """`phasegate demo` as a new user runs it, on a fresh database of the test server."""
+def run_demo(url: str, *options: str, keep: bool = False) -> subprocess.CompletedProcess[str]:
+    """`phasegate demo` as a new user runs it, on a fresh database of the test server
+    (kept with `keep`, for the test to read)."""
     return subprocess.run(
         [
             sys.executable,
@@ -106,6 +108,7 @@ def run_demo(url: str, *options: str) -> subprocess.CompletedProcess[str]:
             "demo",
             "--rows",
             "3000",
+            *(["--keep"] if keep else []),
         ],
         capture_output=True,
         text=True,
@@ -115,29 +118,110 @@ def run_demo(url: str, *options: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_runs_the_whole_story(pg_server) -> None:
-    result = run_demo(pg_server.url)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "contract refused, as it must be" in result.stdout
-    assert "0 lost or wrong" in result.stdout and "(0 failed)" in result.stdout
-    assert "with SIGKILL after" in result.stdout and "backfill, resumed after the crash" in (
-        result.stdout
+def kept_demo_database(pg_server, shown: str) -> str:
+    """The URL of the database a `demo --keep` kept, from the (masked) URL it shows."""
+    return pg_server.url_for(make_url(shown.strip()).database)
+
+
+def demo_rows(url: str) -> dict[str, str | None]:
+    """Every bug of a demo's database: its URL, and its root cause as v2 reads it."""
+    with psycopg.connect(libpq_url(url)) as conn:
+        return dict(
+            conn.execute(
+                "SELECT b.bug_tracker_url, r.name FROM bug b "
+                "LEFT JOIN root_cause r ON r.id = b.root_cause_id"
+            ).fetchall()
+        )
+
+
+def assert_demo_rows(pg_server, seeded_template: str, rows: dict[str, str | None]) -> None:
+    """The demo's database, checked by SQL against what was written, not what the demo
+    says: the seeded rows as the tests' own seed has them (the demo's app updates only the
+    rows it inserted), and the app's inserts with no number missing."""
+    with psycopg.connect(libpq_url(pg_server.url_for(seeded_template))) as conn:
+        seeded = dict(conn.execute("SELECT bug_tracker_url, root_cause FROM bug").fetchall())
+    assert len(seeded) == 3000
+    assert {url: rows.get(url) for url in seeded} == seeded
+    inserted = {url: cause for url, cause in rows.items() if url not in seeded}
+    numbers: dict[str, set[int]] = {}  # each app instance numbers its inserts 1, 2, 3 ...
+    for url in inserted:
+        instance, _, number = url.rpartition("-")
+        numbers.setdefault(instance, set()).add(int(number))
+    assert len(numbers) == 3, sorted(numbers)  # two v1 instances, one v2
+    for instance, found in numbers.items():  # a gap: an insert lost (or failed)
+        assert found == set(range(1, max(found) + 1)), instance
+    names = set(load_example("sample_data").ROOT_CAUSE_NAMES)
+    assert set(inserted.values()) <= names
+
+
+def test_demo_runs_the_whole_story(pg_server, seeded_template) -> None:
+    result = run_demo(pg_server.url, keep=True)
+    kept = result.stdout.rpartition("kept the demo database:")[2]
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "contract refused, as it must be" in result.stdout
+        assert "0 lost or wrong" in result.stdout and "(0 failed)" in result.stdout
+        assert "with SIGKILL after" in result.stdout and "backfill, resumed after the crash" in (
+            result.stdout
+        )
+        assert "time per step" in result.stdout and "summary" in result.stdout
+        assert_demo_rows(pg_server, seeded_template, demo_rows(kept_demo_database(pg_server, kept)))
+    finally:
+        if kept.strip():
+            pg_server.drop_database(kept_demo_database(pg_server, kept))
+
+
+def test_demo_json_reports_the_crash_and_the_summary(
+    pg_server, seeded_template, monkeypatch
+) -> None:
+    """In this process, so the test sees the app instances themselves: every write they
+    were told succeeded is checked in the database by SQL of its own."""
+    from phasegate import demo
+
+    instances: list = []
+    load = demo.load_example
+
+    def recording(root: Path, name: str):
+        module = load(root, name)
+        if name == "app":
+
+            class Recorded(module.AppInstance):
+                def __init__(self, *args, **kwargs) -> None:
+                    super().__init__(*args, **kwargs)
+                    instances.append(self)
+
+            module.AppInstance = Recorded
+        return module
+
+    monkeypatch.setattr(demo, "load_example", recording)
+    result = CliRunner().invoke(
+        cli,
+        ["--database-url", pg_server.url, "--json", "demo", "--rows", "3000", "--keep"],
+        catch_exceptions=False,
     )
-    assert "time per step" in result.stdout and "summary" in result.stdout
-
-
-def test_demo_json_reports_the_crash_and_the_summary(pg_server) -> None:
-    result = run_demo(pg_server.url, "--json")
-    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] is True and report["exit_code"] == 0 and report["crash"]["killed"] is True
-    assert 0 < report["crash"]["rows_done_at_kill"] < 3000
-    assert (report["app_failures"], report["lost_or_wrong_writes"]) == (0, 0)
-    steps = [t["step"] for t in report["timings"]]
-    assert steps[:3] == ["expand", "backfill until killed", "backfill, resumed after the crash"]
-    assert ("contract while v1 is still connected", "refused") in [
-        (t["step"], t["result"]) for t in report["timings"]
-    ]
+    url = kept_demo_database(pg_server, report["database"])
+    try:
+        assert result.exit_code == 0, result.output
+        assert report["ok"] is True and report["exit_code"] == 0
+        assert report["crash"]["killed"] is True
+        assert 0 < report["crash"]["rows_done_at_kill"] < 3000
+        assert (report["app_failures"], report["lost_or_wrong_writes"]) == (0, 0)
+        steps = [t["step"] for t in report["timings"]]
+        assert steps[:3] == ["expand", "backfill until killed", "backfill, resumed after the crash"]
+        assert ("contract while v1 is still connected", "refused") in [
+            (t["step"], t["result"]) for t in report["timings"]
+        ]
+        # what the app instances saw and wrote, against the rows
+        assert len(instances) == 3 and sum(i.stats().failed for i in instances) == 0
+        acknowledged: dict[str, str] = {}
+        for instance in instances:
+            acknowledged.update(instance.expectations)
+        rows = demo_rows(url)
+        assert acknowledged and {u: rows.get(u) for u in acknowledged} == acknowledged
+        assert_demo_rows(pg_server, seeded_template, rows)
+    finally:
+        pg_server.drop_database(url)
 
 
 def test_click_usage_errors_honour_json() -> None:

@@ -112,7 +112,8 @@ def test_a_stop_cancels_a_concurrent_build_that_waits_and_the_next_run_finishes_
         process.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
         out, err = process.communicate(timeout=60)
-        assert time.monotonic() - stopped < 5, err  # not the 30 minutes it may wait
+        # not the 30 minutes it may wait: generous seconds for a loaded machine's shutdown
+        assert time.monotonic() - stopped < 30, err
     finally:
         reader.close()
     assert process.returncode == 3, out + err

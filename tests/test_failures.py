@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -23,6 +26,32 @@ def hold(url: str, statement: str, application_name: str = "blocker") -> psycopg
     conn = psycopg.connect(libpq_url(url), application_name=application_name)
     conn.execute(statement)
     return conn
+
+
+def release_after_a_retry(
+    url: str, holder: psycopg.Connection, release: Callable[[], None] | None = None
+) -> threading.Thread:
+    """A thread that ends `holder`'s hold (closes it, or calls `release`) once phasegate,
+    blocked by it, has tried twice (two statements seen waiting on it: the first one timed
+    out), instead of after a fixed time, which a loaded machine may not fill."""
+    pid = holder.info.backend_pid
+    blocked = (
+        "SELECT pid, query_start FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        " AND application_name LIKE 'phasegate %%'"
+    )
+
+    def run() -> None:
+        seen: set[tuple] = set()
+        deadline = time.monotonic() + 120
+        with psycopg.connect(libpq_url(url), autocommit=True) as watcher:
+            while len(seen) < 2 and time.monotonic() < deadline:
+                seen.update(watcher.execute(blocked, (pid,)).fetchall())
+                time.sleep(0.02)
+        (release or holder.close)()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_failed_revision_is_recorded_and_the_phase_resumes(phasegate, engine, seeded_url) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 from phasegate.db import libpq_url
 
 from .conftest import PLAN, Phasegate, load_example
+from .test_failures import release_after_a_retry
 from .test_faults import query, wait_for
 from .test_safety import run_phasegate
 from .test_seed_story import fetch, scalar
@@ -258,8 +259,7 @@ def test_an_sql_job_that_times_out_waiting_for_a_lock_is_retried(seeded_url, tmp
     assert phasegate("expand", plan, "--live-version", "1", "--yes").exit_code == 0
     holder = psycopg.connect(libpq_url(seeded_url), application_name="blocker")
     holder.execute("UPDATE ticket SET who = 'other' WHERE id = 2")
-    closer = threading.Timer(2.5, holder.commit)
-    closer.start()
+    closer = release_after_a_retry(seeded_url, holder, holder.commit)
     try:
         result = phasegate(
             "backfill", plan, "--live-version", "1", "--lock-timeout", "500ms", "--yes"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from phasegate.plan import COMPLEX_KEY, PlanError, load_plan, parse_plan
 
-from .conftest import ALEMBIC_INI, PLAN
+from .conftest import ALEMBIC_INI, HYPOTHESIS_PROFILE, PLAN
 
 VALID = """\
 plan: demo-plan
@@ -230,6 +230,26 @@ def test_any_text_either_loads_or_raises_plan_error(text: str) -> None:
     except PlanError as exc:
         assert exc.issues and all(i.file == "fuzz.yaml" for i in exc.issues)
         assert_located([i.to_dict() for i in exc.issues], text)
+
+
+@pytest.mark.hypothesis  # in CI's random run too, where it checks the draws differ
+def test_property_tests_draw_the_same_examples_each_run_unless_random_is_asked_for() -> None:
+    """CI's default run is reproducible (a red run fails the same way again); the run with
+    PHASEGATE_HYPOTHESIS=random draws new examples, so many runs cover more cases."""
+    runs: list[list[str]] = []
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.text(max_size=20))
+    def draw(text: str) -> None:
+        runs[-1].append(text)
+
+    for _ in range(2):
+        runs.append([])
+        draw()
+    if HYPOTHESIS_PROFILE == "random":
+        assert runs[0] != runs[1]
+    else:
+        assert runs[0] == runs[1]
 
 
 @settings(max_examples=100, deadline=None)

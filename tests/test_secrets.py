@@ -191,7 +191,9 @@ def test_libpq_finds_a_password_left_out_of_the_url(pg_server, tmp_path, monkeyp
     checks no password, but libpq reports the one it found and would have sent."""
     from phasegate import db
 
-    url = make_url(pg_server.url).set(password=None).render_as_string(hide_password=False)
+    # URL.set(password=None) leaves the password as it was: with a test server URL that
+    # has one (CI's postgres:postgres@), libpq never looked for another
+    url = make_url(pg_server.url)._replace(password=None).render_as_string(hide_password=False)
     passfile = tmp_path / "pgpass"
     passfile.write_text("*:*:*:*:from-the-passfile\n")
     passfile.chmod(0o600)
@@ -258,3 +260,95 @@ def test_the_upgrade_confirmation_does_not_show_the_password(database_url) -> No
     assert "applied" in shown and PASSWORD not in shown
     document = Phasegate(url)("upgrade", "--yes", json_output=True)
     assert document.exit_code == 0 and PASSWORD not in document.output
+
+
+@pytest.mark.parametrize(
+    ("url", "text", "expected"),
+    [
+        # the password is a word of the URL: masked where it stands as a password only
+        (
+            "postgresql://postgres:postgres@127.0.0.1:5432/postgres",
+            'postgresql://postgres:postgres@127.0.0.1:5432/postgres: role "postgres", '
+            "password=postgres, PostgreSQL 15",
+            'postgresql://postgres:***@127.0.0.1:5432/postgres: role "postgres", '
+            "password=***, PostgreSQL 15",
+        ),
+        # a password inside longer words (PostgreSQL, postgresql, password, pass_2) leaves
+        # them be, and is masked wherever it stands alone
+        (
+            "postgresql://app:postgres@db/prod",
+            "postgresql says: postgres is wrong; postgresql+psycopg://app:***@db/prod",
+            "postgresql says: *** is wrong; postgresql+psycopg://app:***@db/prod",
+        ),
+        (
+            "postgresql://app:Postgre@db/prod",
+            "PostgreSQL says: Postgre is wrong",
+            "PostgreSQL says: *** is wrong",
+        ),
+        (
+            "postgresql://app:pass@db/prod",
+            "password authentication failed; tried pass, 'pass' and pass_2",
+            "password authentication failed; tried ***, '***' and pass_2",
+        ),
+        (
+            "postgresql://app:sql@db/prod",
+            "postgresql://app:sql@db/prod is PostgreSQL; sql",
+            "postgresql://app:***@db/prod is PostgreSQL; ***",
+        ),
+        # the user name contains the password: the user name stays, the password goes
+        (
+            "postgresql://postgres:post@db/prod",
+            'user "postgres" with post',
+            'user "postgres" with ***',
+        ),
+        # regex metacharacters, URL-encoded and decoded forms, a JSON and a conninfo form
+        (
+            "postgresql://app:a.%2Bb%40c@db/prod",
+            'a.+b@c axb@c a.%2Bb%40c {"password": "a.+b@c"} password = \'a.+b@c\'',
+            '*** axb@c *** {"password": "***"} password = \'***\'',
+        ),
+        (
+            "postgresql://prod:prod@db/prod",
+            'database "prod" rejected "password": "prod"',
+            'database "prod" rejected "password": "***"',
+        ),
+    ],
+)
+def test_a_password_is_masked_where_it_is_one_and_nothing_else_is(
+    url: str, text: str, expected: str
+) -> None:
+    assert scrub(text, url) == expected
+
+
+@pytest.mark.db
+def test_psycopg_and_libpq_errors_never_show_the_password(pg_server) -> None:
+    """What the server and libpq say about a failed connection, as phasegate shows it."""
+    base = make_url(pg_server.url)
+    for password in ("s3cret-pw", "p@ss w%rd", "role"):
+        for url in (
+            with_password(base.set(username="no_such_role").render_as_string(False), password),
+            with_password(base.set(database="no_such_db").render_as_string(False), password),
+        ):
+            result = invoke("--database-url", url, "status", P)
+            assert result.exit_code == 3, result.output
+            assert "cannot connect" in result.stderr
+            if password == "role":  # in the server's message ('role "no_such_role" does
+                assert "no_such_role" in result.output or "no_such_db" in url  # not exist')
+            else:
+                assert password not in result.output
+
+
+@pytest.mark.parametrize("password", ["é-pw", 'q"uote', "back\\slash", "it's"])
+def test_a_password_escaped_in_json_a_repr_or_a_conninfo_is_masked(password: str) -> None:
+    """--json errors are scrubbed as JSON text, where `é`, `"` and `\\` are escaped; libpq's
+    conninfo escapes `'` and `\\`: the password must go in those forms too."""
+    url = with_password("postgresql://app@127.0.0.1:1/prod", password)
+    as_json, as_repr, conninfo = json.dumps({"pw": password}), repr(password), libpq_url(url)
+    assert json.loads(scrub(as_json, url)) == {"pw": "***"}
+    assert scrub(as_repr, url) in ("'***'", '"***"')
+    assert scrub(conninfo, url) == "user=app password=*** host=127.0.0.1 port=1 dbname=prod"
+    for args in (["--json", "status", P], ["status", P]):
+        result = invoke("--database-url", url, *args)
+        assert result.exit_code == 3, result.output
+        decoded = json.loads(result.stdout) if args[0] == "--json" else result.output
+        assert password not in json.dumps(decoded, ensure_ascii=False), decoded

@@ -11,6 +11,7 @@ from plans pass through untouched (SQLAlchemy's driver-level execution would tre
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -125,22 +126,34 @@ def mask_url(url: str | URL) -> str:
 def scrub(text: str, url: str | None) -> str:
     """Remove the URL's secrets (its password, ?password=, ?sslpassword=) from a message.
 
-    A secret that also stands elsewhere in the URL (the password `postgres` of user
-    `postgres` on database `postgres`) is masked only where it stands as a password
-    (`user:PW@`, `password=PW`); any other secret wherever it occurs, in the URL-encoded
-    form too, since a message may quote it in ways no pattern foresees.
+    Wherever a secret stands as a password (`user:PW@`, `password=PW`, `"password": "PW"`)
+    it goes. Elsewhere it goes wherever it stands as a word of its own, in the URL-encoded
+    form too, since a message may quote it in ways no pattern foresees; but not inside a
+    longer word (the password `Postgres` leaves `PostgreSQL` be, `pass` leaves `password`),
+    and not at all if it is also a word of the URL (the password `postgres` of user
+    `postgres` on database `postgres`): there it is the user's or the database's name.
     """
     if not url:
         return text
     secrets, rest = _secrets_of(url)
     for secret in sorted(secrets, key=len, reverse=True):  # longest first
-        if secret in rest:
-            quoted = re.escape(secret)
-            text = re.sub(rf"(?<=:){quoted}(?=@)", "***", text)
-            text = re.sub(rf"(\b(?:ssl)?password\s*=\s*'?){quoted}", r"\1***", text)
-        else:
-            text = text.replace(secret, "***")
+        quoted = re.escape(secret)
+        text = re.sub(rf"(?<=:){quoted}(?=@)", "***", text)
+        text = re.sub(
+            rf"""(\b(?:ssl)?password["']?\s*[:=]\s*["']?){quoted}""", r"\1***", text, flags=re.I
+        )
+        alone = _standing_alone(secret)
+        if not alone.search(rest):
+            text = alone.sub("***", text)
     return text
+
+
+def _standing_alone(secret: str) -> re.Pattern[str]:
+    """`secret` where it is not part of a longer word: no letter, digit or `_` glued to
+    an end of it that is one itself (a non-word end needs no boundary)."""
+    before = r"(?<!\w)" if re.match(r"\w", secret[0]) else ""
+    after = r"(?!\w)" if re.match(r"\w", secret[-1]) else ""
+    return re.compile(before + re.escape(secret) + after)
 
 
 def _secrets_of(url: str) -> tuple[set[str], str]:
@@ -167,8 +180,18 @@ def _secrets_of(url: str) -> tuple[set[str], str]:
             # SQLAlchemy cut the password at its first '@' and renders the rest as host
             # ("app:***@cret@host"): mask that rest, and not the short head everywhere
             secrets += [s[len(found) :] for s in longer] or [found]
-    variants = {v for s in secrets for v in (s, unquote(s), quote(s, safe=""))}
+    plain = {v for s in secrets for v in (s, unquote(s), quote(s, safe=""))}
+    # and as a message may carry them escaped: in JSON (phasegate scrubs its --json error
+    # as JSON text), a Python repr, a libpq conninfo value
+    variants = plain | {
+        form for v in plain for form in (json.dumps(v)[1:-1], repr(v)[1:-1], _conninfo_escaped(v))
+    }
     return {v for v in variants if v}, "\n".join(rest)
+
+
+def _conninfo_escaped(value: str) -> str:
+    """`value` inside a quoted libpq conninfo value: backslash and quote escaped."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _password_spans(url: str) -> list[str]:
