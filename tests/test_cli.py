@@ -328,16 +328,24 @@ def test_status_on_an_empty_database_creates_nothing(database_url) -> None:
     assert made == (None, None)
 
 
+def ini_with_url(tmp_path: Path, url: str) -> Path:
+    """The bundled alembic.ini, runnable from `tmp_path`, with `url` as sqlalchemy.url
+    written as it stands (a `%` must be doubled there: configparser interpolates)."""
+    ini = ALEMBIC_INI.read_text().replace("%(here)s/migrations", str(ROOT / "migrations"))
+    ini = re.sub(r"(?m)^sqlalchemy\.url = .*$", lambda _: f"sqlalchemy.url = {url}", ini)
+    config = tmp_path / "alembic.ini"
+    config.write_text(ini)
+    return config
+
+
+@pytest.mark.db
 def test_the_database_url_comes_from_the_flag_then_the_two_variables_then_alembic_ini(
     database_url: str, tmp_path: Path
 ) -> None:
     """README's order: --database-url, $PHASEGATE_DATABASE_URL, $DATABASE_URL, then
     sqlalchemy.url in alembic.ini. Each step puts the real database or NOWHERE (exit 3)
     above the others, so the exit code shows which one was used."""
-    ini = ALEMBIC_INI.read_text().replace("%(here)s/migrations", str(ROOT / "migrations"))
-    ini = re.sub(r"(?m)^sqlalchemy\.url = .*$", f"sqlalchemy.url = {database_url}", ini)
-    config = tmp_path / "alembic.ini"
-    config.write_text(ini)
+    config = ini_with_url(tmp_path, database_url.replace("%", "%%"))
 
     def status(*flags: str, **env: str | None) -> int:
         unset: dict[str, str | None] = {"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None}
@@ -432,3 +440,21 @@ def test_json_prints_exactly_one_document_for_every_command_and_outcome(
         codes.append(process.returncode)
     assert 0 in codes or command == "demo", codes
     assert any(code != 0 for code in codes), codes
+
+
+def test_a_lone_percent_in_the_ini_url_is_a_usage_error_that_names_the_fix(
+    tmp_path: Path,
+) -> None:
+    """A URL-encoded password (`s%2Fcret`) copied into alembic.ini as it stands is an error
+    of the file, not of phasegate: exit 2 naming alembic.ini and `%%`, never a traceback,
+    and never the password."""
+    config = ini_with_url(tmp_path, "postgresql://app:s%2Fcret@127.0.0.1:1/prod")
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "--json", "status", P],
+        env={"PHASEGATE_DATABASE_URL": None, "DATABASE_URL": None},
+    )
+    assert result.exit_code == 2, result.output
+    message = json.loads(result.stdout)["error"]["message"]
+    assert str(config) in message and "%%" in message, message
+    assert "%2Fcret" not in result.output and "s/cret" not in result.output

@@ -352,3 +352,28 @@ def test_a_password_escaped_in_json_a_repr_or_a_conninfo_is_masked(password: str
         assert result.exit_code == 3, result.output
         decoded = json.loads(result.stdout) if args[0] == "--json" else result.output
         assert password not in json.dumps(decoded, ensure_ascii=False), decoded
+
+
+@pytest.mark.parametrize(
+    ("url", "text", "expected"),
+    [
+        # a password of six or more characters glued to other text is still the password
+        (
+            "postgresql://app:s3cretpw@db/prod",
+            "dumped to /backups/s3cretpw_2026.sql and xs3cretpw",
+            "dumped to /backups/***_2026.sql and x***",
+        ),
+        # unless the longer word is one of the URL's own (user, database, driver)
+        (
+            "postgresql://postgresql_admin:postgres@db/prod",
+            "role postgresql_admin on PostgreSQL 15: postgres",
+            "role postgresql_admin on PostgreSQL 15: ***",
+        ),
+    ],
+)
+def test_a_long_password_glued_inside_other_text_is_masked_there_too(
+    url: str, text: str, expected: str
+) -> None:
+    """Only a short password (under six characters) is left inside longer words, where
+    it is more likely a coincidence (`pass` in `password`) than the secret."""
+    assert scrub(text, url) == expected

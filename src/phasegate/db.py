@@ -129,9 +129,10 @@ def scrub(text: str, url: str | None) -> str:
     Wherever a secret stands as a password (`user:PW@`, `password=PW`, `"password": "PW"`)
     it goes. Elsewhere it goes wherever it stands as a word of its own, in the URL-encoded
     form too, since a message may quote it in ways no pattern foresees; but not inside a
-    longer word (the password `Postgres` leaves `PostgreSQL` be, `pass` leaves `password`),
-    and not at all if it is also a word of the URL (the password `postgres` of user
-    `postgres` on database `postgres`): there it is the user's or the database's name.
+    longer word when it is short (`pass` leaves `password`) or the longer word is the URL's
+    own (the password `Postgres` leaves `PostgreSQL` be), and not at all if it is also a
+    word of the URL (the password `postgres` of user `postgres` on database `postgres`):
+    there it is the user's or the database's name.
     """
     if not url:
         return text
@@ -145,7 +146,29 @@ def scrub(text: str, url: str | None) -> str:
         alone = _standing_alone(secret)
         if not alone.search(rest):
             text = alone.sub("***", text)
+        if len(secret) >= _GLUED_MINIMUM:
+            text = _glued(secret).sub(_mask_unless_the_urls_word(secret, rest), text)
     return text
+
+
+_GLUED_MINIMUM = 6  # a shorter password inside a longer word is likelier chance (pass/password)
+
+
+def _glued(secret: str) -> re.Pattern[str]:
+    """`secret` with whatever word characters are glued to either end of it."""
+    return re.compile(rf"\w*{re.escape(secret)}\w*")
+
+
+def _mask_unless_the_urls_word(secret: str, rest: str) -> Callable[[re.Match[str]], str]:
+    """Mask `secret` inside a longer word unless that word is one the URL itself says
+    (its user, database or driver: `postgresql_admin`, `PostgreSQL`)."""
+    words = {word.lower() for word in re.findall(r"\w+", rest)}
+
+    def mask(found: re.Match[str]) -> str:
+        word = found.group(0)
+        return word if word.lower() in words else word.replace(secret, "***")
+
+    return mask
 
 
 def _standing_alone(secret: str) -> re.Pattern[str]:

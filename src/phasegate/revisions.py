@@ -10,6 +10,7 @@ ledger inside that step's own transaction.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import io
 import traceback
@@ -123,7 +124,14 @@ class AlembicProject:
 
     @property
     def ini_url(self) -> str | None:
-        return self.config.get_main_option("sqlalchemy.url") or None
+        try:
+            return self.config.get_main_option("sqlalchemy.url") or None
+        except configparser.InterpolationError:  # its message quotes the URL: not shown
+            raise UsageError(
+                f"{self.config_path}: sqlalchemy.url holds a '%' that is not '%%' or "
+                "'%(name)s': alembic.ini interpolates '%', so write each '%' of the URL "
+                "as '%%' (e.g. p%%40ss for a URL-encoded 'p@ss')"
+            ) from None
 
     @property
     def location(self) -> str:
