@@ -43,6 +43,16 @@ settings.register_profile("random", derandomize=False, database=None, print_blob
 settings.load_profile(HYPOTHESIS_PROFILE)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reaches a server through a fixture (the session's, or one it starts
+    for itself) is a `db` test, marked or not, so `pytest -m "not db"` runs the unit
+    subset with no database and no server binaries at all."""
+    servers = {"pg_server", "private_server", "primary_url"}
+    for item in items:
+        if servers & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
+
+
 def load_example(name: str) -> ModuleType:
     """A file of examples/bugtracker, loaded by path the way the demo loads it."""
     return demo.load_example(ROOT, name)
