@@ -227,6 +227,8 @@ def test_a_passing_gate_says_what_it_saw_and_how_long_it_waited() -> None:
     )
     decision.waited = 0.9  # under a second is no wait worth naming
     assert "waiting" not in decision.message()
+    decision.waited = 1
+    assert "pass after waiting 1.0 s — every" in decision.message()
     decision.waited = 75
     waited = "gate for entering backfill: pass after waiting 1 min 15 s — every"
     assert decision.message().startswith(waited)
@@ -241,6 +243,11 @@ def test_an_overridden_gate_names_the_reason_and_everything_it_overrode() -> Non
         "x1 (--live-version: seen x1) (versions that are not PEP 440 count as outside)"
     )
     assert decision.message() == message
+    decision.waited = 1
+    assert "(drain) — after waiting 1.0 s, bugtracker" in decision.message()
+    decision.waited = 3.26
+    assert decision.to_dict()["waited_seconds"] == 3.3
+    decision.waited = 3
     seen = [o.to_dict() for o in obs("1.0", "x1")]
     assert decision.to_dict() == {
         "app": "bugtracker",
@@ -300,6 +307,16 @@ def test_a_failed_source_and_an_outside_version_are_both_named_with_the_source_f
         "gate x: refused — a version source failed, so what runs is unknown: exited with 1; "
         "and a versions outside '>=2' are live: 1.0 (--live-version: seen 1.0). "
         "Fix the version source, or pass --override-gate REASON"
+    )
+    two = [failure, SourceFailure("heartbeats", "table missing")]
+    assert (
+        "unknown: exited with 1; table missing; and"
+        in evaluate("a", ">=2", obs("1.0"), "x", failures=two).message()
+    )
+    assert (
+        evaluate("a", ">=2", obs("1.0"), "x")
+        .message()
+        .endswith("Stop or upgrade those instances, or pass --override-gate REASON")
     )
     assert decision.problem() in decision.message()
     assert evaluate("a", ">=2", obs("2.0"), "x").problem() == ""

@@ -410,6 +410,8 @@ def test_the_seed_plan_is_clean() -> None:
             [("ACCESS EXCLUSIVE", "t"), ("SHARE ROW EXCLUSIVE", "u")],
         ),
         ("ALTER TABLE t DETACH PARTITION c", [("ACCESS EXCLUSIVE", "t")]),
+        ("CREATE RULE r AS ON INSERT TO s.t DO INSTEAD NOTHING", [("ACCESS EXCLUSIVE", "s.t")]),
+        ("CREATE STATISTICS st ON a, b FROM s.t", [("SHARE UPDATE EXCLUSIVE", "s.t")]),
         ("SELECT 1", []),
     ],
 )
