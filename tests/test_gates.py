@@ -358,3 +358,22 @@ def test_check_deploy_says_why_each_range_applies() -> None:
     # a phase that stopped being active, or is done, adds no second range
     done = PlanState("p", phase="expand", state="done", active_phase="backfill")
     assert [spec for spec, _ in check_deploy(Version("1.0"), SEED_PLAN, done).ranges] == ["<2"]
+
+
+def test_a_failed_source_with_nothing_seen_blames_only_the_source() -> None:
+    """Nothing was observed because the source failed: "connect the app" would mislead."""
+    failure = SourceFailure("versions_command", "exited with 1")
+    assert evaluate("a", ">=2", [], "x", failures=[failure]).problem() == (
+        "a version source failed, so what runs is unknown: exited with 1"
+    )
+
+
+def test_a_pass_lists_everything_it_saw() -> None:
+    message = evaluate("a", ">=1", obs("1.0", "2.0"), "x").message()
+    assert message.endswith(
+        "(seen: 1.0 (--live-version: seen 1.0), 2.0 (--live-version: seen 2.0))"
+    )
+
+
+def test_a_release_candidate_may_be_deployed_where_its_release_may() -> None:
+    assert deployable("2.5rc1", phase="contract") and not deployable("1.9rc1", phase="contract")
