@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phasegate.plan import PlanError, load_plan, parse_plan
+from phasegate.plan import PlanError, PlanIssue, load_plan, parse_plan
 
 from .conftest import ALEMBIC_INI, PLAN
 
@@ -329,3 +329,22 @@ def test_an_error_reads_in_full(replace: str, by: str, expected: str) -> None:
         "message": message,
         "hint": hint,
     }
+
+
+def test_a_validators_message_comes_without_pydantics_prefix_or_an_unrelated_hint() -> None:
+    [issue] = issues_of(
+        VALID.replace('compatible: "<2"\n  backfill', 'compatible: "2"\n  backfill')
+    )
+    assert issue.to_dict() == {
+        "file": "plans/x.yaml",
+        "line": 6,
+        "key": "phases.expand.compatible",
+        "message": "'2' is not a PEP 440 version specifier; write e.g. '>=2', '<3' or '>=1,<3'",
+        "hint": "",
+    }
+    down = "          down:\n            email: new.email_normalized\n"
+    [issue] = issues_of(VALID.replace(down, "          {}\n"))
+    assert str(issue) == (
+        "plans/x.yaml:15: phases.backfill.jobs[0].sync.down: missing required key 'down'"
+    )
+    assert str(PlanIssue("f.yaml", None, "", "unreadable", "")) == "f.yaml: unreadable"
