@@ -213,3 +213,167 @@ def test_versions_command_output_formats() -> None:
     for bad in ('{"deployed": []}', "[2.0]", "[not json"):
         with pytest.raises(ValueError):
             parse_command_output(bad)
+
+
+# -- the words a gate prints: operators act on them, --json consumers parse them -------------
+
+
+def test_a_passing_gate_says_what_it_saw_and_how_long_it_waited() -> None:
+    decision = evaluate("bugtracker", ">=1,<3", obs("1.4.2"), "for entering backfill")
+    seen = "(seen: 1.4.2 (--live-version: seen 1.4.2))"
+    assert decision.message() == (
+        "gate for entering backfill: pass — every live bugtracker version is inside "
+        f"'>=1,<3' {seen}"
+    )
+    decision.waited = 0.9  # under a second is no wait worth naming
+    assert "waiting" not in decision.message()
+    decision.waited = 1
+    assert "pass after waiting 1.0 s — every" in decision.message()
+    decision.waited = 75
+    waited = "gate for entering backfill: pass after waiting 1 min 15 s — every"
+    assert decision.message().startswith(waited)
+
+
+def test_an_overridden_gate_names_the_reason_and_everything_it_overrode() -> None:
+    decision = evaluate("bugtracker", ">=2", obs("1.0", "x1"), "for entering contract", "drain")
+    decision.waited = 3
+    message = (
+        "gate for entering contract: OVERRIDDEN (drain) — after waiting 3.0 s, bugtracker "
+        "versions outside '>=2' are live: 1.0 (--live-version: seen 1.0); "
+        "x1 (--live-version: seen x1) (versions that are not PEP 440 count as outside)"
+    )
+    assert decision.message() == message
+    decision.waited = 1
+    assert "(drain) — after waiting 1.0 s, bugtracker" in decision.message()
+    decision.waited = 3.26
+    assert decision.to_dict()["waited_seconds"] == 3.3
+    decision.waited = 3
+    seen = [o.to_dict() for o in obs("1.0", "x1")]
+    assert decision.to_dict() == {
+        "app": "bugtracker",
+        "target": "for entering contract",
+        "compatible": ">=2",
+        "passed": True,
+        "overridden": True,
+        "override_reason": "drain",
+        "observed": seen,
+        "outside": seen,  # the unparsable one too
+        "untrusted": [],
+        "trust_rule": "",
+        "failures": [],
+        "waited_seconds": 3,
+        "message": message,
+    }
+
+
+def test_an_override_of_a_gate_that_passes_anyway_is_not_reported_as_overriding() -> None:
+    decision = evaluate("a", ">=2", obs("2.0"), "x", override="just in case")
+    assert decision.to_dict()["overridden"] is False
+    assert decision.message().startswith("gate x: pass")
+
+
+def test_a_refusal_for_nothing_seen_names_the_application_name_to_use() -> None:
+    decision = evaluate("bugtracker", ">=2", [], "for entering contract")
+    decision.naming = "bt/<version>"
+    assert decision.message() == (
+        "gate for entering contract: refused — no live version of bugtracker was observed: "
+        "no connection with application_name 'bt/<version>' in pg_stat_activity, no fresh "
+        "heartbeat, no versions command output and no --live-version given; phasegate fails "
+        "closed. Connect the app with application_name 'bt/<version>', report heartbeats, or "
+        "pass --live-version V, or pass --override-gate REASON"
+    )
+
+
+def test_a_refusal_for_untrusted_roles_names_each_role_once_and_the_default_rule() -> None:
+    seen = [
+        Observation("2.0", "pg_stat_activity", "c", role=None, trusted=False),
+        Observation("2.1", "pg_stat_activity", "c", role="zed", trusted=False),
+        Observation("2.2", "pg_stat_activity", "c", role="zed", trusted=False),
+    ]
+    assert evaluate("bugtracker", ">=2", seen, "x").message() == (
+        "gate x: refused — no trusted live version of bugtracker was observed: seen but NOT "
+        "trusted: 2.0 (pg_stat_activity: c); 2.1 (pg_stat_activity: c); "
+        "2.2 (pg_stat_activity: c). Anyone who may connect can choose an application_name: "
+        "only trusted roles count toward passing. If role (unknown), zed is the app's, grant "
+        "it its privileges on the plan's tables or add it to trusted_roles in phasegate.toml; "
+        "or pass --live-version V, or pass --override-gate REASON"
+    )
+
+
+def test_a_failed_source_and_an_outside_version_are_both_named_with_the_source_fix() -> None:
+    failure = SourceFailure("versions_command", "exited with 1")
+    decision = evaluate("a", ">=2", obs("1.0"), "x", failures=[failure])
+    assert decision.message() == (
+        "gate x: refused — a version source failed, so what runs is unknown: exited with 1; "
+        "and a versions outside '>=2' are live: 1.0 (--live-version: seen 1.0). "
+        "Fix the version source, or pass --override-gate REASON"
+    )
+    two = [failure, SourceFailure("heartbeats", "table missing")]
+    assert (
+        "unknown: exited with 1; table missing; and"
+        in evaluate("a", ">=2", obs("1.0"), "x", failures=two).message()
+    )
+    assert (
+        evaluate("a", ">=2", obs("1.0"), "x")
+        .message()
+        .endswith("Stop or upgrade those instances, or pass --override-gate REASON")
+    )
+    assert decision.problem() in decision.message()
+    assert evaluate("a", ">=2", obs("2.0"), "x").problem() == ""
+
+
+def test_check_deploy_says_why_each_range_applies() -> None:
+    running = PlanState(
+        "p", phase="expand", state="running", active_phase="backfill", direction=None
+    )
+    check = check_deploy(Version("2.0"), SEED_PLAN, running)
+    assert check.message("2.0") == (
+        "bug-root-cause: expand done, backfill advance running; bugtracker 2.0 may NOT be "
+        "deployed: it must be in '<2' (once expand is done) and '>=1,<3' (backfill, which is "
+        "running)"
+    )
+    assert check.to_dict() == {
+        "plan": "bug-root-cause",
+        "app": "bugtracker",
+        "state": "expand done, backfill advance running",
+        "ranges": [
+            {"compatible": "<2", "why": "once expand is done"},
+            {"compatible": ">=1,<3", "why": "backfill, which is running"},
+        ],
+        "allowed": False,
+    }
+    undoing = PlanState(
+        "p", phase="contract", state="failed", active_phase="contract", direction="rollback"
+    )
+    assert check_deploy(Version("2.0"), SEED_PLAN, undoing).message("2.0") == (
+        "bug-root-cause: contract done, contract rollback failed; bugtracker 2.0 may be "
+        "deployed: it must be in '>=2' (once contract is done) and '>=1' (where the failed "
+        "rollback of contract leads)"
+    )
+    fresh = check_deploy(Version("1.0"), SEED_PLAN, PlanState("p"))
+    assert fresh.message("1.0") == (
+        "bug-root-cause: not started; bugtracker 1.0 may be deployed: it must be in '<2' "
+        "(before the plan)"
+    )
+    # a phase that stopped being active, or is done, adds no second range
+    done = PlanState("p", phase="expand", state="done", active_phase="backfill")
+    assert [spec for spec, _ in check_deploy(Version("1.0"), SEED_PLAN, done).ranges] == ["<2"]
+
+
+def test_a_failed_source_with_nothing_seen_blames_only_the_source() -> None:
+    """Nothing was observed because the source failed: "connect the app" would mislead."""
+    failure = SourceFailure("versions_command", "exited with 1")
+    assert evaluate("a", ">=2", [], "x", failures=[failure]).problem() == (
+        "a version source failed, so what runs is unknown: exited with 1"
+    )
+
+
+def test_a_pass_lists_everything_it_saw() -> None:
+    message = evaluate("a", ">=1", obs("1.0", "2.0"), "x").message()
+    assert message.endswith(
+        "(seen: 1.0 (--live-version: seen 1.0), 2.0 (--live-version: seen 2.0))"
+    )
+
+
+def test_a_release_candidate_may_be_deployed_where_its_release_may() -> None:
+    assert deployable("2.5rc1", phase="contract") and not deployable("1.9rc1", phase="contract")

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from pglast import parse_sql
 
 from phasegate.cli import cli
-from phasegate.locks import locks_of
+from phasegate.lint import RevisionSQL
+from phasegate.lint import lint as run_lint
+from phasegate.locks import EXCLUSIVE, SHARE, locks_of, stronger, strongest
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT
 from .lint_project import Revision, build
@@ -377,11 +379,67 @@ def test_the_seed_plan_is_clean() -> None:
             [("SHARE UPDATE EXCLUSIVE", "p"), ("ACCESS EXCLUSIVE", "c")],
         ),
         ("DROP INDEX i", [("ACCESS EXCLUSIVE", "i's table")]),
+        ("DROP INDEX CONCURRENTLY s.i", [("SHARE UPDATE EXCLUSIVE", "s.i's table")]),
+        ("DROP TABLE a, s.b", [("ACCESS EXCLUSIVE", "a"), ("ACCESS EXCLUSIVE", "s.b")]),
+        ("DROP TRIGGER tr ON s.t", [("ACCESS EXCLUSIVE", "s.t")]),
+        ("REINDEX INDEX i", [("SHARE", "i's table")]),
+        ("REINDEX INDEX CONCURRENTLY i", [("SHARE UPDATE EXCLUSIVE", "i's table")]),
+        ("REINDEX TABLE t", [("SHARE", "t")]),
+        ("REINDEX TABLE CONCURRENTLY s.t", [("SHARE UPDATE EXCLUSIVE", "s.t")]),
+        ("ALTER TABLE t RENAME TO u", [("ACCESS EXCLUSIVE", "t")]),
+        ("ALTER TABLE s.t RENAME COLUMN a TO b", [("ACCESS EXCLUSIVE", "s.t")]),
+        (
+            "CREATE TABLE c (id int REFERENCES p (id), o int, FOREIGN KEY (o) REFERENCES q (id))",
+            [("SHARE ROW EXCLUSIVE", "p"), ("SHARE ROW EXCLUSIVE", "q")],
+        ),
+        (
+            "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
+            [("SHARE ROW EXCLUSIVE", "t")],
+        ),
+        ("TRUNCATE a, b", [("ACCESS EXCLUSIVE", "a"), ("ACCESS EXCLUSIVE", "b")]),
+        ("VACUUM t, u", [("SHARE UPDATE EXCLUSIVE", "t"), ("SHARE UPDATE EXCLUSIVE", "u")]),
+        ("VACUUM (FULL) t", [("ACCESS EXCLUSIVE", "t")]),
+        ("ANALYZE t, u", [("SHARE UPDATE EXCLUSIVE", "t"), ("SHARE UPDATE EXCLUSIVE", "u")]),
+        ("CLUSTER t USING i", [("ACCESS EXCLUSIVE", "t")]),
+        ("LOCK TABLE t, u", [("ACCESS EXCLUSIVE", "t"), ("ACCESS EXCLUSIVE", "u")]),
+        ("LOCK TABLE t IN ROW EXCLUSIVE MODE", [("ROW EXCLUSIVE", "t")]),
+        ("COMMENT ON TABLE s.t IS 'x'", [("SHARE UPDATE EXCLUSIVE", "s.t")]),
+        ("COMMENT ON COLUMN s.t.a IS 'x'", [("SHARE UPDATE EXCLUSIVE", "s.t")]),
+        ("ALTER TABLE t ADD CONSTRAINT c CHECK (a > 0)", [("ACCESS EXCLUSIVE", "t")]),
+        (
+            "ALTER TABLE t ADD COLUMN a int REFERENCES u (id)",
+            [("ACCESS EXCLUSIVE", "t"), ("SHARE ROW EXCLUSIVE", "u")],
+        ),
+        ("ALTER TABLE t DETACH PARTITION c", [("ACCESS EXCLUSIVE", "t")]),
+        ("CREATE RULE r AS ON INSERT TO s.t DO INSTEAD NOTHING", [("ACCESS EXCLUSIVE", "s.t")]),
+        ("CREATE STATISTICS st ON a, b FROM s.t", [("SHARE UPDATE EXCLUSIVE", "s.t")]),
+        ("SELECT 1", []),
     ],
 )
 def test_locks_of_statements(statement: str, expected: list[tuple[str, str]]) -> None:
     found = locks_of(parse_sql(statement)[0].stmt)
     assert [(lock.mode, lock.table) for lock in found] == expected
+
+
+def test_an_index_lock_names_the_table_the_revisions_built_it_on() -> None:
+    """An index's lock is its table's: with the table known, a finding names it."""
+    on_t = {"i": "t"}
+    for statement, mode in [
+        ("DROP INDEX i", "ACCESS EXCLUSIVE"),
+        ("DROP INDEX public.i", "ACCESS EXCLUSIVE"),  # the default schema, spelled out
+        ("REINDEX INDEX i", "SHARE"),
+    ]:
+        found = locks_of(parse_sql(statement)[0].stmt, on_t)
+        assert [(lock.mode, lock.table) for lock in found] == [(mode, "t")], statement
+
+
+def test_the_strongest_lock_wins_and_a_tie_keeps_the_first() -> None:
+    assert strongest([]) is None
+    both = locks_of(
+        parse_sql("ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES u (id)")[0].stmt
+    )
+    assert strongest(both) == both[0]  # SHARE ROW EXCLUSIVE on t and on u
+    assert stronger(SHARE, EXCLUSIVE) == EXCLUSIVE == stronger(EXCLUSIVE, SHARE)
 
 
 def test_the_readme_lists_every_rule_with_its_safe_rewrite() -> None:
@@ -511,3 +569,155 @@ def test_lint_phase_checks_only_that_phases_revisions(tmp_path) -> None:
     assert lint_phase() == (1, {"create-index-blocking"})
     assert lint_phase("--phase", "expand") == (1, {"create-index-blocking"})
     assert lint_phase("--phase", "switch") == (0, set())
+
+
+def type_change_findings(old: str | None, new: str) -> list[str]:
+    """The column-type-rewrite details of changing bug.c from `old` (None: a table the
+    revisions never created, so its type is unknown) to `new` in expand."""
+    base = [] if old is None else [RevisionSQL("base", "base.py", f"CREATE TABLE bug (c {old});")]
+    change = RevisionSQL("r1", "r1.py", f"ALTER TABLE bug ALTER COLUMN c TYPE {new};", "expand")
+    return [f.message for f in run_lint([*base, change]) if f.rule == "column-type-rewrite"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "rewrites"),
+    [
+        (None, "text", True),  # unknown: assume the worst
+        ("varchar(20)", "varchar(20)", False),
+        ("varchar(20)", "varchar(30)", False),
+        ("varchar(20)", "varchar(10)", True),
+        ("varchar(20)", "varchar", False),
+        ("varchar(20)", "text", False),
+        ("text", "varchar", False),
+        ("text", "varchar(10)", True),
+        ("text", "integer", True),
+        ("integer", "text", True),
+        ("numeric(10,2)", "numeric", False),
+        ("numeric(10,2)", "numeric(12,2)", False),
+        ("numeric(10,2)", "numeric(9,2)", True),
+        ("numeric(10,2)", "numeric(12,3)", True),
+        ("numeric(10,2)", "numeric(12)", True),
+        ("numeric(10)", "numeric(12)", False),
+        ("numeric(10)", "numeric(10,0)", False),
+        ("numeric(10)", "numeric(12,0)", False),
+        ("numeric(10)", "numeric(8)", True),
+        ("numeric(10)", "numeric(12,2)", True),
+    ],
+)
+def test_only_a_type_change_without_a_table_rewrite_passes(
+    old: str | None, new: str, rewrites: bool
+) -> None:
+    """PostgreSQL rewrites the table (under ACCESS EXCLUSIVE) unless the new type only
+    widens the old one; a missed rewrite is an outage, a false one blocks a safe change."""
+    assert bool(type_change_findings(old, new)) is rewrites
+
+
+def test_a_type_rewrite_names_the_old_and_new_type() -> None:
+    rewrite = "changing a column's type rewrites the table (and its indexes) under ACCESS EXCLUSIVE"
+    assert type_change_findings("varchar(20)", "varchar(10)") == [
+        f"{rewrite}: bug.c from varchar(20) to varchar(10)"
+    ]
+    assert type_change_findings(None, "text") == [f"{rewrite}: bug.c (old type unknown) to text"]
+
+
+BUG_TABLE = RevisionSQL(
+    "base",
+    "base.py",
+    "CREATE TABLE bug (id int, title varchar(20), score int);"
+    "CREATE INDEX ix_bug_title ON bug (title);",
+)
+ADD = "ALTER TABLE bug ADD COLUMN"
+
+
+@pytest.mark.parametrize(
+    ("phase", "sql", "expected"),
+    [
+        (
+            "expand",
+            "DROP INDEX ix_bug_title;",
+            [
+                ("drop-index-blocking", "index ix_bug_title"),
+                ("drop-outside-contract", "index ix_bug_title in expand"),
+            ],
+        ),
+        (
+            "expand",
+            "DROP INDEX CONCURRENTLY ix_unknown;",
+            [("drop-outside-contract", "index ix_unknown in expand")],
+        ),
+        ("contract", "DROP INDEX CONCURRENTLY ix_bug_title; DROP TABLE bug;", []),
+        ("switch", "DROP TABLE bug;", [("drop-outside-contract", "table bug in switch")]),
+        (
+            "expand",
+            "CREATE TABLE tmp (a int); CREATE INDEX ix_tmp ON tmp (a);"
+            "DROP INDEX ix_tmp; DROP TABLE tmp;",
+            [],  # what this revision created no one uses yet
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug RENAME COLUMN title TO name;"
+            "ALTER TABLE bug ALTER COLUMN name TYPE varchar(10);",
+            [
+                ("rename", "column bug.title to name"),
+                ("column-type-rewrite", "bug.name from varchar(20) to varchar(10)"),
+            ],
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug RENAME TO issue; ALTER TABLE issue ALTER COLUMN title TYPE text;",
+            [("rename", "table bug to issue")],  # the type is known under the new name
+        ),
+        (
+            "expand",
+            f"{ADD} a serial, ADD b bigserial, ADD c smallserial, ADD d serial4,"
+            "ADD e serial8, ADD f serial2, ADD g int GENERATED ALWAYS AS IDENTITY;",
+            [("identity-column-added", f"bug.{c}") for c in "abcdefg"],
+        ),
+        (
+            "expand",
+            f"{ADD} a timestamptz DEFAULT clock_timestamp(),"
+            "ADD b int DEFAULT my_fn() + other_fn(), ADD c int NOT NULL, ADD j json;",
+            [
+                ("add-column-volatile-default", "bug.a DEFAULT calls clock_timestamp"),
+                ("add-column-default-unknown", "bug.b DEFAULT calls my_fn, other_fn"),
+                ("add-column-not-null-no-default", "bug.c"),
+                ("json-column", "bug.j"),
+            ],
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ADD CHECK (score > 0) NOT VALID,"
+            "ADD CONSTRAINT fk FOREIGN KEY (score) REFERENCES bug (id);",
+            [
+                ("constraint-on-old-column-in-expand", "(unnamed) on bug(score)"),
+                ("constraint-validated-on-add", "FOREIGN KEY fk on bug"),
+                ("constraint-on-old-column-in-expand", "fk on bug(score)"),
+            ],
+        ),
+        (
+            "switch",
+            "ALTER TABLE bug ADD CONSTRAINT ck CHECK (title IS NOT NULL) NOT VALID; COMMIT;"
+            "ALTER TABLE bug VALIDATE CONSTRAINT ck;"
+            "ALTER TABLE bug ALTER COLUMN score SET NOT NULL;"
+            "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+            [
+                (
+                    "set-not-null-unchecked",
+                    "bug.score has no validated CHECK (score IS NOT NULL) before it",
+                )
+            ],
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+            [("tighten-outside-switch", "bug.title")],
+        ),
+    ],
+)
+def test_a_finding_names_exactly_what_it_found(
+    phase: str, sql: str, expected: list[tuple[str, str]]
+) -> None:
+    """The rule and the object it names (table, column, index, constraint, function):
+    what an operator reads to find the statement to fix."""
+    findings = run_lint([BUG_TABLE, RevisionSQL("r1", "r1.py", sql, phase)])
+    assert [(f.rule, f.message.partition(": ")[2]) for f in findings] == expected

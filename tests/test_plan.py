@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phasegate.plan import COMPLEX_KEY, PlanError, load_plan, parse_plan
+from phasegate.plan import COMPLEX_KEY, PlanError, PlanIssue, load_plan, parse_plan
 
 from .conftest import ALEMBIC_INI, HYPOTHESIS_PROFILE, PLAN
 
@@ -346,3 +346,80 @@ def test_plans_that_share_values_through_aliases_still_load() -> None:
     )
     big = text.replace("  contract:\n", jobs + "  contract:\n", 1)
     assert len(parse_plan(big, "plans/many.yaml").jobs()) == 2001
+
+
+# -- each error in full: the file, line, key, message and hint an author fixes it from ----------
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "expected"),
+    [
+        (
+            '    compatible: ">=1,<3"\n',
+            '    compatible: ">=1,<3"\n    revisions: [abc]\n',
+            "plans/x.yaml:9: phases.backfill.revisions: unknown key 'revisions'. "
+            "backfill runs jobs only; tag schema changes expand or switch",
+        ),
+        (
+            '    compatible: ">=2"',
+            "    compatible: 2",
+            "plans/x.yaml:19: phases.contract.compatible: expected text, got int. "
+            'quote it, e.g. ">=2"',
+        ),
+        (
+            "name: copy",
+            "name: Copy Job",
+            "plans/x.yaml:10: phases.backfill.jobs[0].name: 'Copy Job' is not allowed. "
+            "lowercase letters, digits, `-` and `_`",
+        ),
+        (
+            "app: shop",
+            "app: shop\napps: x",
+            "plans/x.yaml:3: apps: unknown key 'apps'. did you mean 'app'? (allowed keys here: "
+            "plan, description, app, baseline_compatible, phases)",
+        ),
+        (
+            "app: shop\n",
+            "",
+            "plans/x.yaml:1: app: missing required key 'app'. the application whose running "
+            "versions gate this plan, e.g. `app: bugtracker`",
+        ),
+        (
+            "        where:",
+            "        zzzzz:",
+            "plans/x.yaml:14: phases.backfill.jobs[0].zzzzz: unknown key 'zzzzz'. allowed keys "
+            "here: name, sql, table, key, set, where, sync, batch_size",
+        ),
+    ],
+)
+def test_an_error_reads_in_full(replace: str, by: str, expected: str) -> None:
+    [issue] = issues_of(VALID.replace(replace, by))
+    assert str(issue) == expected
+    file, line, key, rest = expected.split(":", 3)
+    message, _, hint = rest.strip().partition(". ")
+    assert issue.to_dict() == {
+        "file": file,
+        "line": int(line),
+        "key": key.strip(),
+        "message": message,
+        "hint": hint,
+    }
+
+
+def test_a_validators_message_comes_without_pydantics_prefix_or_an_unrelated_hint() -> None:
+    [issue] = issues_of(
+        VALID.replace('compatible: "<2"\n  backfill', 'compatible: "2"\n  backfill')
+    )
+    assert issue.to_dict() == {
+        "file": "plans/x.yaml",
+        "line": 6,
+        "key": "phases.expand.compatible",
+        "message": "'2' is not a PEP 440 version specifier; write e.g. '>=2', '<3' or '>=1,<3'",
+        "hint": "",
+    }
+    down = "          down:\n            email: new.email_normalized\n"
+    [issue] = issues_of(VALID.replace(down, "          {}\n"))
+    assert str(issue) == (
+        "plans/x.yaml:15: phases.backfill.jobs[0].sync.down: missing required key 'down'"
+    )
+    assert str(PlanIssue("f.yaml", None, "", "unreadable", "")) == "f.yaml: unreadable"

@@ -17,10 +17,13 @@ import subprocess
 import psycopg
 import pytest
 from click.testing import CliRunner
+from pglast.parser import ParseError
 from sqlalchemy.engine import make_url
 
+from phasegate import redact
 from phasegate.cli import cli
-from phasegate.db import libpq_url, mask_url, scrub
+from phasegate.db import libpq_url, mask_url, normalize_url, scrub
+from phasegate.errors import UsageError
 from phasegate.redact import NOT_SHOWN, without_literals
 
 from .conftest import PLAN, Phasegate, on_a_terminal
@@ -109,6 +112,36 @@ def test_a_query_cut_inside_a_literal_keeps_only_whole_tokens_before_it() -> Non
     assert NOT_SHOWN.startswith("(query not shown")
 
 
+def test_new_parameters_follow_the_highest_one_the_query_already_has() -> None:
+    """$n must not repeat a parameter the query holds, or two values would read as one."""
+    assert without_literals("SELECT f($12) WHERE k = 'secret'") == "SELECT f($12) WHERE k = $13"
+    # after SET ... TO, a parameter is already no literal: it stays as written
+    assert without_literals("SET app.key TO $1") == "SET app.key TO $1"
+
+
+def test_a_settings_value_list_is_hidden_but_its_commas_stay() -> None:
+    assert without_literals("ALTER ROLE app SET search_path = sk_a, sk_b") == (
+        "ALTER ROLE app SET search_path = $1, $2"
+    )
+
+
+def test_a_long_query_is_cut_to_exactly_the_limit_without_a_trailing_space() -> None:
+    assert without_literals("SELECT abcdef", limit=13) == "SELECT abcdef"
+    assert without_literals("SELECT abcdef", limit=10) == "SELECT ab…"
+    assert without_literals("SELECT a, b", limit=8) == "SELECT…"
+
+
+def test_a_lexer_error_without_a_position_shows_nothing(monkeypatch) -> None:
+    """pglast reports where it stopped as the error's second argument; without one,
+    phasegate cannot tell what was read, so it shows nothing, and does not crash."""
+
+    def fails(text: str) -> None:
+        raise ParseError("unexpected end")
+
+    monkeypatch.setattr(redact, "scan", fails)
+    assert without_literals("SELECT 'sk_live'") == NOT_SHOWN
+
+
 # -- item 11: passwords -----------------------------------------------------------------------
 
 
@@ -159,6 +192,39 @@ def test_masking_finds_passwords_in_every_form() -> None:
         "echo postgresql://app:***@db.example/prod?sslpassword=***; decoded ***; "
         "conninfo password='***' sslpassword=***; host db.example, database prod, user app"
     )
+
+
+def test_a_url_sqlalchemy_cannot_parse_still_has_its_secrets_masked() -> None:
+    """The port does not parse, so only the URL's shape says where the secrets are: from
+    the user's ':' to the '@', and each password= or sslpassword= parameter."""
+    url = "postgresql://app:pa/ss@[::1:5432/db?sslpassword=k3y&x=1"
+    assert mask_url(url) == "<unparsable database URL>"
+    assert scrub(f"cannot use {url}: pa/ss k3y; pa%2Fss", url) == (
+        "cannot use postgresql://app:***@[::1:5432/db?sslpassword=***&x=1: *** ***; ***"
+    )
+
+
+def test_a_masked_url_keeps_everything_but_its_secrets() -> None:
+    assert mask_url("postgresql://app:pw@db.example:6432/prod") == (
+        "postgresql://app:***@db.example:6432/prod"
+    )
+    assert mask_url("postgresql://app:p:w@h/prod?password=qq&sslmode=require") == (
+        "postgresql://app:***@h/prod?password=***&sslmode=require"
+    )
+
+
+def test_a_url_is_normalized_to_the_psycopg_driver_with_its_password() -> None:
+    """The normalized URL is what phasegate connects with: the password must survive."""
+    for scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        assert normalize_url(f"{scheme}://u:pw@h/db") == "postgresql+psycopg://u:pw@h/db"
+    with pytest.raises(UsageError) as raised:
+        normalize_url("mysql://u@h/db")
+    assert str(raised.value) == (
+        "phasegate works with PostgreSQL only, not 'mysql'; use postgresql://user@host:port/dbname"
+    )
+    with pytest.raises(UsageError) as raised:
+        normalize_url("postgresql://h:[::1:5432/db")
+    assert str(raised.value) == "it does not parse; expected postgresql://user@host:port/dbname"
 
 
 @pytest.mark.db
