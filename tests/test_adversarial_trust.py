@@ -25,7 +25,7 @@ from phasegate.cli import cli
 from phasegate.db import libpq_url, normalize_url
 
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
-from .test_failures import hold
+from .test_failures import SWITCH_WITH_SHORT_LOCK_WAITS, blocked_at_backfill
 from .test_trust import Project, Roles, query
 
 P = str(PLAN)
@@ -440,22 +440,11 @@ def test_a_password_with_a_space_still_names_the_blocker(seeded_url: str) -> Non
     url = sa.engine.make_url(normalize_url(seeded_url)).set(password="pass word")
     spaced = url.render_as_string(hide_password=False)
     phasegate = Phasegate(spaced)
-    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes")
-    assert result.exit_code == 0, result.output
-    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker = blocked_at_backfill(phasegate, seeded_url)
     blocker_pid = blocker.info.backend_pid
     try:
         result = phasegate(
-            "switch",
-            P,
-            "--live-version",
-            "1",
-            "--lock-timeout",
-            "200ms",
-            "--lock-retries",
-            "1",
-            "--yes",
-            json_output=True,
+            *SWITCH_WITH_SHORT_LOCK_WAITS, "--lock-retries", "1", "--yes", json_output=True
         )
     finally:
         blocker.close()

@@ -28,6 +28,18 @@ def hold(url: str, statement: str, application_name: str = "blocker") -> psycopg
     return conn
 
 
+# switch (its ALTER needs ACCESS EXCLUSIVE on bug) giving up each lock wait after 200 ms
+SWITCH_WITH_SHORT_LOCK_WAITS = ("switch", P, "--live-version", "1", "--lock-timeout", "200ms")
+
+
+def blocked_at_backfill(phasegate: Phasegate, url: str) -> psycopg.Connection:
+    """The plan advanced to backfill, and a session ('blocker') holding ACCESS SHARE on
+    bug in an open transaction: switch cannot get its lock until the caller closes it."""
+    result = phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    return hold(url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+
+
 def release_after_a_retry(
     url: str, holder: psycopg.Connection, release: Callable[[], None] | None = None
 ) -> threading.Thread:
@@ -55,22 +67,9 @@ def release_after_a_retry(
 
 
 def test_failed_revision_is_recorded_and_the_phase_resumes(phasegate, engine, seeded_url) -> None:
-    assert (
-        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
-    )
-    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker = blocked_at_backfill(phasegate, seeded_url)
     try:
-        result = phasegate(
-            "switch",
-            P,
-            "--live-version",
-            "1",
-            "--lock-timeout",
-            "200ms",
-            "--lock-retries",
-            "1",
-            "--yes",
-        )
+        result = phasegate(*SWITCH_WITH_SHORT_LOCK_WAITS, "--lock-retries", "1", "--yes")
     finally:
         blocker.close()
     assert result.exit_code == 3, result.output

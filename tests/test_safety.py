@@ -27,7 +27,12 @@ from phasegate.lockguard import LockPolicy
 from .conftest import ALEMBIC_INI, PLAN, ROOT, Phasegate
 from .lint_project import Revision, build
 from .test_backfill_engine import execute, fetch
-from .test_failures import hold, release_after_a_retry
+from .test_failures import (
+    SWITCH_WITH_SHORT_LOCK_WAITS,
+    blocked_at_backfill,
+    hold,
+    release_after_a_retry,
+)
 from .test_faults import query, wait_for
 from .test_seed_story import scalar
 
@@ -121,24 +126,10 @@ def phasegate_engine(url: str) -> sa.Engine:
 
 
 def test_when_retries_run_out_the_blocker_is_named(phasegate, engine, seeded_url) -> None:
-    assert (
-        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
-    )
-    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker = blocked_at_backfill(phasegate, seeded_url)
     blocker_pid = blocker.info.backend_pid
     try:
-        result = phasegate(
-            "--json",
-            "switch",
-            P,
-            "--live-version",
-            "1",
-            "--lock-timeout",
-            "200ms",
-            "--lock-retries",
-            "2",
-            "--yes",
-        )
+        result = phasegate("--json", *SWITCH_WITH_SHORT_LOCK_WAITS, "--lock-retries", "2", "--yes")
     finally:
         blocker.close()
     assert result.exit_code == 3, result.output
@@ -158,21 +149,13 @@ def test_lock_retry_time_ends_the_retries_long_before_lock_retries_would(
     """`--lock-retry-time 2s` bounds the retries whatever `--lock-retries` allows: exit 3
     naming the blocker after a handful of attempts, not 100 (counted from the retry lines,
     never timed: a loaded machine only means fewer attempts fit)."""
-    assert (
-        phasegate("advance", P, "--to", "backfill", "--live-version", "1", "--yes").exit_code == 0
-    )
-    blocker = hold(seeded_url, "BEGIN; LOCK TABLE bug IN ACCESS SHARE MODE")
+    blocker = blocked_at_backfill(phasegate, seeded_url)
     blocker_pid = blocker.info.backend_pid
     try:
         process = run_phasegate(
             seeded_url,
             "--json",
-            "switch",
-            P,
-            "--live-version",
-            "1",
-            "--lock-timeout",
-            "200ms",
+            *SWITCH_WITH_SHORT_LOCK_WAITS,
             "--lock-retries",
             "100",
             "--lock-retry-time",
