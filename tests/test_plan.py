@@ -419,6 +419,38 @@ def test_an_error_reads_in_full(replace: str, by: str, expected: str) -> None:
     }
 
 
+CHECK_THERE = "check the indentation and quoting there"
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "line", "message", "hint"),
+    [
+        # where the parser gave up (line 3), not where the open list began (line 2)
+        ("app: shop", "app: [shop", 3, "expected ',' or ']', but got ':'", CHECK_THERE),
+        (
+            'compatible: ">=2"',
+            "compatible: >=2",
+            19,
+            "expected chomping or indentation indicators, but found '='",
+            'quote version specifiers: compatible: ">=2"',
+        ),
+        # a control character, named as it would be written in a string
+        ("app: shop", "app: sh\x07op", 2, "character '\\x07' is not allowed in YAML", CHECK_THERE),
+    ],
+)
+def test_a_yaml_error_reads_in_full(
+    replace: str, by: str, line: int, message: str, hint: str
+) -> None:
+    [issue] = issues_of(VALID.replace(replace, by))
+    assert issue.to_dict() == {
+        "file": "plans/x.yaml",
+        "line": line,
+        "key": "",
+        "message": f"not valid YAML: {message}",
+        "hint": hint,
+    }
+
+
 def test_a_validators_message_comes_without_pydantics_prefix_or_an_unrelated_hint() -> None:
     [issue] = issues_of(
         VALID.replace('compatible: "<2"\n  backfill', 'compatible: "2"\n  backfill')
