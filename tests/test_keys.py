@@ -7,6 +7,7 @@ The walks themselves are tested against PostgreSQL in test_backfill_engine.py.
 
 from __future__ import annotations
 
+import pytest
 from psycopg import sql
 
 from phasegate.keys import Key, decode, encode
@@ -45,6 +46,7 @@ def test_a_composite_key_is_a_row_compared_column_by_column() -> None:
     assert text(TWO.declarations("v", "; ")) == '"v0" text; "v1" timestamp with time zone'
     assert text(TWO.stored(sql.SQL("a"))) == "(a)::text"
     assert TWO.signature == "org text, created timestamp with time zone"
+    assert TWO.describe() == "org, created (key: [org, created])"
 
 
 def test_a_date_or_time_key_travels_as_iso_8601_whatever_the_datestyle() -> None:
@@ -62,3 +64,11 @@ def test_a_stored_key_reads_back_as_written() -> None:
     stored = encode(('é, "x"', "2024-01-01"))
     assert stored == '["é, \\"x\\"", "2024-01-01"]'  # as json_build_array(...)::text writes it
     assert decode(stored, TWO) == ('é, "x"', "2024-01-01")
+
+
+def test_a_stored_value_of_another_width_than_the_key_is_refused_not_cut_to_fit() -> None:
+    """A ledger value saved under another key (its columns changed since) must not become
+    a bound made of some of its values: that would skip or repeat rows."""
+    for value in [("acme",), ("acme", "2024-01-01", "extra")]:
+        with pytest.raises(ValueError):
+            TWO.literal(value)

@@ -221,6 +221,7 @@ def test_unreadable_file(tmp_path) -> None:
         load_plan(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
 def test_any_text_either_loads_or_raises_plan_error(text: str) -> None:
@@ -252,6 +253,7 @@ def test_property_tests_draw_the_same_examples_each_run_unless_random_is_asked_f
         assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(st.integers(min_value=0, max_value=VALID.count("\n") - 1), st.sampled_from(["x", ":", "-"]))
 def test_corrupted_lines_of_a_valid_plan_are_located(line: int, junk: str) -> None:
@@ -306,6 +308,7 @@ def validate_in_a_process(path: str) -> tuple[subprocess.CompletedProcess[str], 
     return done, time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_an_alias_bomb_is_refused_at_once_with_its_line(tmp_path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(ALIAS_BOMB)
@@ -316,13 +319,17 @@ def test_an_alias_bomb_is_refused_at_once_with_its_line(tmp_path) -> None:
     assert seconds < 10
 
 
-def test_deep_nesting_is_an_invalid_plan_with_its_line(tmp_path) -> None:
+@pytest.mark.slow
+def test_deep_nesting_is_refused_by_the_cli_without_a_crash(tmp_path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("plan: deep\napp: shop\nx: " + "[" * 10_000 + "]" * 10_000 + "\n")
     done, _seconds = validate_in_a_process(str(path))
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"{path}:3: the YAML is nested more than 64 levels deep" in done.stdout
     assert "internal error" not in done.stderr
+
+
+def test_deep_nesting_is_an_invalid_plan_with_its_line() -> None:
     issue = issues_of("plan: deep\nphases:\n  x: " + "{a: " * 65 + "1" + "}" * 65 + "\n")[0]
     assert (issue.line, issue.message) == (3, "the YAML is nested more than 64 levels deep")
 
@@ -339,7 +346,13 @@ def test_plans_that_share_values_through_aliases_still_load() -> None:
     plan = parse_plan(text, "plans/aliases.yaml")
     assert plan.phase("expand").compatible == "<2" and plan.jobs()[0].table == "customer"
     assert plan.jobs()[0].batch_size == 500
-    # many small aliases, far more nodes than any real plan, stay well inside the budget
+
+
+@pytest.mark.slow
+def test_many_small_aliases_stay_inside_the_node_budget() -> None:
+    """Far more nodes than any real plan, through aliases, stay well inside the budget."""
+    text = VALID.replace('baseline_compatible: "<2"', 'baseline_compatible: &old "<2"')
+    text = text.replace("table: customer", "table: &t customer\n        batch_size: &n 500")
     jobs = "".join(
         f"      - {{name: j{i}, table: *t, set: {{c: *old}}, where: *old, batch_size: *n}}\n"
         for i in range(2000)
@@ -402,6 +415,38 @@ def test_an_error_reads_in_full(replace: str, by: str, expected: str) -> None:
         "line": int(line),
         "key": key.strip(),
         "message": message,
+        "hint": hint,
+    }
+
+
+CHECK_THERE = "check the indentation and quoting there"
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "line", "message", "hint"),
+    [
+        # where the parser gave up (line 3), not where the open list began (line 2)
+        ("app: shop", "app: [shop", 3, "expected ',' or ']', but got ':'", CHECK_THERE),
+        (
+            'compatible: ">=2"',
+            "compatible: >=2",
+            19,
+            "expected chomping or indentation indicators, but found '='",
+            'quote version specifiers: compatible: ">=2"',
+        ),
+        # a control character, named as it would be written in a string
+        ("app: shop", "app: sh\x07op", 2, "character '\\x07' is not allowed in YAML", CHECK_THERE),
+    ],
+)
+def test_a_yaml_error_reads_in_full(
+    replace: str, by: str, line: int, message: str, hint: str
+) -> None:
+    [issue] = issues_of(VALID.replace(replace, by))
+    assert issue.to_dict() == {
+        "file": "plans/x.yaml",
+        "line": line,
+        "key": "",
+        "message": f"not valid YAML: {message}",
         "hint": hint,
     }
 

@@ -204,6 +204,22 @@ def test_a_url_sqlalchemy_cannot_parse_still_has_its_secrets_masked() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        # ':' and '@' in the password; '@', '?' and '://' in the query
+        (
+            "postgresql://app:p:w@ss@[::1:5432/db?application_name=x@y?z&sslrootcert=file://c",
+            "p:w@ss",
+        ),
+        ("postgresql://Xavier:pw@[::1:5432/db", "pw"),
+    ],
+)
+def test_an_unparsable_urls_password_is_found_by_its_shape(url: str, password: str) -> None:
+    masked = url.replace(f":{password}@", ":***@", 1)
+    assert scrub(f"cannot use {url}: {password}", url) == f"cannot use {masked}: ***"
+
+
 def test_a_masked_url_keeps_everything_but_its_secrets() -> None:
     assert mask_url("postgresql://app:pw@db.example:6432/prod") == (
         "postgresql://app:***@db.example:6432/prod"
@@ -378,6 +394,31 @@ def test_the_upgrade_confirmation_does_not_show_the_password(database_url) -> No
             'database "prod" rejected "password": "prod"',
             'database "prod" rejected "password": "***"',
         ),
+        # as a password in any case; the database's name stays, and so does `None`
+        (
+            "postgresql://prod:prod@db/prod",
+            "PASSWORD=prod, Password: prod",
+            "PASSWORD=***, Password: ***",
+        ),
+        (
+            "postgresql://app:prod@db/prod",
+            'database "prod" rejected password=prod, None',
+            'database "prod" rejected password=***, None',
+        ),
+        # a secret inside another is masked after it: the longer goes whole
+        (
+            "postgresql://app:x9@db/prod?sslpassword=a-x9",
+            "keys a-x9 and x9",
+            "keys *** and ***",
+        ),
+        # a secret that starts and ends with punctuation needs no word boundary there
+        ("postgresql://app:%23pw%23@db/prod", "tried x#pw#x", "tried x***x"),
+        # SQLAlchemy cuts the password at its first '@': the rest goes, the head stays
+        (
+            "postgresql://app:se@cret@host/db",
+            "se habla; app:***@cret@host",
+            "se habla; app:******@host",
+        ),
     ],
 )
 def test_a_password_is_masked_where_it_is_one_and_nothing_else_is(
@@ -429,6 +470,7 @@ def test_a_password_escaped_in_json_a_repr_or_a_conninfo_is_masked(password: str
             "dumped to /backups/s3cretpw_2026.sql and xs3cretpw",
             "dumped to /backups/***_2026.sql and x***",
         ),
+        ("postgresql://app:s3cret@db/prod", "in xs3cret_1", "in x***_1"),  # six: long
         # unless the longer word is one of the URL's own (user, database, driver)
         (
             "postgresql://postgresql_admin:postgres@db/prod",

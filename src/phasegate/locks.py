@@ -153,6 +153,8 @@ def locks_of(node: ast.Node, index_tables: Mapping[str, str] | None = None) -> l
         full = any(o.defname == "full" for o in node.options or ())
         for rel in node.rels or ():
             take(relation_name(rel.relation), ACCESS_EXCLUSIVE if full else SHARE_UPDATE_EXCLUSIVE)
+    elif isinstance(node, ast.RefreshMatViewStmt):
+        take(relation_name(node.relation), EXCLUSIVE if node.concurrent else ACCESS_EXCLUSIVE)
     elif isinstance(node, ast.ClusterStmt) and node.relation is not None:
         take(relation_name(node.relation), ACCESS_EXCLUSIVE)
     elif isinstance(node, ast.LockStmt):

@@ -472,7 +472,9 @@ def _yaml_issue(exc: yaml.YAMLError, text: str, source: str) -> PlanIssue:
         problem = exc.problem or str(exc)
     elif isinstance(exc, yaml.reader.ReaderError):
         line = text[: exc.position].count("\n") + 1
-        problem = f"character {exc.character!r} is not allowed in YAML"
+        character = exc.character  # PyYAML gives its code point, not the character
+        character = chr(character) if isinstance(character, int) else character
+        problem = f"character {character!r} is not allowed in YAML"
     else:
         line, problem = None, str(exc)
     hint = "check the indentation and quoting there"
