@@ -763,6 +763,41 @@ def detail(finding) -> str:
             "ADD CONSTRAINT ex EXCLUDE USING btree (score WITH =);",
             [("unique-constraint-in-place", "uq on bug"), ("exclusion-constraint", "ex on bug")],
         ),
+        (
+            "expand",
+            f"{ADD} v varchar(20); ALTER TABLE bug ALTER COLUMN v TYPE varchar(30),"
+            "ALTER COLUMN title TYPE varchar(30); ALTER TABLE bug ALTER COLUMN title TYPE text;",
+            [],  # each change judged against the type the one before left
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ALTER COLUMN title TYPE json USING to_json(title);",
+            [
+                ("json-column", "bug.title"),
+                ("column-type-rewrite", "bug.title from varchar(20) to json with USING"),
+            ],
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ALTER COLUMN score DROP NOT NULL, DROP COLUMN id;",
+            [
+                ("drop-not-null-in-expand", "bug.score"),
+                ("drop-outside-contract", "column bug.id in expand"),
+            ],
+        ),
+        (
+            "contract",
+            "ALTER TABLE elsewhere DROP COLUMN a, DROP CONSTRAINT fk;",
+            [],  # a column and a constraint the history never showed
+        ),
+        (
+            "switch",
+            "BEGIN;"
+            "ALTER TABLE bug ADD CONSTRAINT ck CHECK (score > 0) NOT VALID;"
+            "ALTER TABLE bug VALIDATE CONSTRAINT ck;"
+            "COMMIT;",
+            [("validate-same-transaction", "ck was added NOT VALID just before")],
+        ),
     ],
 )
 def test_a_finding_names_exactly_what_it_found(
@@ -936,6 +971,47 @@ def test_a_check_added_validated_in_the_history_lets_set_not_null_skip_its_scan(
 
 
 @pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER TABLE bug DROP CONSTRAINT ck; ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+        "ALTER TABLE bug DROP CONSTRAINT ck;"
+        "ALTER TABLE bug ADD CONSTRAINT ck CHECK (title IS NOT NULL) NOT VALID;"
+        "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+        "ALTER TABLE bug DROP CONSTRAINT ck;"
+        "ALTER TABLE bug ADD CONSTRAINT ck CHECK (score > 0) NOT VALID;"
+        "ALTER TABLE bug VALIDATE CONSTRAINT ck;"
+        "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+    ],
+    ids=["dropped", "added-again-not-valid", "reused-for-another-check"],
+)
+def test_a_dropped_check_no_longer_spares_set_not_null_its_scan(sql: str) -> None:
+    revisions = [
+        BUG_TABLE,
+        RevisionSQL(
+            "old", "old.py", "ALTER TABLE bug ADD CONSTRAINT ck CHECK (title IS NOT NULL);"
+        ),
+        RevisionSQL("r1", "r1.py", sql, "switch"),
+    ]
+    assert [f.rule for f in run_lint(revisions)] == ["set-not-null-unchecked"]
+
+
+def test_a_finding_reads_as_one_line_with_its_lock_and_waiver_then_statement_and_fix() -> None:
+    """The text `phasegate lint` prints: the lock only when the statement takes one."""
+    (blocking,) = findings_of("CREATE INDEX ix ON bug (score);", "expand")
+    assert blocking.describe() == (
+        "error create-index-blocking: r1.py (expand revision r1) [SHARE on bug]\n"
+        "    CREATE INDEX ix ON bug (score)\n"
+        f"    {RULES['create-index-blocking'].title}: on bug\n"
+        f"    safe: {RULES['create-index-blocking'].fix}"
+    )
+    waived = RevisionSQL("r1", "r1.py", "SELECT 1;", "expand", {"no-such-rule": "why"})
+    (unknown,) = run_lint([waived])
+    assert unknown.describe().splitlines()[0] == (
+        "warning unknown-waiver: r1.py (expand revision r1)"
+    )
+
+
+@pytest.mark.parametrize(
     ("history", "table"),
     [
         ("", "bug"),
@@ -966,3 +1042,19 @@ def test_a_table_dropped_and_made_again_without_create_table_has_unknown_column_
     assert [(f.rule, detail(f)) for f in findings_of(sql, "contract")] == [
         ("column-type-rewrite", "bug.title (old type unknown) to varchar(30)")
     ]
+
+
+def test_the_version_table_env_py_configures_is_bookkeeping_too(tmp_path) -> None:
+    """Each revision's rendering ends in an UPDATE of Alembic's version table: whatever
+    env.py names it, that is not the revision's unbatched DML."""
+    ini, plan = build(tmp_path, [R("expand", "pass"), R("switch", "pass")])
+    env_py = tmp_path / "migrations" / "env.py"
+    env_py.write_text(
+        env_py.read_text().replace(
+            "literal_binds=True,", 'literal_binds=True, version_table="deploy_versions",'
+        )
+    )
+    result = CliRunner().invoke(
+        cli, ["--config", str(ini), "--json", "lint", str(plan)], catch_exceptions=False
+    )
+    assert (result.exit_code, json.loads(result.stdout)["findings"]) == (0, [])
