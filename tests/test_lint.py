@@ -654,6 +654,7 @@ def detail(finding) -> str:
         ),
         ("contract", "DROP INDEX CONCURRENTLY ix_bug_title; DROP TABLE bug;", []),
         ("switch", "DROP TABLE bug;", [("drop-outside-contract", "table bug in switch")]),
+        ("expand", "CREATE TABLE doc (id int, body json);", [("json-column", "doc.body")]),
         (
             "expand",
             "CREATE TABLE tmp (a int); CREATE INDEX ix_tmp ON tmp (a);"
