@@ -32,7 +32,7 @@ COMPATIBLE = {"expand": '"<2"', "switch": '">=1"', "contract": '">=2"'}
 
 @dataclass
 class Revision:
-    phase: str
+    phase: str | None  # None: a revision of the history, not of the plan
     body: str  # the lines of upgrade(), dedented
     module: str = ""  # extra module-level text, e.g. phasegate_allow = {...}
 
@@ -47,7 +47,8 @@ def build(root: Path, revisions: list[Revision], plan: str = "p") -> tuple[Path,
     parent = "base0000"
     for number, revision in enumerate(revisions, 1):
         rev_id = f"rev{number:05d}"
-        _write(versions, rev_id, parent, revision.body, (plan, revision.phase), revision.module)
+        tag = (plan, revision.phase) if revision.phase else None
+        _write(versions, rev_id, parent, revision.body, tag, revision.module)
         parent = rev_id
     phases = [p for p in ("expand", "switch", "contract") if any(r.phase == p for r in revisions)]
     lines = [f"plan: {plan}", "app: shop", 'baseline_compatible: "<2"', "phases:"]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pglast import parse_sql
 
 from phasegate.cli import cli
-from phasegate.lint import RevisionSQL
+from phasegate.lint import RULES, RevisionSQL
 from phasegate.lint import lint as run_lint
 from phasegate.locks import EXCLUSIVE, SHARE, locks_of, stronger, strongest
 
@@ -296,8 +296,6 @@ def test_rule_fails_the_unsafe_form_and_passes_the_safe_one(tmp_path, rule: str)
 
 
 def test_every_rule_has_a_failing_example() -> None:
-    from phasegate.lint import RULES
-
     untested = (
         set(RULES) - set(CASES) - {"unparsable-sql", "unknown-waiver", "offline-render-failed"}
     )
@@ -443,8 +441,6 @@ def test_the_strongest_lock_wins_and_a_tie_keeps_the_first() -> None:
 
 
 def test_the_readme_lists_every_rule_with_its_safe_rewrite() -> None:
-    from phasegate.lint import RULES
-
     readme = (ALEMBIC_INI.parent / "README.md").read_text()
     for rule in RULES.values():
         assert f"| `{rule.id}` | {rule.severity} | {rule.title} | {rule.fix} |" in readme, rule.id
@@ -526,8 +522,6 @@ def test_set_not_null_needs_a_validated_check_on_that_very_column(
 def test_lint_rules_lists_every_rule_the_registry_and_the_readme_know_without_a_database() -> None:
     """`lint --rules` is what a waiver's author reads: it must name every rule lint can
     report, as the README's table does, with the same severities."""
-    from phasegate.lint import RULES
-
     unreachable = "postgresql://nobody@127.0.0.1:1/none"  # a database would not be reached
     runner = CliRunner()
     text = runner.invoke(
@@ -629,6 +623,19 @@ BUG_TABLE = RevisionSQL(
 ADD = "ALTER TABLE bug ADD COLUMN"
 
 
+def findings_of(sql: str, phase: str = "switch", version_table: str | None = None) -> list:
+    """The findings of one revision of `phase` running `sql` on BUG_TABLE's schema."""
+    revisions = [BUG_TABLE, RevisionSQL("r1", "r1.py", sql, phase)]
+    if version_table is None:
+        return run_lint(revisions)
+    return run_lint(revisions, version_table)
+
+
+def detail(finding) -> str:
+    """What a finding's message says after its rule's title: the object it found."""
+    return finding.message.removeprefix(RULES[finding.rule].title + ": ")
+
+
 @pytest.mark.parametrize(
     ("phase", "sql", "expected"),
     [
@@ -647,6 +654,7 @@ ADD = "ALTER TABLE bug ADD COLUMN"
         ),
         ("contract", "DROP INDEX CONCURRENTLY ix_bug_title; DROP TABLE bug;", []),
         ("switch", "DROP TABLE bug;", [("drop-outside-contract", "table bug in switch")]),
+        ("expand", "CREATE TABLE doc (id int, body json);", [("json-column", "doc.body")]),
         (
             "expand",
             "CREATE TABLE tmp (a int); CREATE INDEX ix_tmp ON tmp (a);"
@@ -712,6 +720,85 @@ ADD = "ALTER TABLE bug ADD COLUMN"
             "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
             [("tighten-outside-switch", "bug.title")],
         ),
+        (
+            "expand",
+            "DROP INDEX public.ix_bug_title;",  # the default schema, spelled out
+            [
+                ("drop-index-blocking", "index ix_bug_title"),
+                ("drop-outside-contract", "index ix_bug_title in expand"),
+            ],
+        ),
+        ("contract", "DROP TABLE IF EXISTS gone; DROP INDEX CONCURRENTLY IF EXISTS ix_gone;", []),
+        (
+            "expand",
+            "CREATE TABLE tmp (a int, b int);"
+            "ALTER TABLE tmp ADD COLUMN c int NOT NULL, ALTER COLUMN a TYPE bigint,"
+            "ALTER COLUMN b SET NOT NULL, DROP COLUMN a;"
+            "ALTER TABLE tmp RENAME COLUMN b TO d; ALTER TABLE tmp RENAME TO tmp2;",
+            [],  # a table this revision created: no one uses it yet
+        ),
+        (
+            "switch",
+            "ALTER TABLE elsewhere RENAME COLUMN a TO b; ALTER FUNCTION f() RENAME TO g;",
+            [("rename", "column elsewhere.a to b")],  # a table the history never showed
+        ),
+        (
+            "expand",
+            f"{ADD} a timestamptz DEFAULT now(), ADD b text DEFAULT lower('X'),"
+            "ADD c float DEFAULT random() * txid_current();",
+            [("add-column-volatile-default", "bug.c DEFAULT calls random, txid_current")],
+        ),
+        (
+            "expand",
+            f"{ADD} n int CONSTRAINT ck_n CHECK (n > score);",
+            [("constraint-validated-on-add", "CHECK ck_n on bug")],  # old code writes no n
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ADD CONSTRAINT ck CHECK (score > id) NOT VALID;",
+            [("constraint-on-old-column-in-expand", "ck on bug(score, id)")],
+        ),
+        (
+            "switch",
+            "ALTER TABLE bug ADD CONSTRAINT uq UNIQUE (title),"
+            "ADD CONSTRAINT ex EXCLUDE USING btree (score WITH =);",
+            [("unique-constraint-in-place", "uq on bug"), ("exclusion-constraint", "ex on bug")],
+        ),
+        (
+            "expand",
+            f"{ADD} v varchar(20); ALTER TABLE bug ALTER COLUMN v TYPE varchar(30),"
+            "ALTER COLUMN title TYPE varchar(30); ALTER TABLE bug ALTER COLUMN title TYPE text;",
+            [],  # each change judged against the type the one before left
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ALTER COLUMN title TYPE json USING to_json(title);",
+            [
+                ("json-column", "bug.title"),
+                ("column-type-rewrite", "bug.title from varchar(20) to json with USING"),
+            ],
+        ),
+        (
+            "expand",
+            "ALTER TABLE bug ALTER COLUMN score DROP NOT NULL, DROP COLUMN id;",
+            [
+                ("drop-not-null-in-expand", "bug.score"),
+                ("drop-outside-contract", "column bug.id in expand"),
+            ],
+        ),
+        (
+            "contract",
+            "ALTER TABLE elsewhere DROP COLUMN a, DROP CONSTRAINT fk;",
+            [],  # a column and a constraint the history never showed
+        ),
+        (
+            "switch",
+            "BEGIN;"
+            "ALTER TABLE bug ADD CONSTRAINT ck CHECK (score > 0) NOT VALID;"
+            "ALTER TABLE bug VALIDATE CONSTRAINT ck;"
+            "COMMIT;",
+            [("validate-same-transaction", "ck was added NOT VALID just before")],
+        ),
     ],
 )
 def test_a_finding_names_exactly_what_it_found(
@@ -719,5 +806,256 @@ def test_a_finding_names_exactly_what_it_found(
 ) -> None:
     """The rule and the object it names (table, column, index, constraint, function):
     what an operator reads to find the statement to fix."""
-    findings = run_lint([BUG_TABLE, RevisionSQL("r1", "r1.py", sql, phase)])
-    assert [(f.rule, f.message.partition(": ")[2]) for f in findings] == expected
+    assert [(f.rule, detail(f)) for f in findings_of(sql, phase)] == expected
+
+
+# -- plan_lint: rendering the plan offline --------------------------------------------------
+
+NEEDS_A_DATABASE = 'raise RuntimeError("needs a database")'
+
+
+@pytest.mark.parametrize(
+    "revisions",
+    [
+        pytest.param([R("expand", NEEDS_A_DATABASE)], id="the-first-revision-fails"),
+        pytest.param(
+            [R("expand", "pass"), R("switch", NEEDS_A_DATABASE)], id="a-later-revision-fails"
+        ),
+    ],
+)
+def test_a_plan_that_cannot_render_offline_is_one_error_on_its_first_revision(
+    tmp_path, revisions: list[Revision]
+) -> None:
+    """Nothing could be checked: one finding, on the plan's first revision, with the error
+    Alembic's rendering raised, and the lint fails."""
+    code, findings = lint(tmp_path, *revisions)
+    assert code == 1
+    (finding,) = findings
+    title = "Alembic cannot render the plan's revisions as SQL offline (--sql)"
+    assert finding["rule"] == "offline-render-failed"
+    assert finding["severity"] == "error"
+    assert (finding["revision"], finding["phase"]) == ("rev00001", "expand")
+    assert finding["path"].endswith("rev00001.py")
+    assert finding["statement"] == ""
+    assert finding["message"].startswith(title)
+    assert finding["message"].endswith(": RuntimeError: needs a database")
+    assert finding["fix"].startswith("guard code that needs a database")
+
+
+def test_history_that_cannot_render_offline_is_skipped_and_the_plan_still_linted(
+    tmp_path,
+) -> None:
+    """An old revision outside the plan that needs a database: rendering starts at the
+    plan instead, and the plan's revisions are judged as usual."""
+    code, findings = lint(
+        tmp_path,
+        R(None, NEEDS_A_DATABASE),
+        R("expand", 'op.create_index("ix_bug_score", "bug", ["score"])'),
+        R("switch", f'op.execute("{ADD_CHECK}")'),
+    )
+    assert code == 1
+    assert [(f["rule"], f["revision"], f["phase"]) for f in findings] == [
+        ("create-index-blocking", "rev00002", "expand")
+    ]
+
+
+def test_a_phase_without_revisions_has_nothing_to_lint(tmp_path) -> None:
+    ini, plan = build(tmp_path, [R("expand", 'op.execute("UPDATE bug SET score = 0")')])
+    args = ["--config", str(ini), "--json", "lint", str(plan), "--phase", "contract"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert (result.exit_code, json.loads(result.stdout)["findings"]) == (0, [])
+
+
+# -- lint: statements, transactions, version bookkeeping ------------------------------------
+
+NOT_VALID = "ALTER TABLE bug ADD CONSTRAINT ck CHECK (score > 0) NOT VALID;"
+VALIDATE = "ALTER TABLE bug VALIDATE CONSTRAINT ck;"
+
+
+@pytest.mark.parametrize(
+    ("sql", "same_transaction"),
+    [
+        (f"BEGIN; {NOT_VALID} {VALIDATE} COMMIT;", True),
+        (f"START TRANSACTION; {NOT_VALID} {VALIDATE} COMMIT;", True),
+        (f"BEGIN; {NOT_VALID} COMMIT; BEGIN; {VALIDATE} COMMIT;", False),
+        (f"BEGIN; {NOT_VALID} ROLLBACK; {VALIDATE}", False),
+        (f"BEGIN; {NOT_VALID} COMMIT; {VALIDATE}", False),
+        (f"{NOT_VALID} {VALIDATE}", False),  # autocommit: each statement its own
+    ],
+)
+def test_validate_is_judged_by_the_transaction_block_it_runs_in(
+    sql: str, same_transaction: bool
+) -> None:
+    found = "validate-same-transaction" in {f.rule for f in findings_of(sql)}
+    assert found is same_transaction
+
+
+@pytest.mark.parametrize(
+    ("sql", "version_table"),
+    [
+        (
+            "CREATE TABLE alembic_version (version_num varchar(32) NOT NULL);"
+            "INSERT INTO alembic_version (version_num) VALUES ('r1');"
+            "UPDATE alembic_version SET version_num='r2' WHERE version_num = 'r1';"
+            "DELETE FROM alembic_version WHERE version_num = 'r2';",
+            None,
+        ),
+        (
+            "UPDATE public.my_versions SET version_num='r2';DELETE FROM my_versions;",
+            "my_versions",
+        ),
+    ],
+)
+def test_alembic_s_version_bookkeeping_is_not_judged(sql: str, version_table: str | None) -> None:
+    assert findings_of(sql, "expand", version_table) == []
+
+
+def test_only_the_configured_version_table_is_bookkeeping() -> None:
+    sql = "UPDATE alembic_version SET version_num='r2';"
+    assert [f.rule for f in findings_of(sql, "expand", "my_versions")] == ["unbatched-dml"]
+
+
+def test_a_finding_shows_its_own_statement_on_one_line_without_comments() -> None:
+    sql = (
+        "-- Running upgrade base -> r1\n\nUPDATE bug\n   -- everyone starts at zero\n"
+        "   SET score = 0;\n\n-- the last statement, with no semicolon\nDELETE FROM bug"
+    )
+    assert [f.statement for f in findings_of(sql, "expand")] == [
+        "UPDATE bug SET score = 0",
+        "DELETE FROM bug",
+    ]
+
+
+DROP_AND_ADD = "ALTER TABLE bug DROP COLUMN title, ADD COLUMN {name} varchar(20)"
+
+
+@pytest.mark.parametrize(("length", "cut"), [(240, False), (241, True)])
+def test_a_long_statement_is_cut_to_240_characters(length: int, cut: bool) -> None:
+    """Where a finding shows a statement (here the drop of a drop-and-add), its spaces are
+    collapsed and a long one ends in an ellipsis."""
+    name = "n" * (length - len(DROP_AND_ADD.format(name="")))
+    flat = DROP_AND_ADD.format(name=name)
+    assert len(flat) == length
+    (finding,) = findings_of(flat.replace(", ", ",\n    ") + ";", "contract")
+    assert finding.rule == "drop-add-same-type"
+    assert finding.statement == (flat[:239] + "…" if cut else flat)
+
+
+def test_unparsable_sql_is_an_error_of_its_revision_and_the_others_are_still_judged() -> None:
+    broken = "ALTER TABLE bug ADD COLUMN;"
+    revisions = [
+        BUG_TABLE,
+        RevisionSQL("old", "old.py", "NOT SQL AT ALL;"),  # history: teaches nothing, no finding
+        RevisionSQL("r1", "r1.py", broken, "expand"),
+        RevisionSQL("r2", "r2.py", "UPDATE bug SET score = 0;", "expand"),
+    ]
+    findings = run_lint(revisions)
+    assert [(f.rule, f.revision) for f in findings] == [
+        ("unparsable-sql", "r1"),
+        ("unbatched-dml", "r2"),
+    ]
+    error = findings[0]
+    assert (error.severity, error.statement, error.path) == ("error", broken, "r1.py")
+    assert error.message.startswith("PostgreSQL's parser rejects this revision's SQL: syntax error")
+    assert error.blocking
+
+
+def test_a_check_added_validated_in_the_history_lets_set_not_null_skip_its_scan() -> None:
+    revisions = [
+        BUG_TABLE,
+        RevisionSQL(
+            "old", "old.py", "ALTER TABLE bug ADD CONSTRAINT ck CHECK (title IS NOT NULL);"
+        ),
+        RevisionSQL("r1", "r1.py", "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;", "switch"),
+    ]
+    assert run_lint(revisions) == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER TABLE bug DROP CONSTRAINT ck; ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+        "ALTER TABLE bug DROP CONSTRAINT ck;"
+        "ALTER TABLE bug ADD CONSTRAINT ck CHECK (title IS NOT NULL) NOT VALID;"
+        "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+        "ALTER TABLE bug DROP CONSTRAINT ck;"
+        "ALTER TABLE bug ADD CONSTRAINT ck CHECK (score > 0) NOT VALID;"
+        "ALTER TABLE bug VALIDATE CONSTRAINT ck;"
+        "ALTER TABLE bug ALTER COLUMN title SET NOT NULL;",
+    ],
+    ids=["dropped", "added-again-not-valid", "reused-for-another-check"],
+)
+def test_a_dropped_check_no_longer_spares_set_not_null_its_scan(sql: str) -> None:
+    revisions = [
+        BUG_TABLE,
+        RevisionSQL(
+            "old", "old.py", "ALTER TABLE bug ADD CONSTRAINT ck CHECK (title IS NOT NULL);"
+        ),
+        RevisionSQL("r1", "r1.py", sql, "switch"),
+    ]
+    assert [f.rule for f in run_lint(revisions)] == ["set-not-null-unchecked"]
+
+
+def test_a_finding_reads_as_one_line_with_its_lock_and_waiver_then_statement_and_fix() -> None:
+    """The text `phasegate lint` prints: the lock only when the statement takes one."""
+    (blocking,) = findings_of("CREATE INDEX ix ON bug (score);", "expand")
+    assert blocking.describe() == (
+        "error create-index-blocking: r1.py (expand revision r1) [SHARE on bug]\n"
+        "    CREATE INDEX ix ON bug (score)\n"
+        f"    {RULES['create-index-blocking'].title}: on bug\n"
+        f"    safe: {RULES['create-index-blocking'].fix}"
+    )
+    waived = RevisionSQL("r1", "r1.py", "SELECT 1;", "expand", {"no-such-rule": "why"})
+    (unknown,) = run_lint([waived])
+    assert unknown.describe().splitlines()[0] == (
+        "warning unknown-waiver: r1.py (expand revision r1)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("history", "table"),
+    [
+        ("", "bug"),
+        ("DROP INDEX ix_bug_title;", "ix_bug_title's table"),  # dropped: its table is unknown
+    ],
+)
+def test_the_lock_of_a_dropped_index_names_the_table_it_is_on(history: str, table: str) -> None:
+    revisions = [
+        BUG_TABLE,
+        RevisionSQL("old", "old.py", history),
+        RevisionSQL("r1", "r1.py", "DROP INDEX IF EXISTS ix_bug_title;", "contract"),
+    ]
+    (finding,) = run_lint(revisions)
+    assert (finding.rule, finding.lock, finding.table) == (
+        "drop-index-blocking",
+        "ACCESS EXCLUSIVE",
+        table,
+    )
+
+
+def test_a_table_dropped_and_made_again_without_create_table_has_unknown_column_types() -> None:
+    """CREATE TABLE AS is not parsed for columns: after a drop, the old types are gone, so
+    a type change is judged against an unknown type (a rewrite), not the dropped table's."""
+    sql = (
+        "DROP TABLE bug; CREATE TABLE bug AS SELECT 1 AS id, 'x'::varchar(20) AS title;"
+        "ALTER TABLE bug ALTER COLUMN title TYPE varchar(30);"
+    )
+    assert [(f.rule, detail(f)) for f in findings_of(sql, "contract")] == [
+        ("column-type-rewrite", "bug.title (old type unknown) to varchar(30)")
+    ]
+
+
+def test_the_version_table_env_py_configures_is_bookkeeping_too(tmp_path) -> None:
+    """Each revision's rendering ends in an UPDATE of Alembic's version table: whatever
+    env.py names it, that is not the revision's unbatched DML."""
+    ini, plan = build(tmp_path, [R("expand", "pass"), R("switch", "pass")])
+    env_py = tmp_path / "migrations" / "env.py"
+    env_py.write_text(
+        env_py.read_text().replace(
+            "literal_binds=True,", 'literal_binds=True, version_table="deploy_versions",'
+        )
+    )
+    result = CliRunner().invoke(
+        cli, ["--config", str(ini), "--json", "lint", str(plan)], catch_exceptions=False
+    )
+    assert (result.exit_code, json.loads(result.stdout)["findings"]) == (0, [])
