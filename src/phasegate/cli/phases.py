@@ -403,9 +403,10 @@ def worker(ctx: Context, plan_path: str, wait: float, **kw: Any) -> int:
     project, plan = ctx.project(), load_plan(plan_path)
     project.resolve(plan)
     progress = LogProgress(sys.stderr)
+    # the handlers first: a SIGTERM while the session connects stops it as cleanly as later
     with (
-        db.session(ctx.url(project), f"phasegate worker {plan.name}") as conn,
         stop_on_signals(settings),
+        db.session(ctx.url(project), f"phasegate worker {plan.name}") as conn,
     ):
         conn.set_timeouts(settings.lock_timeout, settings.statement_timeout)
         results = backfill.assist(conn, plan, settings, progress, log, wait)
